@@ -1,0 +1,647 @@
+"""WebDataset input pipelines for training and evaluation.
+
+Why not `wds.WebDataset` + `split_by_node`: with uneven shards, ranks then run different step
+counts (DDP hangs) and evaluation duplicates or drops samples. Here shards are assigned
+explicitly to readers (one reader = one (rank, DataLoader worker) pair):
+
+- training: every reader yields exactly the same number of full batches per epoch by cycling
+  its shards (as timm's ReaderWds does); all randomness comes from private RNGs seeded by
+  (seed, epoch, rank, worker, sample index), so an epoch is reproducible and can be resumed
+  mid-way without decoding the skipped samples;
+- evaluation: every sample of the split is yielded exactly once over all readers.
+
+Images are decoded to uint8 CHW tensors (`torchvision.io.decode_image`) and augmented with
+`torchvision.transforms.v2` in the workers; batches stay uint8 until `normalize()` runs on the
+device, which keeps worker CPU time and host-to-device bytes low.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import webdataset as wds
+from timm.data import IMAGENET_DEFAULT_MEAN
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+from timm.data.transforms import str_to_pil_interp
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
+from webdataset.gopen import Pipe
+
+from dist_train.errors import UserError
+
+INFO_NAME = "_info.json"
+SHARD_HINT = "expected a shard set written by python -m dist_train.shard"
+IMAGE_KEYS = ("jpg", "png")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+TargetFn = Callable[[dict, "int | None"], int]
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192) -> Pipe:
+    """s3:// through the AWS CLI, the way webdataset's docs stream S3 shards."""
+    if mode[0] != "r":
+        raise ValueError(f"{url}: s3 shards are read-only here")
+    return Pipe(["aws", "s3", "cp", url, "-"], mode=mode, bufsize=bufsize, ignore_status=[141, 23])
+
+
+# webdataset 1.0 has no s3 handler; a user-registered one wins.
+wds.gopen_schemes.setdefault("s3", _gopen_s3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard set info
+
+
+def _is_url(root: str) -> bool:
+    """http(s)://, s3://, gs://, file://, pipe:... (a one-letter scheme would be a drive)."""
+    return len(urlparse(root).scheme) > 1
+
+
+def join_url(root: str, name: str) -> str:
+    """A file of the shard set: path join for folders, '/' for URLs; in a `pipe:` root, `{}`
+    stands for the file name (e.g. `pipe:aws s3 cp s3://b/shards/{} -`)."""
+    if not _is_url(root):
+        return os.path.join(root, name)
+    if root.startswith("pipe:") and "{}" in root:
+        return root.replace("{}", name)
+    return root.rstrip("/") + "/" + name
+
+
+def load_info(root: str) -> dict:
+    """Read `_info.json` of a local or remote shard set (through webdataset's gopen)."""
+    if not _is_url(root):
+        if not os.path.isdir(root):
+            raise UserError(f"{root}: no such folder: {SHARD_HINT}")
+        if not os.path.isfile(os.path.join(root, INFO_NAME)):
+            raise UserError(f"{root}: no {INFO_NAME} (incomplete or not a shard set): {SHARD_HINT}")
+    url = join_url(root, INFO_NAME)
+    try:
+        with wds.gopen(url) as f:
+            info = json.load(f)
+    except Exception as e:  # remote errors come as many types (IOError from curl, ValueError, ...)
+        raise UserError(f"{url}: cannot read shard info ({e}): {SHARD_HINT}") from None
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
+        raise UserError(f"{url}: no 'splits' in the shard info: {SHARD_HINT}")
+    return info
+
+
+def split_info(info: dict, split: str) -> dict:
+    """The `splits[split]` entry, checked for the keys the loaders rely on."""
+    splits = info.get("splits", {})
+    if split not in splits:
+        available = ", ".join(sorted(splits)) or "none"
+        raise UserError(f"split {split!r} is not in the shard set (available: {available})")
+    s = splits[split]
+    try:
+        names, lengths, n = list(s["filenames"]), [int(x) for x in s["shard_lengths"]], int(s["num_samples"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"split {split!r}: bad entry in {INFO_NAME} ({e!r}): {SHARD_HINT}") from None
+    if len(names) != len(lengths) or sum(lengths) != n:
+        raise UserError(
+            f"split {split!r}: {len(names)} filenames, {len(lengths)} shard_lengths summing to "
+            f"{sum(lengths)}, num_samples {n}: inconsistent {INFO_NAME}: {SHARD_HINT}"
+        )
+    return s
+
+
+def shard_urls(root: str, info: dict, split: str) -> list[str]:
+    return [join_url(root, name) for name in split_info(info, split)["filenames"]]
+
+
+def train_batches_per_epoch(num_samples: int, batch_size: int, workers: int, world_size: int) -> int:
+    """Batches per epoch on every rank: each reader's ceil(N / readers) samples, rounded up to
+    whole batches, times the readers of one rank."""
+    per_rank_readers = max(1, workers)
+    per_reader = math.ceil(num_samples / (world_size * per_rank_readers))
+    return per_rank_readers * math.ceil(per_reader / batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation options with timm train.py's names and meaning."""
+
+    img_size: int = 224
+    scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop; faces must stay in the crop
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    aa: str | None = None  # timm auto-augment string, e.g. 'rand-m9-mstd0.5-inc1'
+    crop_pct: float = 0.875  # eval (and train_crop="center"): resize to img_size/crop_pct, center crop
+    train_crop: str = "random"  # "random" (RandomResizedCrop) or "center" (face-centred data)
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN  # auto-augment fill colour, as in timm
+
+
+def _check_aug(aug: AugmentConfig) -> None:
+    if aug.img_size <= 0:
+        raise UserError(f"image size {aug.img_size}: expected a positive integer")
+    lo, hi = aug.scale
+    if not 0 < lo <= hi <= 1:
+        raise UserError(f"scale {aug.scale}: expected 0 < MIN <= MAX <= 1")
+    if not 0 < aug.ratio[0] <= aug.ratio[1]:
+        raise UserError(f"ratio {aug.ratio}: expected 0 < MIN <= MAX")
+    if not 0 <= aug.hflip <= 1:
+        raise UserError(f"hflip {aug.hflip}: expected a probability in [0, 1]")
+    if not 0 < aug.crop_pct <= 1:
+        raise UserError(f"crop pct {aug.crop_pct}: expected 0 < crop_pct <= 1")
+    if aug.train_crop not in ("random", "center"):
+        raise UserError(f"train crop {aug.train_crop!r}: expected 'random' or 'center'")
+    if aug.interpolation not in INTERPOLATIONS:
+        raise UserError(f"interpolation {aug.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
+
+
+def _auto_augment(aug: AugmentConfig) -> Callable:
+    """timm's auto-augment transform for `aug.aa`, with the hparams timm's transforms_factory uses."""
+    hparams: dict[str, Any] = dict(
+        translate_const=int(aug.img_size * 0.45),
+        img_mean=tuple(min(255, round(255 * x)) for x in aug.mean),
+        interpolation=str_to_pil_interp(aug.interpolation),
+    )
+    try:
+        if aug.aa.startswith("rand"):
+            return rand_augment_transform(aug.aa, hparams)
+        if aug.aa.startswith("augmix"):
+            return augment_and_mix_transform(aug.aa, dict(hparams, translate_pct=0.3))
+        return auto_augment_transform(aug.aa, hparams)
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        raise UserError(
+            f"auto-augment {aug.aa!r}: not a timm policy string ({e!r}); e.g. 'rand-m9-mstd0.5-inc1', "
+            "'augmix-m5-w4-d2', 'original'"
+        ) from None
+
+
+class _Transform:
+    """uint8 CHW tensor -> uint8 [3, img_size, img_size]; timm's train or eval steps."""
+
+    def __init__(self, aug: AugmentConfig, train: bool):
+        _check_aug(aug)
+        interp = InterpolationMode(aug.interpolation)
+        if train and aug.train_crop == "random":
+            steps: list = [
+                v2.RandomResizedCrop(
+                    aug.img_size, scale=aug.scale, ratio=aug.ratio, interpolation=interp, antialias=True
+                )
+            ]
+        else:
+            steps = [
+                v2.Resize(math.floor(aug.img_size / aug.crop_pct), interpolation=interp, antialias=True),
+                v2.CenterCrop(aug.img_size),
+            ]
+        if train and aug.hflip > 0:
+            steps.append(v2.RandomHorizontalFlip(aug.hflip))
+        self.geometric = v2.Compose(steps)
+        # timm's auto-augment works on PIL images and draws from `random` and `np.random`.
+        self.auto_augment = _auto_augment(aug) if train and aug.aa else None
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        img = self.geometric(img)
+        if self.auto_augment is not None:
+            img = TF.pil_to_tensor(self.auto_augment(TF.to_pil_image(img)))
+        return img
+
+
+def _mix_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple, stable across processes and Python versions."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _seeded_call(fn: Callable, arg: Any, seed: int, host_rngs: bool) -> Any:
+    """fn(arg) with the global RNGs (torch CPU; `random`/`np.random` if host_rngs) seeded by
+    `seed`, restoring them afterwards so the caller's RNG stream never moves (resume needs that
+    with workers=0, where this runs in the training process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs ~100us
+        if not host_rngs:
+            return fn(arg)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            return fn(arg)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+
+class _ShardReader(IterableDataset):
+    """What training and evaluation readers share: shard urls, decoding, bad-sample counting."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        lengths: Sequence[int],
+        transform: _Transform,
+        target_fn: TargetFn | None,
+        batch_size: int,
+        world_size: int,
+        rank: int,
+    ):
+        self.urls = list(urls)
+        self.lengths = list(lengths)
+        self.offsets = [0, *itertools.accumulate(self.lengths)][:-1]
+        self.num_samples = sum(self.lengths)
+        self.transform = transform
+        self.target_fn = target_fn
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.bad = mp.Value("q", 0)  # summed over workers; reset by the owner each epoch
+
+    def _count_bad(self, what: str, exn: BaseException) -> None:
+        warnings.warn(f"skipping bad sample: {what}: {exn!r}", stacklevel=2)
+        with self.bad.get_lock():
+            self.bad.value += 1
+
+    def _tar_error(self, exn: Exception) -> bool:
+        """webdataset handler: a truncated or unreadable tar is warned about, counted, skipped."""
+        self._count_bad("tar read error", exn)
+        return True
+
+    def _shard_samples(self, shard: int) -> Iterator[tuple[int, dict]]:
+        """(position in the split, raw sample) for the samples of one shard, in tar order."""
+        samples = wds.tarfile_samples([dict(url=self.urls[shard])], handler=self._tar_error)
+        for i, sample in enumerate(samples):
+            yield self.offsets[shard] + i, sample
+
+    def _load(self, sample: dict, seed: int | None) -> tuple[torch.Tensor, int] | None:
+        """(uint8 image, target), or None for an undecodable sample (warned and counted)."""
+        try:
+            data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+            if data is None:
+                raise ValueError(f"no {'/'.join(IMAGE_KEYS)} member (members: {sorted(sample)})")
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            if seed is None:
+                img = self.transform(img)
+            else:
+                img = _seeded_call(self.transform, img, seed, self.transform.auto_augment is not None)
+            cls = int(sample["cls"]) if "cls" in sample else None
+            meta = json.loads(sample["json"]) if self.target_fn is not None and "json" in sample else {}
+        except Exception as e:
+            self._count_bad(f"{sample.get('__key__')} in {sample.get('__url__')}", e)
+            return None
+        # A failing target_fn is a code or config error, not bad data: let it raise.
+        if self.target_fn is not None:
+            return img, int(self.target_fn(meta, cls))
+        return img, -1 if cls is None else cls
+
+    def _worker(self) -> tuple[int, int]:
+        """(DataLoader worker id, workers per rank); (0, 1) in the main process."""
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class _TrainReader(_ShardReader):
+    """Infinite, per-epoch reshuffled shard cycle per reader, cut to an equal batch quota."""
+
+    def __init__(self, *args: Any, workers: int, seed: int, shuffle_buffer: int, **kw: Any):
+        super().__init__(*args, **kw)
+        self.workers = max(1, workers)
+        self.readers = self.world_size * self.workers
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.batches_per_reader = train_batches_per_epoch(
+            self.num_samples, self.batch_size, workers, self.world_size
+        ) // self.workers
+        # Fewer shards than readers: every reader reads all shards and keeps every stride-th sample.
+        self.stride = min(self.readers, self.num_samples) if len(self.urls) < self.readers else 0
+        self.epoch = mp.Value("q", 0, lock=False)
+        self.skip = mp.Value("q", 0, lock=False)
+
+    def _cycle_length(self, reader: int, first_cycle: list[int]) -> int:
+        if self.stride:
+            keep = reader % self.stride
+            return (self.num_samples - keep + self.stride - 1) // self.stride
+        return sum(self.lengths[s] for s in first_cycle)
+
+    def _first_cycle(self, epoch: int, reader: int) -> list[int]:
+        """This reader's shards for the epoch's first pass: a slice of the shard order all
+        ranks share, or (fewer shards than readers) all shards in the reader's own order."""
+        order = list(range(len(self.urls)))
+        if self.stride:
+            random.Random(_mix_seed(self.seed, epoch, reader, "shards")).shuffle(order)
+            return order
+        random.Random(_mix_seed(self.seed, epoch)).shuffle(order)
+        return order[reader :: self.readers]
+
+    def _raw_samples(self, epoch: int, reader: int, shards: list[int]) -> Iterator[dict]:
+        """Undecoded samples of `shards`, cycled without end. Each pass is shuffled on its own
+        (buffer drained at the pass end) so a quota >= the reader's share sees every sample
+        once, and the shard order is reshuffled between passes."""
+        shards = list(shards)
+        keep = reader % self.stride if self.stride else None
+        cycle_rng = random.Random(_mix_seed(self.seed, epoch, reader, "cycles"))
+        buffer_rng = random.Random(_mix_seed(self.seed, epoch, reader, "buffer"))
+        while True:
+            samples: Iterator[dict] = (
+                sample
+                for s in shards
+                for pos, sample in self._shard_samples(s)
+                if keep is None or pos % self.stride == keep
+            )
+            if self.shuffle_buffer > 1:
+                initial = max(1, self.shuffle_buffer // 10)
+                samples = wds.shuffle(self.shuffle_buffer, initial, rng=buffer_rng)(samples)
+            n = 0
+            for sample in samples:
+                n += 1
+                yield sample
+            if n == 0:
+                raise RuntimeError(f"no readable sample in shards {[self.urls[s] for s in shards]}")
+            cycle_rng.shuffle(shards)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        dl_worker, nworkers = self._worker()
+        if nworkers != self.workers:
+            raise RuntimeError(f"reader built for {self.workers} workers runs in {nworkers}")
+        epoch, skip = self.epoch.value, self.skip.value
+        # The DataLoader asks its workers round-robin from worker 0; after skipping `skip`
+        # batches the next batch belongs to worker skip % W, so DataLoader worker j plays
+        # worker (j + skip) % W and the resumed stream continues the full epoch's order.
+        worker = (dl_worker + skip) % nworkers
+        reader = self.rank * nworkers + worker
+        skipped = max(0, -(-(skip - worker) // nworkers))  # batches i < skip with i % W == worker
+        first = self._first_cycle(epoch, reader)
+        cycle_len = self._cycle_length(reader, first)
+        samples = self._raw_samples(epoch, reader, first)
+        # Skipped samples are dropped undecoded; the sample index keeps their augmentation seeds.
+        indexed = itertools.islice(enumerate(samples), skipped * self.batch_size, None)
+        remaining = self.batches_per_reader - skipped
+        images: list[torch.Tensor] = []
+        targets: list[int] = []
+        bad_run = 0
+        while remaining > 0:
+            index, sample = next(indexed)
+            item = self._load(sample, _mix_seed(self.seed, epoch, reader, index))
+            if item is None:
+                bad_run += 1
+                if bad_run >= max(1, cycle_len):
+                    raise RuntimeError(f"{bad_run} bad samples in a row on reader {reader}: the shards look broken")
+                continue
+            bad_run = 0
+            images.append(item[0])
+            targets.append(item[1])
+            if len(images) == self.batch_size:
+                yield torch.stack(images), torch.tensor(targets, dtype=torch.int64)
+                images, targets = [], []
+                remaining -= 1
+
+
+class _EvalReader(_ShardReader):
+    """Each sample of the split exactly once over all readers; partial last batches."""
+
+    def reader_samples(self, reader: int, readers: int) -> int:
+        if len(self.urls) >= readers:
+            return sum(self.lengths[reader::readers])
+        return len(range(reader, self.num_samples, readers))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dl_worker, nworkers = self._worker()
+        readers = self.world_size * nworkers
+        reader = self.rank * nworkers + dl_worker
+        if len(self.urls) >= readers:
+            shards, stride = list(range(reader, len(self.urls), readers)), 0
+        else:
+            shards, stride = list(range(len(self.urls))), readers
+        batch: list[tuple[torch.Tensor, int, str, int]] = []
+        for shard in shards:
+            for pos, sample in self._shard_samples(shard):
+                if stride and pos % stride != reader:
+                    continue
+                item = self._load(sample, None)
+                if item is None:
+                    continue
+                batch.append((item[0], item[1], sample["__key__"], pos))
+                if len(batch) == self.batch_size:
+                    yield _eval_collate(batch)
+                    batch = []
+        if batch:
+            yield _eval_collate(batch)
+
+
+def _eval_collate(batch: list[tuple[torch.Tensor, int, str, int]]) -> dict[str, Any]:
+    images, targets, keys, order = zip(*batch)
+    return {
+        "image": torch.stack(images),
+        "target": torch.tensor(targets, dtype=torch.int64),
+        "key": list(keys),
+        "order": torch.tensor(order, dtype=torch.int64),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+
+
+def _check_loader_args(batch_size: int, workers: int, world_size: int, rank: int) -> None:
+    if batch_size < 1:
+        raise UserError(f"batch size {batch_size}: expected a positive integer")
+    if workers < 0:
+        raise UserError(f"workers {workers}: expected 0 or more")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+
+
+def _data_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
+    """Batches come whole from the workers. The private generator keeps DataLoader from
+    drawing its base seed from the global torch RNG at every epoch (resume must not see it)."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+class TrainLoader:
+    """Equal batches per epoch on every rank; `set_epoch` before iterating each epoch.
+
+    Persistent workers read the epoch and skip count from shared values when their iterator
+    is re-created, so the DataLoader is built once.
+    """
+
+    def __init__(self, reader: _TrainReader, loader: DataLoader, shards_per_rank: int):
+        self._reader = reader
+        self._loader = loader
+        self.shards_per_rank = shards_per_rank
+        self.batch_size = reader.batch_size
+        self.num_samples = reader.num_samples
+
+    def __len__(self) -> int:
+        return self._reader.batches_per_reader * self._reader.workers
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch; skip_batches=k continues after the first k batches of that epoch."""
+        if not 0 <= skip_batches <= len(self):
+            raise ValueError(f"skip_batches {skip_batches} outside 0..{len(self)}")
+        self._reader.epoch.value = epoch
+        self._reader.skip.value = skip_batches
+        with self._reader.bad.get_lock():
+            self._reader.bad.value = 0
+
+    @property
+    def bad_samples(self) -> int:
+        """Bad samples and tar errors skipped so far this epoch, over all workers of this rank."""
+        return self._reader.bad.value
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self._loader)
+
+
+class EvalLoader:
+    """Yields dicts: image uint8 [B,3,H,W], target int64 [B] (-1 unlabeled), key list[str],
+    order int64 [B] (position in the split, to restore source order after gathering)."""
+
+    def __init__(self, reader: _EvalReader, loader: DataLoader, workers: int):
+        self._reader = reader
+        self._loader = loader
+        per_rank = max(1, workers)
+        readers = reader.world_size * per_rank
+        counts = [reader.reader_samples(reader.rank * per_rank + w, readers) for w in range(per_rank)]
+        self.num_samples = sum(counts)  # this rank's share, on data without bad samples
+        self._batches = sum(math.ceil(c / reader.batch_size) for c in counts)
+
+    def __len__(self) -> int:
+        return self._batches
+
+    @property
+    def bad_samples(self) -> int:
+        """Bad samples and tar errors skipped in the current / last pass."""
+        return self._reader.bad.value
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        with self._reader.bad.get_lock():
+            self._reader.bad.value = 0
+        return iter(self._loader)
+
+
+def build_train_loader(
+    root: str,
+    info: dict,
+    split: str,
+    *,
+    aug: AugmentConfig,
+    batch_size: int,
+    workers: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+    pin_memory: bool = False,
+    target_fn: TargetFn | None = None,
+    shuffle_buffer: int = 1000,
+) -> TrainLoader:
+    """Training batches (uint8 images [B,3,H,W], int64 targets [B]); see the module docstring."""
+    _check_loader_args(batch_size, workers, world_size, rank)
+    s = split_info(info, split)
+    if split not in info.get("label_counts", {}) and target_fn is None:
+        raise UserError(f"split {split!r} is unlabeled (no class in its samples): cannot train on it")
+    n = int(s["num_samples"])
+    if batch_size * world_size > n:
+        raise UserError(
+            f"global batch {batch_size} x {world_size} processes = {batch_size * world_size} is larger than "
+            f"split {split!r} ({n} samples): lower --batch-size"
+        )
+    reader = _TrainReader(
+        shard_urls(root, info, split),
+        s["shard_lengths"],
+        _Transform(aug, train=True),
+        target_fn,
+        batch_size,
+        world_size,
+        rank,
+        workers=workers,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+    )
+    num_shards = len(reader.urls)
+    if reader.stride:
+        shards_per_rank = num_shards
+        if rank == 0:
+            warnings.warn(
+                f"split {split!r} has {num_shards} shards for {reader.readers} readers "
+                f"({world_size} processes x {max(1, workers)} workers): every reader reads all shards and "
+                f"keeps 1 sample in {reader.stride}; write more, smaller shards (python -m dist_train.shard "
+                "--samples-per-shard) or use fewer workers",
+                stacklevel=2,
+            )
+    else:
+        per_rank = range(rank * reader.workers, (rank + 1) * reader.workers)
+        shards_per_rank = sum(len(range(r, num_shards, reader.readers)) for r in per_rank)
+    return TrainLoader(reader, _data_loader(reader, workers, pin_memory), shards_per_rank)
+
+
+def build_eval_loader(
+    root: str,
+    info: dict,
+    split: str,
+    *,
+    aug: AugmentConfig,
+    batch_size: int,
+    workers: int,
+    world_size: int,
+    rank: int,
+    pin_memory: bool = False,
+    target_fn: TargetFn | None = None,
+) -> EvalLoader:
+    """Every sample of the split exactly once over all ranks and workers (no padding, no drop)."""
+    _check_loader_args(batch_size, workers, world_size, rank)
+    s = split_info(info, split)
+    reader = _EvalReader(
+        shard_urls(root, info, split),
+        s["shard_lengths"],
+        _Transform(aug, train=False),
+        target_fn,
+        batch_size,
+        world_size,
+        rank,
+    )
+    return EvalLoader(reader, _data_loader(reader, workers, pin_memory), workers)
+
+
+@functools.lru_cache(maxsize=16)
+def _norm_consts(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean*255 and std*255 as [1,C,1,1] on the device, built once (no per-step host copy)."""
+    m = torch.tensor(mean, dtype=dtype, device=device).mul_(255).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=dtype, device=device).mul_(255).view(1, -1, 1, 1)
+    return m, s
+
+
+def normalize(
+    images_uint8: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(x / 255 - mean) / std on the images' device; run it after `.to(device, non_blocking=True)`."""
+    m, s = _norm_consts(tuple(mean), tuple(std), images_uint8.device, dtype)
+    x = images_uint8.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.sub_(m).div_(s)

@@ -1,0 +1,132 @@
+"""Combine predictions of several models: `python -m dist_train.ensemble --out FILE.csv A B ...`.
+
+- Probability files (`*.probs.npz` from `predict --save-probs`): soft vote — the per-class
+  probabilities are averaged and the argmax is the answer.
+- Prediction CSVs: hard vote — the most frequent `ans` per row; a tie goes to the answer of
+  the earliest file among the tied ones (so with two files, the first file wins).
+
+All inputs must list the same ids in the same order (the same split predicted by each model);
+anything else is refused rather than guessed at. The output has the inputs' format
+(`ImageID,ans` or `key,ans,class[,label]`); `--save-probs` adds the averaged probabilities
+after a soft vote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import UserError, atomic_write_text, cli_main
+from .predict import Predictions, load_probs, probs_path, save_probs, write_csv
+
+
+def _same_rows(first: Path, other: Path, a: Sequence[str], b: Sequence[str], what: str) -> None:
+    if list(a) == list(b):
+        return
+    if len(a) != len(b):
+        raise UserError(f"{other}: {len(b)} {what}, {first} has {len(a)}: ensemble inputs must predict the same samples")
+    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    raise UserError(f"{other}: row {i + 1} is {b[i]!r}, {first} has {a[i]!r}: ensemble inputs must list the same "
+                    f"{what} in the same order")
+
+
+def soft_vote(paths: Sequence[Path]) -> Predictions:
+    """Average the probabilities of several probability files."""
+    files = [load_probs(p) for p in paths]
+    base = files[0]
+    for path, f in zip(paths[1:], files[1:]):
+        if f.id_column != base.id_column:
+            raise UserError(f"{path}: ids are {f.id_column}, {paths[0]} has {base.id_column}")
+        _same_rows(paths[0], path, base.classes, f.classes, "classes")
+        _same_rows(paths[0], path, base.ids, f.ids, "ids")
+    prob = np.mean([f.prob for f in files], axis=0)
+    return Predictions(base.id_column, base.ids, prob.argmax(axis=1), base.classes, base.label, prob)
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    if not rows or len(rows[0]) < 2 or rows[0][0] not in ("ImageID", "key") or rows[0][1] != "ans":
+        raise UserError(f"{path}: expected a prediction CSV with columns ImageID,ans or key,ans,...")
+    header, body = rows[0], rows[1:]
+    bad = next((i for i, r in enumerate(body) if len(r) != len(header) or not r[1].strip().lstrip("-").isdigit()), None)
+    if bad is not None:
+        raise UserError(f"{path}: line {bad + 2}: expected {len(header)} cells with an integer ans")
+    return header, body
+
+
+def hard_vote(paths: Sequence[Path]) -> tuple[list[str], list[list[str]]]:
+    """Majority of `ans` per row; returns (header, rows) in the inputs' format."""
+    tables = [_read_csv(p) for p in paths]
+    header, base = tables[0]
+    for path, (h, body) in zip(paths[1:], tables[1:]):
+        if h != header:
+            raise UserError(f"{path}: columns {','.join(h)}, {paths[0]} has {','.join(header)}")
+        _same_rows(paths[0], path, [r[0] for r in base], [r[0] for r in body], "ids")
+    class_col = header.index("class") if "class" in header else None
+    names = {int(r[1]): r[class_col] for _, body in tables for r in body} if class_col is not None else {}
+    rows = []
+    for i, first in enumerate(base):
+        votes = [int(body[i][1]) for _, body in tables]
+        counts = Counter(votes)
+        top = max(counts.values())
+        winner = next(v for v in votes if counts[v] == top)
+        row = list(first)
+        row[1] = str(winner)
+        if class_col is not None:
+            row[class_col] = names[winner]
+        rows.append(row)
+    return header, rows
+
+
+def _write_rows(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header, *rows])
+    atomic_write_text(path, buf.getvalue())
+
+
+def is_probs(path: Path) -> bool:
+    return path.name.endswith(".npz")
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="python -m dist_train.ensemble", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="CSV to write")
+    p.add_argument("--save-probs", action="store_true", help="soft vote: also write FILE.probs.npz")
+    p.add_argument("inputs", type=Path, nargs="+", help="probability files (.probs.npz) or prediction CSVs")
+    args = p.parse_args(argv)
+    missing = [str(x) for x in args.inputs if not x.is_file()]
+    if missing:
+        raise UserError(f"no such file: {', '.join(missing)}")
+    kinds = {is_probs(x) for x in args.inputs}
+    if len(kinds) > 1:
+        raise UserError("mix of probability files and CSVs: give only .probs.npz files (soft vote) or only CSVs "
+                        "(hard vote)")
+    if kinds == {True}:
+        preds = soft_vote(args.inputs)
+        write_csv(args.out, preds)
+        if args.save_probs:
+            save_probs(probs_path(args.out), preds)
+        n, how = len(preds.ids), "soft"
+    else:
+        if args.save_probs:
+            raise UserError("--save-probs needs probability files as inputs (a hard vote has no probabilities)")
+        header, rows = hard_vote(args.inputs)
+        _write_rows(args.out, header, rows)
+        n, how = len(rows), "hard"
+    print(f"wrote {args.out}: {n} rows, {how} vote over {len(args.inputs)} files", flush=True)
+    return args.out
+
+
+if __name__ == "__main__":
+    main()

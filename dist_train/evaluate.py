@@ -1,0 +1,140 @@
+"""Evaluate a trained run: `python -m dist_train.evaluate --run runs/NAME --data SHARDS [--split validation]`.
+
+Writes into `--out` (default `RUN/eval-SPLIT/`):
+- `metrics.json`: loss, accuracy, macro F1 and, on mask data, per-task accuracy (mask, gender,
+  age) — always against the stored labels, i.e. the true 30/60 age groups, whatever
+  `--age-bins` the model was trained with;
+- `per_class.csv`: precision, recall, F1 and support per class (also printed);
+- `confusion.csv` / `confusion.png`;
+- `errors.csv`: every misclassified sample, worst first (lowest probability on the true class);
+- `report.png`: loss and F1 curves from `RUN/metrics.jsonl`, the confusion matrix and the worst
+  mistakes as thumbnails with true and predicted labels.
+
+Runs under `accelerate launch` too (inference is split over the processes; the main process
+writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import labels as L
+from .data import load_info, split_info
+from .errors import UserError, atomic_write_json, atomic_write_text, cli_main
+from .metrics import save_confusion, summarize
+from .predict import add_model_args, check_loader_args, load_model, run_inference
+from .report import draw_report, load_thumbnails, read_history
+
+TASKS = ("mask_acc", "gender_acc", "age_acc")
+
+
+def per_class_csv(stats: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["class", "name", "precision", "recall", "f1", "support"])
+    for r in stats["per_class"]:
+        w.writerow([r["class"], r["name"], f"{r['precision']:.6f}", f"{r['recall']:.6f}", f"{r['f1']:.6f}", r["support"]])
+    return buf.getvalue()
+
+
+def per_class_table(stats: dict) -> str:
+    """The per-class table as aligned text, with the overall numbers underneath."""
+    width = max(len("class"), *(len(r["name"]) for r in stats["per_class"]))
+    lines = [f"{'class':<{width}}  precision  recall      f1  support"]
+    for r in stats["per_class"]:
+        lines.append(f"{r['name']:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:6.4f}  {r['support']:7d}")
+    lines.append(f"{'accuracy':<{width}}  {stats['acc']:9.4f}  ({stats['num_samples']} samples)")
+    lines.append(f"{'macro F1':<{width}}  {stats['macro_f1']:9.4f}")
+    for task in TASKS:
+        if task in stats:
+            lines.append(f"{task.replace('_', ' '):<{width}}  {stats[task]:9.4f}")
+    return "\n".join(lines)
+
+
+def mistakes_of(keys: list[str], target: np.ndarray, prob: np.ndarray) -> list[dict]:
+    """Misclassified samples, worst (lowest probability on the true class) first."""
+    pred = prob.argmax(axis=1)
+    wrong = np.flatnonzero(pred != target)
+    p_true = prob[np.arange(len(target)), target]
+    order = wrong[np.argsort(p_true[wrong], kind="stable")]
+    return [{"key": keys[i], "true": int(target[i]), "pred": int(pred[i]), "prob_true": float(p_true[i]),
+             "prob_pred": float(prob[i, pred[i]])} for i in order]
+
+
+def errors_csv(mistakes: list[dict], names: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["key", "true", "true_name", "pred", "pred_name", "prob_true", "prob_pred"])
+    for m in mistakes:
+        w.writerow([m["key"], m["true"], names[m["true"]], m["pred"], names[m["pred"]], f"{m['prob_true']:.6f}",
+                    f"{m['prob_pred']:.6f}"])
+    return buf.getvalue()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dist_train.evaluate", description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--split", default="validation", help="labeled split to evaluate (default validation)")
+    p.add_argument("--out", type=Path, help="output folder (default RUN/eval-SPLIT)")
+    p.add_argument("--worst", type=int, default=16, help="mistakes drawn in report.png (default 16)")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parser().parse_args(argv)
+    check_loader_args(args)
+    if args.worst < 0:
+        raise UserError(f"--worst {args.worst}: expected 0 or more")
+    loaded = load_model(args.run, args.checkpoint)
+    info = load_info(args.data)
+    split_info(info, args.split)
+    if args.split not in info.get("label_counts", {}):
+        raise UserError(f"split {args.split!r} of {args.data} has no labels: nothing to evaluate against "
+                        "(use python -m dist_train.predict for unlabeled data)")
+    acc, res = run_inference(loaded, args.data, info, args.split, batch_size=args.batch_size, workers=args.workers,
+                             tta=args.tta == "hflip", mixed_precision=args.mixed_precision)
+    if not acc.is_main_process:
+        return None
+    target, prob = res["target"], res["prob"]
+    if (target < 0).any():
+        raise UserError(f"split {args.split!r}: {int((target < 0).sum())} samples have no label")
+    names = list(info["classes"])
+    mask_tasks = info.get("layout") in ("mask", "mask-eval") and len(names) == L.NUM_CLASSES
+    stats = summarize(prob.argmax(axis=1), target, len(names), names, mask_tasks)
+    loss = F.cross_entropy(torch.from_numpy(res["logits"]).float(), torch.from_numpy(target)).item()
+
+    out = args.out or loaded.run / f"eval-{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"model": str(loaded.source), "data": str(args.data), "split": args.split, "tta": args.tta,
+               "num_samples": stats["num_samples"], "loss": loss if math.isfinite(loss) else None,
+               "acc": stats["acc"], "macro_f1": stats["macro_f1"], **{t: stats[t] for t in TASKS if t in stats}}
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "per_class.csv", per_class_csv(stats))
+    save_confusion(stats["confusion"], names, out / "confusion.csv", out / "confusion.png")
+    mistakes = mistakes_of(res["key"], target, prob)
+    atomic_write_text(out / "errors.csv", errors_csv(mistakes, names))
+    worst = mistakes[: args.worst]
+    thumbs = load_thumbnails(args.data, info, args.split, [m["key"] for m in worst])
+    for m in worst:
+        m["image"] = thumbs.get(m["key"])
+    title = (f"{loaded.source} on {args.split} ({stats['num_samples']} samples): accuracy {stats['acc']:.4f}, "
+             f"macro F1 {stats['macro_f1']:.4f}")
+    draw_report(out / "report.png", history=read_history(loaded.run), confusion=stats["confusion"],
+                class_names=names, mistakes=worst, title=title)
+    print(per_class_table(stats))
+    print(f"wrote {out}: metrics.json, per_class.csv, confusion.csv/png, errors.csv ({len(mistakes)} errors), "
+          "report.png", flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

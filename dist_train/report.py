@@ -1,0 +1,242 @@
+"""Pictures a person looks at instead of reading numbers: the run report and the contact sheet.
+
+- `draw_report`: loss and macro-F1 curves from `metrics.jsonl`, the confusion matrix, and a grid
+  of the worst mistakes (lowest probability on the true class) with true and predicted labels.
+- `contact_sheet`: a few samples per class from any shard set, to eyeball the labels before
+  spending GPU hours on them.
+
+Images are re-read from the shards by key (streamed through webdataset, so remote shard sets
+work too); only the samples that are drawn are decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from .data import IMAGE_KEYS, shard_urls, split_info
+from .errors import UserError, atomic_write_bytes
+
+THUMB = 96  # thumbnail side in pixels (longer side)
+
+
+# ----------------------------------------------------------------------------- reading shards
+def iter_samples(root: str, info: dict, split: str) -> Iterator[dict]:
+    """Undecoded samples of a split in shard order: `__key__`, image bytes (`jpg`/`png`), `cls`, `json`.
+
+    A generator: stop iterating as soon as you have what you need and the rest is never read.
+    """
+    urls = shard_urls(root, info, split)
+    yield from wds.tarfile_samples([dict(url=u) for u in urls], handler=wds.warn_and_continue)
+
+
+def read_meta(root: str, info: dict, split: str) -> dict[str, dict]:
+    """key -> the sample's json metadata, for every sample of the split."""
+    return {s["__key__"]: json.loads(s["json"]) for s in iter_samples(root, info, split) if "json" in s}
+
+
+def thumbnail(data: bytes, side: int = THUMB) -> np.ndarray:
+    """Image bytes -> HWC uint8 array whose longer side is `side` (aspect kept)."""
+    img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    h, w = img.shape[-2:]
+    scale = side / max(h, w)
+    img = TF.resize(img, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)
+    return img.permute(1, 2, 0).numpy()
+
+
+def _short(text: str, n: int) -> str:
+    """Keep the end of a long key (the file name part), marking the cut."""
+    return text if len(text) <= n else "…" + text[-(n - 1):]
+
+
+def _image_bytes(sample: dict) -> bytes | None:
+    return next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+
+
+def load_thumbnails(root: str, info: dict, split: str, keys: Iterable[str], side: int = THUMB) -> dict[str, np.ndarray]:
+    """key -> thumbnail for the wanted keys; reading stops once all are found."""
+    wanted = set(keys)
+    out: dict[str, np.ndarray] = {}
+    if not wanted:
+        return out
+    for s in iter_samples(root, info, split):
+        key = s["__key__"]
+        if key in wanted and (data := _image_bytes(s)) is not None:
+            out[key] = thumbnail(data, side)
+            if len(out) == len(wanted):
+                break
+    return out
+
+
+# ----------------------------------------------------------------------------- drawing helpers
+def _save(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def _show(ax, image: np.ndarray | None, title: str, fontsize: float = 7, color: str = "black") -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if image is not None:
+        ax.imshow(image)
+    ax.set_title(title, fontsize=fontsize, color=color)
+
+
+def read_history(run: str | Path) -> list[dict]:
+    """The evaluation records of `RUN/metrics.jsonl` ([] when absent; a torn last line is skipped)."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def _curve(ax, history: list[dict], fields: Sequence[str], ylabel: str) -> None:
+    drawn = False
+    for field in fields:
+        pts = [(r["step"], r[field]) for r in history
+               if isinstance(r.get(field), (int, float)) and isinstance(r.get("step"), (int, float))
+               and math.isfinite(r[field])]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", markersize=3, label=field)
+            drawn = True
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no metrics.jsonl records", ha="center", va="center", transform=ax.transAxes)
+
+
+def _confusion(ax, cm: np.ndarray, class_names: Sequence[str]) -> None:
+    k = len(class_names)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
+    ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(k), labels=class_names, rotation=90, fontsize=6)
+    ax.set_yticks(range(k), labels=class_names, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=5,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(f"confusion matrix ({int(cm.sum())} samples, rows normalised)", fontsize=9)
+
+
+# ----------------------------------------------------------------------------- the pictures
+def draw_report(out_png: str | Path, *, history: list[dict], confusion: np.ndarray, class_names: Sequence[str],
+                mistakes: Sequence[dict], title: str, cols: int = 8) -> Path:
+    """report.png: curves (top left), confusion matrix (top right), worst mistakes (bottom).
+
+    `mistakes`: dicts with `key`, `true`, `pred` (class indices), `prob_true`, `prob_pred` and
+    `image` (HWC uint8 thumbnail or None), worst first.
+    """
+    k = len(class_names)
+    top_h = max(6.0, 0.3 * k + 3.0)
+    rows = math.ceil(len(mistakes) / cols) if mistakes else 1
+    fig = Figure(figsize=(16, top_h + 2.3 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[top_h, 2.3 * rows])
+    grid = top.add_gridspec(2, 2, width_ratios=[1, 1.3])
+    _curve(top.add_subplot(grid[0, 0]), history, ("train_loss", "val_loss"), "loss")
+    _curve(top.add_subplot(grid[1, 0]), history, ("val_macro_f1", "val_acc"), "validation")
+    _confusion(top.add_subplot(grid[:, 1]), np.asarray(confusion), class_names)
+    if mistakes:
+        bottom.suptitle(f"worst {len(mistakes)} mistakes (lowest probability on the true class)", fontsize=10)
+        axes = bottom.subplots(rows, cols, squeeze=False).ravel()
+        for ax, m in zip(axes, mistakes):
+            _show(ax, m.get("image"), f"{_short(m['key'], 30)}\ntrue {class_names[m['true']]} ({m['prob_true']:.2f})\n"
+                                      f"pred {class_names[m['pred']]} ({m['prob_pred']:.2f})", fontsize=6.5,
+                  color="darkred")
+        for ax in axes[len(mistakes):]:
+            ax.set_axis_off()
+    else:
+        bottom.text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=12)
+    return _save(fig, out_png)
+
+
+def _default_split(info: dict) -> str:
+    """The first labeled split (train, then validation, ...), else the first split."""
+    splits = list(info.get("splits", {}))
+    if not splits:
+        raise UserError("shard set has no splits")
+    labeled = [s for s in splits if s in info.get("label_counts", {})]
+    return "train" if "train" in labeled else (labeled or splits)[0]
+
+
+def contact_sheet(root: str | Path, info: dict, out_png: str | Path, per_class: int = 4,
+                  split: str | None = None) -> Path:
+    """A grid with one row per class and up to `per_class` samples each, labelled with the class
+    name; an unlabeled split gives a few rows of its first samples. Stops reading once full."""
+    if per_class < 1:
+        raise UserError(f"per class {per_class}: expected a positive integer")
+    split = split or _default_split(info)
+    split_info(info, split)
+    names = list(info.get("classes") or [])
+    labeled = split in info.get("label_counts", {})
+    n_rows = len(names) if labeled else 4
+    cells: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(n_rows)]
+    needed = n_rows * per_class
+    counts = info.get("label_counts", {}).get(split, {})
+    if labeled:  # classes without samples can never be filled; don't read the whole split for them
+        needed = sum(min(per_class, int(counts.get(str(c), per_class))) for c in range(n_rows))
+    filled = 0
+    for s in iter_samples(str(root), info, split):
+        if filled >= needed:
+            break
+        data = _image_bytes(s)
+        if data is None:
+            continue
+        if labeled:
+            if "cls" not in s:
+                continue
+            row = int(s["cls"])
+            if not 0 <= row < n_rows:
+                continue
+        else:
+            row = filled // per_class
+        if len(cells[row]) < per_class:
+            cells[row].append((s["__key__"], thumbnail(data)))
+            filled += 1
+
+    fig = Figure(figsize=(1.6 * per_class + 2.2, 1.75 * n_rows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(f"{Path(str(root)).name} / {split}: {per_class} per class" if labeled
+                 else f"{Path(str(root)).name} / {split} (unlabeled): first samples")
+    axes = fig.subplots(n_rows, per_class, squeeze=False)
+    for r in range(n_rows):
+        for c in range(per_class):
+            ax = axes[r, c]
+            key, img = cells[r][c] if c < len(cells[r]) else ("", None)
+            _show(ax, img, _short(key, 24), fontsize=5.5)
+            if img is None and c == 0:
+                ax.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+        if labeled:
+            axes[r, 0].set_ylabel(names[r], fontsize=7, rotation=0, ha="right", va="center")
+    return _save(fig, out_png)

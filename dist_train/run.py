@@ -1,0 +1,32 @@
+"""Train: `accelerate launch dist_train/run.py --data SHARDS --output runs/NAME [flags]`.
+
+Also `torchrun --nproc_per_node N dist_train/run.py ...`, `python -m dist_train.run ...`, and
+`python dist_train/run.py --debug ...` for one process on cuda:0 or the CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package, not sibling modules
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from dist_train.config import parse_config  # noqa: E402
+from dist_train.engine import overfit, train  # noqa: E402
+from dist_train.errors import cli_main  # noqa: E402
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(argv)
+    if cfg.overfit_batches:
+        return overfit(cfg)
+    result = train(cfg)
+    if result.get("is_main", True) and "val_macro_f1" in result:
+        print(f"done: val_macro_f1={result['val_macro_f1']:.4f} val_acc={result['val_acc']:.4f} run={result['output']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""WebDataset loaders: equal steps per rank, exact evaluation, determinism, resume, bad data."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import io
+import json
+import random
+import shutil
+import signal
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+import dist_train.data as data
+from dist_train.data import (
+    AugmentConfig,
+    build_eval_loader,
+    build_train_loader,
+    load_info,
+    normalize,
+    shard_urls,
+    split_info,
+    train_batches_per_epoch,
+)
+from dist_train.errors import UserError
+
+LENGTHS7 = [5, 9, 3, 12, 7, 4, 8]  # 48 samples in 7 uneven shards
+AUG = AugmentConfig(img_size=16, crop_pct=0.875)
+
+
+def _image_bytes(k: int) -> tuple[str, bytes]:
+    """Sample k's image: 40x32 noise as JPEG, RGBA PNG, or grayscale JPEG (decode must give RGB)."""
+    arr = np.random.default_rng(k).integers(0, 256, (40, 32, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    buf = io.BytesIO()
+    if k % 5 == 1:
+        img.convert("RGBA").save(buf, format="PNG")
+        return "png", buf.getvalue()
+    if k % 7 == 2:
+        img = img.convert("L")
+    img.save(buf, format="JPEG", quality=90)
+    return "jpg", buf.getvalue()
+
+
+def write_set(
+    root: Path,
+    splits: dict[str, list[int]],
+    unlabeled: tuple[str, ...] = (),
+    corrupt: dict[int, bytes] | None = None,
+) -> Path:
+    """A shard set as shards/README.md describes it; `corrupt` replaces sample k's image bytes."""
+    root.mkdir(parents=True, exist_ok=True)
+    info: dict = {"name": "t", "version": "0.1.0", "layout": "folder", "classes": ["c0", "c1", "c2"]}
+    info["splits"], info["label_counts"] = {}, {}
+    for split, lengths in splits.items():
+        names, k = [], 0
+        counts = {"0": 0, "1": 0, "2": 0}
+        for s, n in enumerate(lengths):
+            name = f"{split}-{s:06d}.tar"
+            with wds.TarWriter(str(root / name)) as w:
+                for _ in range(n):
+                    ext, img = _image_bytes(k)
+                    if corrupt and k in corrupt:
+                        img = corrupt[k]
+                    sample = {"__key__": f"{split}_{k:04d}", ext: img}
+                    sample["json"] = json.dumps({"path": f"c{k % 3}/{k}.{ext}", "class_name": f"c{k % 3}", "idx": k})
+                    if split not in unlabeled:
+                        sample["cls"] = str(k % 3)
+                        counts[str(k % 3)] += 1
+                    w.write(sample)
+                    k += 1
+            names.append(name)
+        info["splits"][split] = {"name": split, "num_samples": k, "filenames": names, "shard_lengths": lengths}
+        if split not in unlabeled:
+            info["label_counts"][split] = counts
+    (root / "_info.json").write_text(json.dumps(info))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_set(
+        tmp_path_factory.mktemp("shards"),
+        {"train": LENGTHS7, "validation": LENGTHS7, "one": [23], "test": [6, 5]},
+        unlabeled=("test",),
+    )
+
+
+def meta_target(meta: dict, cls: int | None, field: str) -> int:
+    return int(meta[field])
+
+
+IDX = functools.partial(meta_target, field="idx")
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Fail instead of hanging the suite."""
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"loader did not finish in {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def train_loader(root: Path, split: str = "train", **kw):
+    args = dict(aug=AUG, batch_size=4, workers=0, world_size=1, rank=0, seed=7, target_fn=IDX, shuffle_buffer=20)
+    args.update(kw)
+    return build_train_loader(str(root), load_info(str(root)), split, **args)
+
+
+def eval_loader(root: Path, split: str = "validation", **kw):
+    args = dict(aug=AUG, batch_size=4, workers=0, world_size=1, rank=0)
+    args.update(kw)
+    return build_eval_loader(str(root), load_info(str(root)), split, **args)
+
+
+def epoch_batches(loader, epoch: int, skip: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(epoch, skip_batches=skip)
+    with time_limit(60):
+        return list(loader)
+
+
+def test_train_batches_per_epoch_formula():
+    assert train_batches_per_epoch(48, 4, 0, 1) == 12
+    assert train_batches_per_epoch(48, 5, 0, 1) == 10  # 48 -> 50
+    assert train_batches_per_epoch(48, 4, 2, 3) == 2 * 2  # 8 per reader -> 2 batches, 2 readers per rank
+    assert train_batches_per_epoch(10, 4, 4, 2) == 4 * 1
+
+
+@pytest.mark.parametrize(
+    "split,world,workers,batch",
+    [
+        ("train", 1, 0, 4),
+        ("train", 2, 2, 3),
+        ("train", 3, 0, 5),
+        ("train", 3, 2, 2),  # 6 readers, 7 shards
+        ("one", 2, 2, 4),  # 1 shard, 4 readers
+        ("one", 3, 0, 3),  # 1 shard, 3 readers
+    ],
+)
+def test_every_rank_yields_the_same_full_batches(shards, split, world, workers, batch):
+    n = load_info(str(shards))["splits"][split]["num_samples"]
+    expected = train_batches_per_epoch(n, batch, workers, world)
+    fewer_shards = split == "one"
+    seen: list[int] = []
+    for rank in range(world):
+        ctx = pytest.warns(UserWarning, match="1 shards for") if fewer_shards and rank == 0 else contextlib.nullcontext()
+        with ctx:
+            loader = train_loader(shards, split, batch_size=batch, workers=workers, world_size=world, rank=rank)
+        assert len(loader) == expected
+        batches = epoch_batches(loader, 0)
+        assert len(batches) == expected
+        for images, targets in batches:
+            assert images.shape == (batch, 3, 16, 16) and images.dtype == torch.uint8
+            assert targets.shape == (batch,) and targets.dtype == torch.int64
+            seen += targets.tolist()
+    assert set(seen) <= set(range(n))
+    if fewer_shards:  # readers keep disjoint strided samples: every sample is seen
+        assert set(seen) == set(range(n))
+
+
+def test_fewer_shards_warning_only_on_rank_zero(shards):
+    with pytest.warns(UserWarning, match="every reader reads all shards"):
+        train_loader(shards, "one", world_size=2, workers=2, rank=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_loader(shards, "one", world_size=2, workers=2, rank=1)
+
+
+@pytest.mark.parametrize("split", ["validation", "one"])
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_yields_every_sample_exactly_once(shards, split, workers, world):
+    n = load_info(str(shards))["splits"][split]["num_samples"]
+    keys: list[str] = []
+    orders: list[int] = []
+    for rank in range(world):
+        loader = eval_loader(shards, split, batch_size=4, workers=workers, world_size=world, rank=rank, target_fn=IDX)
+        with time_limit(60):
+            batches = list(loader)
+        assert len(batches) == len(loader)
+        assert sum(len(b["key"]) for b in batches) == loader.num_samples
+        for b in batches:
+            assert b["image"].dtype == torch.uint8 and b["image"].shape[1:] == (3, 16, 16)
+            assert b["target"].tolist() == b["order"].tolist()  # idx in json == position in split
+            assert all(int(key.rsplit("_", 1)[1]) == o for key, o in zip(b["key"], b["order"].tolist()))
+            keys += b["key"]
+            orders += b["order"].tolist()
+    assert len(keys) == n == len(set(keys))
+    assert sorted(orders) == list(range(n))
+
+
+def test_same_seed_and_epoch_give_the_same_batches(shards):
+    a = epoch_batches(train_loader(shards, workers=2, seed=3), 1)
+    b = epoch_batches(train_loader(shards, workers=2, seed=3), 1)
+    assert len(a) == len(b) > 0
+    for (ia, ta), (ib, tb) in zip(a, b):
+        assert torch.equal(ia, ib) and torch.equal(ta, tb)
+    other_epoch = epoch_batches(train_loader(shards, workers=2, seed=3), 2)
+    assert any(not torch.equal(x[1], y[1]) for x, y in zip(a, other_epoch))
+    other_seed = epoch_batches(train_loader(shards, workers=2, seed=4), 1)
+    assert any(not torch.equal(x[1], y[1]) for x, y in zip(a, other_seed))
+
+
+def test_augmentation_leaves_global_rngs_alone(shards):
+    """workers=0 runs augmentation in the training process: its RNG streams must not move."""
+    aug = AugmentConfig(img_size=16, aa="rand-m9-mstd0.5-inc1")
+    loader = train_loader(shards, aug=aug, workers=0)
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    first = epoch_batches(loader, 0)
+    after = torch.rand(3), random.random(), np.random.rand()
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    expected = torch.rand(3), random.random(), np.random.rand()
+    assert torch.equal(after[0], expected[0]) and after[1:] == expected[1:]
+    # and the auto-augmented epoch is itself reproducible, whatever the global seeds are
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    again = epoch_batches(loader, 0)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(first, again))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_equals_the_tail_of_a_full_epoch(shards, workers):
+    loader = train_loader(shards, batch_size=3, workers=workers)  # 2 workers: 2 x 4 = 8 batches
+    full = epoch_batches(loader, 5)
+    assert len(full) == len(loader) >= 6
+    for k in (1, 3, len(full)):
+        resumed = epoch_batches(loader, 5, skip=k)  # same persistent workers: shared values
+        assert len(resumed) == len(full) - k
+        for (ia, ta), (ib, tb) in zip(full[k:], resumed):
+            assert torch.equal(ta, tb) and torch.equal(ia, ib)
+    # the next epoch after a resumed one is whole again
+    assert len(epoch_batches(loader, 6)) == len(loader)
+
+
+def test_skipped_batches_are_not_decoded(shards, monkeypatch):
+    calls = []
+
+    def counting_decode(*args, **kw):
+        calls.append(1)
+        return decode(*args, **kw)
+
+    decode = data.decode_image
+    monkeypatch.setattr(data, "decode_image", counting_decode)
+    loader = train_loader(shards, batch_size=4, workers=0)
+    epoch_batches(loader, 0, skip=5)
+    assert len(calls) == (len(loader) - 5) * 4
+
+
+def test_target_fn_and_default_targets(shards):
+    default = [b["target"] for b in eval_loader(shards)]
+    assert torch.cat(default).tolist() == [k % 3 for k in range(48)]
+    relabeled = functools.partial(meta_target, field="idx")
+    (_, targets), *_ = epoch_batches(train_loader(shards, target_fn=relabeled), 0)
+    assert set(targets.tolist()) <= set(range(48))
+    plain = epoch_batches(train_loader(shards, target_fn=None), 0)
+    assert set(torch.cat([t for _, t in plain]).tolist()) == {0, 1, 2}
+
+
+def test_unlabeled_split_gives_minus_one_and_cannot_train(shards):
+    batches = list(eval_loader(shards, "test", batch_size=4))
+    assert torch.cat([b["target"] for b in batches]).tolist() == [-1] * 11
+    assert sorted(k for b in batches for k in b["key"]) == [f"test_{k:04d}" for k in range(11)]
+    with pytest.raises(UserError, match="unlabeled"):
+        train_loader(shards, "test", target_fn=None)
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path):
+    root = write_set(tmp_path / "s", {"train": LENGTHS7}, corrupt={10: b"not an image", 30: b"\xff\xd8\xff"})
+    loader = train_loader(root, batch_size=4, workers=0)
+    with pytest.warns(UserWarning, match="skipping bad sample: train_00(10|30)"):
+        batches = epoch_batches(loader, 0)
+    assert len(batches) == len(loader) == 12
+    assert 10 not in torch.cat([t for _, t in batches]).tolist()
+    assert loader.bad_samples >= 1
+    loader.set_epoch(1)
+    assert loader.bad_samples == 0  # per-epoch counter
+
+    ev = eval_loader(root, "train", target_fn=IDX)
+    with pytest.warns(UserWarning, match="skipping bad sample"):
+        keys = [k for b in ev for k in b["key"]]
+    assert ev.bad_samples == 2
+    assert sorted(keys) == [f"train_{k:04d}" for k in range(48) if k not in (10, 30)]
+
+
+def test_corrupt_sample_counted_across_workers(tmp_path):
+    root = write_set(tmp_path / "s", {"train": LENGTHS7}, corrupt={k: b"bad" for k in range(0, 48, 6)})
+    loader = train_loader(root, batch_size=4, workers=2)
+    batches = epoch_batches(loader, 0)
+    assert len(batches) == len(loader)
+    assert loader.bad_samples >= 4  # counted in the workers, read in the main process
+
+
+def test_truncated_tar_is_skipped_and_the_step_count_holds(tmp_path):
+    root = write_set(tmp_path / "s", {"train": LENGTHS7})
+    tar = root / "train-000003.tar"  # 12 samples
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    loader = train_loader(root, batch_size=4, workers=0)
+    with pytest.warns(UserWarning, match="skipping bad sample"):
+        batches = epoch_batches(loader, 0)
+    assert len(batches) == len(loader)
+    assert loader.bad_samples >= 1
+    ev = eval_loader(root, "train")
+    with pytest.warns(UserWarning):
+        n = sum(len(b["key"]) for b in ev)
+    assert 36 <= n < 48 and ev.bad_samples >= 1
+
+
+def test_all_bad_samples_raise_instead_of_hanging(tmp_path):
+    root = write_set(tmp_path / "s", {"train": [6, 6]}, corrupt={k: b"bad" for k in range(12)})
+    loader = train_loader(root, batch_size=2, workers=0)
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="bad samples in a row"):
+        epoch_batches(loader, 0)
+
+
+def test_load_info_errors(tmp_path, shards):
+    with pytest.raises(UserError, match="no such folder.*dist_train.shard"):
+        load_info(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no _info.json.*dist_train.shard"):
+        load_info(str(tmp_path / "empty"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "_info.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read shard info.*dist_train.shard"):
+        load_info(str(bad))
+    with pytest.raises(UserError, match="'nope' is not in the shard set.*one, test, train, validation"):
+        split_info(load_info(str(shards)), "nope")
+    info = load_info(str(shards))
+    info["splits"]["train"] = dict(info["splits"]["train"], num_samples=47)
+    with pytest.raises(UserError, match="inconsistent"):
+        split_info(info, "train")
+
+
+def test_shard_urls_local_and_remote(shards):
+    info = load_info(str(shards))
+    assert shard_urls(str(shards), info, "test") == [str(shards / "test-000000.tar"), str(shards / "test-000001.tar")]
+    assert shard_urls("http://h:8/d/", info, "test")[1] == "http://h:8/d/test-000001.tar"
+    assert shard_urls("s3://b/d", info, "test")[0] == "s3://b/d/test-000000.tar"
+    assert shard_urls("pipe:aws s3 cp s3://b/d/{} -", info, "test")[0] == "pipe:aws s3 cp s3://b/d/test-000000.tar -"
+
+
+def test_http_served_shards(shards):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        info = load_info(url)
+        with time_limit(60):
+            keys = [k for b in build_eval_loader(url, info, "validation", aug=AUG, batch_size=8, workers=0,
+                                                 world_size=1, rank=0) for k in b["key"]]
+            train = build_train_loader(url, info, "train", aug=AUG, batch_size=8, workers=0, world_size=1,
+                                       rank=0, seed=0)
+            train.set_epoch(0)
+            assert len(list(train)) == len(train) == 6
+        assert sorted(keys) == [f"validation_{k:04d}" for k in range(48)]
+        with pytest.raises(UserError, match="cannot read shard info"):
+            load_info(url + "/nothing-here")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_augment_options(shards):
+    center = AugmentConfig(img_size=24, train_crop="center", hflip=0.0, interpolation="bicubic")
+    (images, _), *_ = epoch_batches(train_loader(shards, aug=center), 0)
+    assert images.shape == (4, 3, 24, 24)
+    for bad in (
+        AugmentConfig(aa="bogus-policy"),
+        AugmentConfig(img_size=0),
+        AugmentConfig(scale=(0.9, 0.5)),
+        AugmentConfig(train_crop="middle"),
+        AugmentConfig(interpolation="cubic"),
+    ):
+        with pytest.raises(UserError):
+            train_loader(shards, aug=bad)
+    with pytest.raises(UserError, match="global batch"):
+        train_loader(shards, batch_size=30, world_size=2)
+    with pytest.raises(UserError, match="batch size"):
+        eval_loader(shards, batch_size=0)
+
+
+def test_shard_assignment_reports_shards_per_rank(shards):
+    per_rank = [train_loader(shards, world_size=2, workers=2, rank=r).shards_per_rank for r in range(2)]
+    assert sum(per_rank) == 7 and per_rank == [4, 3]
+
+
+def test_normalize_matches_reference():
+    x = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    out = normalize(x, mean, std)
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-5)
+    cl = normalize(x, mean, std, channels_last=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.allclose(cl, ref, atol=1e-5)
+    assert x.dtype == torch.uint8  # input untouched
+
+
+def test_copied_shard_set_gives_identical_batches(tmp_path, shards):
+    """Batches depend on content and seed only, not on where the shards live."""
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    a = epoch_batches(train_loader(shards), 0)
+    b = epoch_batches(train_loader(copy), 0)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def mask_target(meta: dict, cls: int | None, bins: tuple[int, int]) -> int:
+    from dist_train.labels import label_from_meta
+
+    return label_from_meta(meta, bins)
+
+
+def test_shards_from_the_shard_command(mask_shards):
+    """The loaders read what `python -m dist_train.shard` writes, labels recomputable from json."""
+    info = load_info(str(mask_shards))
+    n_val = info["splits"]["validation"]["num_samples"]
+    keys, same = [], []
+    for rank in range(2):
+        ev = build_eval_loader(str(mask_shards), info, "validation", aug=AUG, batch_size=8, workers=0,
+                               world_size=2, rank=rank, target_fn=functools.partial(mask_target, bins=(30, 60)))
+        plain = build_eval_loader(str(mask_shards), info, "validation", aug=AUG, batch_size=8, workers=0,
+                                  world_size=2, rank=rank)
+        for b, p in zip(ev, plain):
+            keys += b["key"]
+            same.append(torch.equal(b["target"], p["target"]))
+    assert len(keys) == len(set(keys)) == n_val and all(same)
+    loader = build_train_loader(str(mask_shards), info, "train", aug=AUG, batch_size=8, workers=2, world_size=1,
+                                rank=0, seed=0, target_fn=functools.partial(mask_target, bins=(25, 58)))
+    batches = epoch_batches(loader, 0)
+    assert len(batches) == len(loader) and all(int(t.max()) < 18 for _, t in batches)

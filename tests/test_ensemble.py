@@ -1,0 +1,83 @@
+"""Ensembles: identical inputs give the input back (soft and hard), votes by hand, bad inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dist_train import ensemble, predict
+from test_predict import eval_shards, read_rows, run_predict, trained_run  # noqa: F401 (fixtures)
+
+
+def ens(*args: str) -> Path:
+    return ensemble.main(list(args))
+
+
+@pytest.mark.parametrize("fmt", ["mask-eval", "keys"])
+def test_identical_inputs_give_the_input_back(fmt, trained_run, eval_shards, mask_shards, tmp_path):  # noqa: F811
+    data = eval_shards if fmt == "mask-eval" else mask_shards
+    one = run_predict("--run", str(trained_run), "--data", str(data), "--out", str(tmp_path / "one.csv"), "--save-probs")
+    probs = predict.probs_path(one)
+    soft = ens("--out", str(tmp_path / "soft.csv"), "--save-probs", str(probs), str(probs), str(probs))
+    hard = ens("--out", str(tmp_path / "hard.csv"), str(one), str(one))
+    assert soft.read_text() == one.read_text()
+    assert hard.read_text() == one.read_text()
+    a, b = predict.load_probs(probs), predict.load_probs(predict.probs_path(soft))
+    assert a.ids == b.ids and a.classes == b.classes
+    np.testing.assert_allclose(a.prob, b.prob, atol=1e-6)
+
+
+def write_probs(path: Path, ids: list[str], prob: list[list[float]]) -> Path:
+    p = np.asarray(prob)
+    predict.save_probs(path, predict.Predictions("key", ids, p.argmax(1), ["a", "b", "c"], None, p))
+    return path
+
+
+def test_soft_vote_averages_probabilities(tmp_path):
+    ids = ["x", "y"]
+    a = write_probs(tmp_path / "a.probs.npz", ids, [[0.6, 0.4, 0.0], [0.1, 0.1, 0.8]])
+    b = write_probs(tmp_path / "b.probs.npz", ids, [[0.0, 0.45, 0.55], [0.2, 0.1, 0.7]])
+    out = ens("--out", str(tmp_path / "s.csv"), str(a), str(b))
+    # Row x: mean (0.3, 0.425, 0.275) -> b, an answer neither model gave alone.
+    assert read_rows(out) == (["key", "ans", "class"], [["x", "1", "b"], ["y", "2", "c"]])
+
+
+def write_csv(path: Path, answers: list[int]) -> Path:
+    path.write_text("ImageID,ans\n" + "".join(f"img{i}.jpg,{a}\n" for i, a in enumerate(answers)))
+    return path
+
+
+def test_hard_vote_majority_and_ties(tmp_path):
+    a = write_csv(tmp_path / "a.csv", [1, 1, 5, 7])
+    b = write_csv(tmp_path / "b.csv", [2, 3, 5, 8])
+    c = write_csv(tmp_path / "c.csv", [2, 4, 6, 8])
+    out = ens("--out", str(tmp_path / "h.csv"), str(a), str(b), str(c))
+    # row 0: 2 wins 2:1; row 1: 1-3-4 all tie -> first file; row 2: 5; row 3: 8 wins 2:1
+    assert [r[1] for r in read_rows(out)[1]] == ["2", "1", "5", "8"]
+    two = ens("--out", str(tmp_path / "h2.csv"), str(b), str(a))
+    assert [r[1] for r in read_rows(two)[1]] == ["2", "3", "5", "8"]  # two files disagree -> first wins
+
+
+def test_mismatched_inputs_are_refused(tmp_path, capsys):
+    a = write_csv(tmp_path / "a.csv", [1, 2, 3])
+    short = write_csv(tmp_path / "short.csv", [1, 2])
+    other = tmp_path / "other.csv"
+    other.write_text("ImageID,ans\nimg0.jpg,1\nimgX.jpg,2\nimg2.jpg,3\n")
+    p1 = write_probs(tmp_path / "p1.probs.npz", ["x", "y"], [[1, 0, 0], [0, 1, 0]])
+    p2 = write_probs(tmp_path / "p2.probs.npz", ["y", "x"], [[1, 0, 0], [0, 1, 0]])
+    cases = [
+        ([a, short], "2 ids"),
+        ([a, other], "row 2"),
+        ([p1, p2], "same ids in the same order"),
+        ([a, p1], "mix of probability files and CSVs"),
+        ([a, tmp_path / "missing.csv"], "no such file"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(SystemExit) as e:
+            ens("--out", str(tmp_path / "out.csv"), *map(str, inputs))
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out.csv").exists()

@@ -1,0 +1,89 @@
+"""evaluate: its files, metrics equal to scikit-learn's on the same predictions, the pictures."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+from dist_train import evaluate
+from dist_train import labels as L
+from dist_train.data import load_info
+from dist_train.report import contact_sheet
+from test_predict import eval_shards, read_rows, run_predict, trained_run  # noqa: F401 (fixtures)
+
+
+def assert_png(path: Path, min_side: int = 200) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert min(im.size) >= min_side
+
+
+def test_evaluate_files_and_metrics_equal_sklearn(trained_run, mask_shards, tmp_path):  # noqa: F811
+    metrics = evaluate.main(["--run", str(trained_run), "--data", str(mask_shards), "--workers", "0"])
+    out = trained_run / "eval-validation"
+    for name in ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "errors.csv", "report.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+    # The same model's predictions, from predict: ans and stored label per sample.
+    _, rows = read_rows(run_predict("--run", str(trained_run), "--data", str(mask_shards),
+                                    "--out", str(tmp_path / "p.csv"), "--split", "validation"))
+    y_pred = np.array([int(r[1]) for r in rows])
+    y_true = np.array([int(r[3]) for r in rows])
+    assert metrics["num_samples"] == len(rows)
+    assert metrics["acc"] == pytest.approx(skm.accuracy_score(y_true, y_pred))
+    assert metrics["macro_f1"] == pytest.approx(skm.f1_score(y_true, y_pred, average="macro", zero_division=0))
+    for i, task in enumerate(("mask_acc", "gender_acc", "age_acc")):
+        part = lambda y: np.array([L.decode(int(c))[i] for c in y])  # noqa: E731
+        assert metrics[task] == pytest.approx(skm.accuracy_score(part(y_true), part(y_pred)))
+
+    labels = list(range(L.NUM_CLASSES))
+    p, r, f, s = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    with (out / "per_class.csv").open(newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [row["name"] for row in table] == L.class_names()
+    np.testing.assert_allclose([float(row["precision"]) for row in table], p, atol=1e-6)
+    np.testing.assert_allclose([float(row["recall"]) for row in table], r, atol=1e-6)
+    np.testing.assert_allclose([float(row["f1"]) for row in table], f, atol=1e-6)
+    assert [int(row["support"]) for row in table] == s.tolist()
+
+    _, cm_rows = read_rows(out / "confusion.csv")
+    np.testing.assert_array_equal([[int(v) for v in row[1:]] for row in cm_rows],
+                                  skm.confusion_matrix(y_true, y_pred, labels=labels))
+
+    header, errors = read_rows(out / "errors.csv")
+    assert errors  # a random model errs: the checks below are not vacuous
+    assert header[:5] == ["key", "true", "true_name", "pred", "pred_name"]
+    wrong = {r[0]: (int(r[3]), int(r[1])) for r in rows if r[1] != r[3]}
+    assert {e[0]: (int(e[1]), int(e[3])) for e in errors} == wrong
+    p_true = [float(e[5]) for e in errors]
+    assert p_true == sorted(p_true)  # worst first
+    assert_png(out / "report.png", 600)
+    assert_png(out / "confusion.png")
+
+
+def test_evaluate_refuses_unlabeled_split(trained_run, eval_shards, tmp_path, capsys):  # noqa: F811
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", str(trained_run), "--data", str(eval_shards), "--split", "test", "--workers", "0",
+                       "--out", str(tmp_path / "ev")])
+    assert e.value.code == 2
+    assert "has no labels" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_contact_sheets(mask_shards, eval_shards, tmp_path):  # noqa: F811
+    labeled = contact_sheet(mask_shards, load_info(str(mask_shards)), tmp_path / "sheet.png", per_class=2)
+    assert_png(labeled, 300)
+    with Image.open(labeled) as im:
+        tall = im.size[1]
+    assert tall > 18 * 100  # one row per class
+    unlabeled = contact_sheet(eval_shards, load_info(str(eval_shards)), tmp_path / "eval.png", per_class=3)
+    assert_png(unlabeled)

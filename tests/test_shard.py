@@ -1,0 +1,313 @@
+"""Shard writer: round trip, readers (timm, webdataset), resize, idempotency, atomicity, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from dist_train import shard
+from dist_train.labels import label_from_meta
+from dist_train.shard import inspect, main, shard_sizes, write_shards
+from test_sources import demo_persons, image_bytes, make_eval_set, make_mask_set, person_folder
+
+
+def members(out: Path) -> dict[str, dict[str, bytes]]:
+    """{shard filename: {member name: bytes}} for every tar in out."""
+    res = {}
+    for tar_path in sorted(out.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            res[tar_path.name] = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    return res
+
+
+def file_state(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.iterdir()}
+
+
+@pytest.fixture
+def raw(tmp_path) -> Path:
+    """10 persons, jpg; one person's normal image is a PNG."""
+    root = make_mask_set(tmp_path / "raw" / "train", demo_persons(10))
+    folder = root / "images" / person_folder(*demo_persons(1)[0])
+    (folder / "normal.jpg").unlink()
+    (folder / "normal.png").write_bytes(image_bytes(500, "PNG"))
+    return root
+
+
+def run(src: Path, out: Path, **kw) -> dict:
+    return write_shards(src, out, workers=1, progress=False, **kw)
+
+
+def test_round_trip_bytes_labels_metadata(raw, tmp_path):
+    out = tmp_path / "out"
+    info = run(raw, out, samples_per_shard=8)
+    src_files = {f"{p.parent.name}/{p.stem}": p for p in (raw / "images").glob("*/*.*")}
+    seen: dict[str, str] = {}
+    for name, files in members(out).items():
+        split = name.rsplit("-", 1)[0]
+        keys = sorted({m.rsplit(".", 1)[0] for m in files})
+        assert len(keys) == info["splits"][split]["shard_lengths"][info["splits"][split]["filenames"].index(name)]
+        for key in keys:
+            assert key not in seen
+            seen[key] = split
+            p = src_files[key]
+            ext = "png" if p.suffix == ".png" else "jpg"
+            assert files[f"{key}.{ext}"] == p.read_bytes()
+            meta = json.loads(files[f"{key}.json"])
+            assert meta["path"] == f"{p.parent.name}/{p.name}"
+            pid, gender, _, age = p.parent.name.split("_")
+            assert (meta["person_id"], meta["gender"], meta["age"]) == (pid, ("male", "female").index(gender), int(age))
+            assert int(files[f"{key}.cls"]) == label_from_meta(meta)
+    assert set(seen) == set(src_files)  # every image exactly once
+    persons = {split: {k.split("/")[0] for k, s in seen.items() if s == split} for split in ("train", "validation")}
+    assert persons["validation"] and not persons["train"] & persons["validation"]
+    assert max(max(s["shard_lengths"]) for s in info["splits"].values()) <= 8
+    assert info["splits"]["train"]["num_samples"] + info["splits"]["validation"]["num_samples"] == 70
+    assert sum(info["label_counts"]["train"].values()) == info["splits"]["train"]["num_samples"]
+    assert info["params"] == {"layout": "mask", "val_fraction": 0.2, "seed": 0, "resize": None, "quality": 95,
+                              "samples_per_shard": 8, "as_split": None, "age_bins": [30, 60]}
+    assert set(info["sha256"]) == {p.name for p in out.glob("*.tar")}
+    assert not (out / "_rejected.jsonl").exists()
+
+
+def test_webdataset_reads_the_shards(raw, tmp_path):
+    out = tmp_path / "out"
+    run(raw, out)
+    samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False))
+    assert len(samples) == 70
+    for s in samples:
+        assert int(s["cls"]) == label_from_meta(json.loads(s["json"]))
+        assert ("jpg" in s) != ("png" in s)
+
+
+def test_timm_reads_the_shard_set(raw, tmp_path):
+    from timm.data import create_dataset
+
+    out = tmp_path / "out"
+    info = run(raw, out, samples_per_shard=16)
+    ds = create_dataset("wds/out", root=str(out), split="train")
+    items = list(ds)
+    assert len(items) == info["splits"]["train"]["num_samples"]
+    img, target = items[0]
+    assert isinstance(img, Image.Image) and img.size == (32, 32) and 0 <= target < 18
+    val = create_dataset("wds/out", root=str(out), split="validation")
+    assert sorted(t for _, t in val) == sorted(
+        int(c) for c, n in info["label_counts"]["validation"].items() for _ in range(n))
+
+
+def test_default_shard_count_rule():
+    assert shard_sizes(100, None) == [2] * 36 + [1] * 28  # >= 64 shards once there are 64 images
+    assert len(shard_sizes(15120, None)) == 64 and max(shard_sizes(15120, None)) == 237
+    assert shard_sizes(10, None) == [1] * 10
+    assert len(shard_sizes(200_000, None)) == 200 and max(shard_sizes(200_000, None)) == 1000
+    assert shard_sizes(168, 25) == [24] * 7
+    assert shard_sizes(0, None) == []
+
+
+def test_resize_shrinks_never_enlarges(tmp_path):
+    root = tmp_path / "f"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a" / "big.jpg").write_bytes(image_bytes(1, "JPEG", (96, 64)))
+    (root / "a" / "small.jpg").write_bytes(image_bytes(2, "JPEG", (20, 30)))
+    (root / "b" / "alpha.png").write_bytes(image_bytes(3, "PNG", (64, 128), "RGBA"))
+    (root / "b" / "gray.bmp").write_bytes(image_bytes(4, "BMP", (50, 50), "L"))
+    run(root, tmp_path / "o", resize=32, as_split="test", quality=80)
+    got = {}
+    for files in members(tmp_path / "o").values():
+        for name, data in files.items():
+            if name.endswith(".jpg"):
+                im = Image.open(io.BytesIO(data))
+                got[name] = (im.format, im.mode, im.size)
+            assert not name.endswith(".png")
+    assert got == {"a/big.jpg": ("JPEG", "RGB", (48, 32)), "a/small.jpg": ("JPEG", "RGB", (20, 30)),
+                   "b/alpha.jpg": ("JPEG", "RGB", (32, 64)), "b/gray.jpg": ("JPEG", "RGB", (32, 32))}
+
+
+def test_as_split_keeps_labels_and_other_formats_become_png(tmp_path):
+    root = tmp_path / "holdout"
+    for i, cls in enumerate(("b", "a")):
+        (root / cls).mkdir(parents=True)
+        (root / cls / "x.webp").write_bytes(image_bytes(i, "WEBP"))
+        (root / cls / "y.jpg").write_bytes(image_bytes(i + 5))
+    info = run(root, tmp_path / "o", as_split="test")
+    assert list(info["splits"]) == ["test"] and info["label_counts"]["test"] == {"0": 2, "1": 2}
+    files = {k: v for f in members(tmp_path / "o").values() for k, v in f.items()}
+    assert files["a/x.cls"] == b"0" and files["b/y.cls"] == b"1"
+    assert Image.open(io.BytesIO(files["a/x.png"])).format == "PNG"
+    assert files["b/y.jpg"] == (root / "b" / "y.jpg").read_bytes()
+
+
+def test_mask_eval_is_unlabeled_test_in_info_csv_order(tmp_path):
+    ids = [f"{c}{i}.jpg" for i, c in enumerate("zyxwvutsrq")]
+    root = make_eval_set(tmp_path / "eval", ids)
+    info = run(root, tmp_path / "o", samples_per_shard=3)
+    assert list(info["splits"]) == ["test"] and info["label_counts"] == {}
+    samples = list(wds.WebDataset([str(tmp_path / "o" / f) for f in info["splits"]["test"]["filenames"]],
+                                  shardshuffle=False))
+    assert [json.loads(s["json"]) for s in samples] == [{"image_id": x, "index": i} for i, x in enumerate(ids)]
+    assert all("cls" not in s for s in samples)
+
+
+def test_idempotent_rerun_refusal_and_overwrite(raw, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(raw, out, samples_per_shard=5)
+    before = file_state(out)
+    capsys.readouterr()
+    info = run(raw, out, samples_per_shard=5)
+    assert "up to date" in capsys.readouterr().out
+    assert file_state(out) == before and info == json.loads((out / "_info.json").read_text())
+
+    with pytest.raises(SystemExit) as e:
+        main(["--src", str(raw), "--out", str(out), "--samples-per-shard", "50", "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "samples_per_shard 5 -> 50" in err and "--overwrite" in err
+    assert file_state(out) == before
+
+    img = next((raw / "images").glob("*/mask1.jpg"))
+    img.write_bytes(image_bytes(999))
+    with pytest.raises(SystemExit):
+        main(["--src", str(raw), "--out", str(out), "--samples-per-shard", "5", "--quiet"])
+    assert "source files changed" in capsys.readouterr().err
+
+    info = run(raw, out, samples_per_shard=50, overwrite=True)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "validation-000000.tar"]
+    assert set(info["sha256"]) == {"train-000000.tar", "validation-000000.tar"}
+    before = file_state(out)
+    (out / "train-000000.tar").write_bytes(b"damaged")
+    assert not inspect(out)[1]
+    assert run(raw, out, samples_per_shard=50, overwrite=True) == info  # --overwrite always rebuilds
+    assert inspect(out)[1] and file_state(out) != before
+
+
+def test_interrupted_write_leaves_no_finished_set(raw, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run(raw, out, samples_per_shard=5)
+    real = shard.encode_image
+    calls = []
+
+    def dying(task):
+        calls.append(task)
+        if len(calls) == 23:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(shard, "encode_image", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(raw, out, samples_per_shard=10, overwrite=True)
+    assert not (out / "_info.json").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    for p in out.glob("*.tar"):  # whatever carries a final name is a complete tar
+        with tarfile.open(p) as tar:
+            assert len(tar.getmembers()) % 3 == 0
+    monkeypatch.setattr(shard, "encode_image", real)
+
+    (out / ".train-000000.tar.x1y2.tmp").write_bytes(b"half a tar from a killed run")
+    info = run(raw, out, samples_per_shard=10)  # no --overwrite needed: there was no finished set
+    fresh = run(raw, tmp_path / "fresh", samples_per_shard=10)
+    assert info["sha256"] == fresh["sha256"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "fresh").iterdir())
+
+
+def test_deterministic_across_runs_and_workers(raw, tmp_path):
+    a = write_shards(raw, tmp_path / "a", workers=1, progress=False, resize=16)
+    b = write_shards(raw, tmp_path / "b", workers=2, progress=False, resize=16)
+    assert a["sha256"] == b["sha256"]
+    for name in a["sha256"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with tarfile.open(tmp_path / "a" / "train-000000.tar") as tar:
+        m = tar.getmembers()[0]
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o444)
+    # train is shuffled at write time (shards mix persons), validation keeps the source order
+    order = {split: [m.rsplit(".", 1)[0] for f in a["splits"][split]["filenames"]
+                     for m in members(tmp_path / "a")[f] if m.endswith(".json")] for split in a["splits"]}
+    assert order["train"] != sorted(order["train"]) and order["validation"] == sorted(order["validation"])
+    c = run(raw, tmp_path / "c", seed=1, resize=16)
+    assert c["sha256"] != a["sha256"]
+
+
+def test_inspect_detects_tampering(raw, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(raw, out)
+    info, ok = inspect(out)
+    assert ok and info["rejected"] == 0
+    main(["--inspect", str(out)])
+    assert "checksums ok" in capsys.readouterr().out
+    victim = out / "validation-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as e:
+        main(["--inspect", str(out)])
+    assert e.value.code == 1
+    assert "MISMATCH validation-000001.tar" in capsys.readouterr().out
+
+
+def test_corrupt_image_rejected_or_strict(raw, tmp_path, capsys):
+    folder = person_folder(*demo_persons(3)[2])
+    noise = io.BytesIO()
+    Image.effect_noise((64, 64), 64).convert("RGB").save(noise, format="JPEG")
+    # header intact, scan data cut: Image.verify() passes this, only decoding finds it
+    (raw / "images" / folder / "mask3.jpg").write_bytes(noise.getvalue()[: len(noise.getvalue()) * 7 // 10])
+    (raw / "images" / folder / "mask4.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(SystemExit) as e:
+        main(["--src", str(raw), "--out", str(tmp_path / "strict"), "--strict", "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "2 unreadable" in err and f"{folder}/mask3.jpg" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "strict").exists()
+
+    info = run(raw, tmp_path / "out")
+    assert info["rejected"] == 2 and sum(s["num_samples"] for s in info["splits"].values()) == 68
+    rejected = [json.loads(x) for x in (tmp_path / "out" / "_rejected.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in rejected] == [f"{folder}/mask3.jpg", f"{folder}/mask4.jpg"]
+    assert all(r["reason"] for r in rejected)
+    keys = {m.rsplit(".", 1)[0] for f in members(tmp_path / "out").values() for m in f}
+    assert f"{folder}/mask3" not in keys and f"{folder}/mask2" in keys
+
+
+@pytest.mark.parametrize("case", ["missing_csv", "empty_folder", "unknown_layout", "bad_option"])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, case):
+    src = tmp_path / "src"
+    args = ["--src", str(src), "--out", str(tmp_path / "out"), "--quiet"]
+    if case == "missing_csv":
+        make_mask_set(src, demo_persons(2))
+        (src / "train.csv").unlink()
+        args += ["--layout", "mask"]
+        expected = "train.csv"
+    elif case == "empty_folder":
+        src.mkdir()
+        expected = str(src)
+    elif case == "unknown_layout":
+        make_mask_set(src, demo_persons(2))
+        args += ["--layout", "imagenet"]
+        expected = "imagenet"
+    else:
+        args += ["--val-fraction", "lots"]
+        expected = "val-fraction"
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and expected in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_dataset_with_its_quirks(raw_mask, tmp_path):
+    """The synthetic competition set (train + eval) shards, and its junk is counted, not sharded."""
+    info = write_shards(raw_mask, tmp_path / "t", workers=2, progress=False)
+    assert info["layout"] == "mask" and sum(info["ignored"].values()) > 0
+    assert len(info["splits"]["validation"]["filenames"]) >= 1
+    ev = write_shards(raw_mask / "eval", tmp_path / "e", workers=1, progress=False)
+    assert ev["layout"] == "mask-eval" and list(ev["splits"]) == ["test"]
+    digest = hashlib.sha256((tmp_path / "t" / "train-000000.tar").read_bytes()).hexdigest()
+    assert digest == info["sha256"]["train-000000.tar"]
