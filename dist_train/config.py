@@ -87,6 +87,11 @@ class Config:
     keep_checkpoints: int = _f(3, "keep the newest K checkpoints")
     resume: str = _f("none", "auto (newest checkpoint in --output), a checkpoint PATH, or none")
     log_every: int = _f(10, "update the progress bar every N steps")
+    dist_timeout: int = _f(600, "seconds a rank waits for the others (a dead rank ends the run after this)")
+    max_bad_fraction: float = _f(0.01, "stop when more than this fraction of an epoch's samples is undecodable")
+    max_bad_steps: int = _f(5, "stop after this many non-finite losses in a row (each such step is skipped)")
+    secure: bool = _f(False, "refuse pipe: data URLs (webdataset secure mode for remote shards)")
+    gpu_decode: bool = _f(False, "workers only read bytes; JPEG decode and crop/flip run on the GPU")
     # debugging
     debug: bool = _f(False, "one process, workers 0, fp32, a few batches, anomaly detection")
     debug_steps: int = _f(5, "train and val batches in --debug")
@@ -96,13 +101,18 @@ class Config:
         """Reject values no run could use, with one line each."""
         if not self.data:
             raise UserError("--data is required: a shard folder written by `python -m dist_train.shard`")
-        for name in ("img_size", "batch_size", "epochs", "grad_accum_steps", "keep_checkpoints", "log_every"):
+        for name in ("img_size", "batch_size", "epochs", "grad_accum_steps", "keep_checkpoints", "log_every",
+                     "dist_timeout", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a positive integer")
         for name in ("max_steps", "eval_every", "checkpoint_every"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise UserError(f"--{name.replace('_', '-')} {v}: expected a positive integer")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise UserError(f"--max-bad-fraction {self.max_bad_fraction}: expected 0..1")
+        if self.secure and str(self.data).startswith("pipe:"):
+            raise UserError(f"--data {self.data}: pipe: URLs run shell commands and are refused with --secure")
         if self.workers < 0:
             raise UserError(f"--workers {self.workers}: expected 0 or more")
         if self.lr <= 0:

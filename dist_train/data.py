@@ -13,6 +13,12 @@ explicitly to readers (one reader = one (rank, DataLoader worker) pair):
 Images are decoded to uint8 CHW tensors (`torchvision.io.decode_image`) and augmented with
 `torchvision.transforms.v2` in the workers; batches stay uint8 until `normalize()` runs on the
 device, which keeps worker CPU time and host-to-device bytes low.
+
+With `gpu_decode=True` the workers only read: they ship each batch's encoded JPEG/PNG bytes
+(one flat uint8 tensor, so one shared-memory segment per batch) and the loader decodes them on
+the device in one `torchvision.io.decode_jpeg(list, device=...)` call, then applies the same
+crop/flip there with the same per-sample seeds, so a CPU run of that path gives exactly the
+normal path's batches. It is for hosts whose cores cannot decode as fast as the GPU trains.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 from webdataset.gopen import Pipe
@@ -47,6 +53,8 @@ from dist_train.errors import UserError
 INFO_NAME = "_info.json"
 SHARD_HINT = "expected a shard set written by python -m dist_train.shard"
 IMAGE_KEYS = ("jpg", "png")
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 TargetFn = Callable[[dict, "int | None"], int]
@@ -258,6 +266,7 @@ class _ShardReader(IterableDataset):
         batch_size: int,
         world_size: int,
         rank: int,
+        encoded: bool = False,
     ):
         self.urls = list(urls)
         self.lengths = list(lengths)
@@ -268,6 +277,7 @@ class _ShardReader(IterableDataset):
         self.batch_size = batch_size
         self.world_size = world_size
         self.rank = rank
+        self.encoded = encoded  # yield the image file bytes; decoding happens on the device
         self.bad = mp.Value("q", 0)  # summed over workers; reset by the owner each epoch
 
     def _count_bad(self, what: str, exn: BaseException) -> None:
@@ -287,16 +297,22 @@ class _ShardReader(IterableDataset):
             yield self.offsets[shard] + i, sample
 
     def _load(self, sample: dict, seed: int | None) -> tuple[torch.Tensor, int] | None:
-        """(uint8 image, target), or None for an undecodable sample (warned and counted)."""
+        """(uint8 image, target), or None for an undecodable sample (warned and counted).
+        Encoded mode: (the file's bytes as a 1-D uint8 tensor, target), checked by magic only."""
         try:
             data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
             if data is None:
                 raise ValueError(f"no {'/'.join(IMAGE_KEYS)} member (members: {sorted(sample)})")
-            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            if seed is None:
-                img = self.transform(img)
+            img = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if self.encoded:
+                if not (data.startswith(JPEG_MAGIC) or data.startswith(PNG_MAGIC)):
+                    raise ValueError("neither JPEG nor PNG data")
             else:
-                img = _seeded_call(self.transform, img, seed, self.transform.auto_augment is not None)
+                img = decode_image(img, mode=ImageReadMode.RGB)
+                if seed is None:
+                    img = self.transform(img)
+                else:
+                    img = _seeded_call(self.transform, img, seed, self.transform.auto_augment is not None)
             cls = int(sample["cls"]) if "cls" in sample else None
             meta = json.loads(sample["json"]) if self.target_fn is not None and "json" in sample else {}
         except Exception as e:
@@ -372,7 +388,8 @@ class _TrainReader(_ShardReader):
                 raise RuntimeError(f"no readable sample in shards {[self.urls[s] for s in shards]}")
             cycle_rng.shuffle(shards)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(uint8 images, targets) batches; encoded mode: (bytes, lengths, targets, seeds)."""
         dl_worker, nworkers = self._worker()
         if nworkers != self.workers:
             raise RuntimeError(f"reader built for {self.workers} workers runs in {nworkers}")
@@ -391,10 +408,12 @@ class _TrainReader(_ShardReader):
         remaining = self.batches_per_reader - skipped
         images: list[torch.Tensor] = []
         targets: list[int] = []
+        seeds: list[int] = []
         bad_run = 0
         while remaining > 0:
             index, sample = next(indexed)
-            item = self._load(sample, _mix_seed(self.seed, epoch, reader, index))
+            seed = _mix_seed(self.seed, epoch, reader, index)
+            item = self._load(sample, seed)
             if item is None:
                 bad_run += 1
                 if bad_run >= max(1, cycle_len):
@@ -403,9 +422,14 @@ class _TrainReader(_ShardReader):
             bad_run = 0
             images.append(item[0])
             targets.append(item[1])
+            seeds.append(seed)
             if len(images) == self.batch_size:
-                yield torch.stack(images), torch.tensor(targets, dtype=torch.int64)
-                images, targets = [], []
+                target = torch.tensor(targets, dtype=torch.int64)
+                if self.encoded:
+                    yield (*_pack(images), target, torch.tensor(seeds, dtype=torch.int64))
+                else:
+                    yield torch.stack(images), target
+                images, targets, seeds = [], [], []
                 remaining -= 1
 
 
@@ -435,20 +459,116 @@ class _EvalReader(_ShardReader):
                     continue
                 batch.append((item[0], item[1], sample["__key__"], pos))
                 if len(batch) == self.batch_size:
-                    yield _eval_collate(batch)
+                    yield _eval_collate(batch, self.encoded)
                     batch = []
         if batch:
-            yield _eval_collate(batch)
+            yield _eval_collate(batch, self.encoded)
 
 
-def _eval_collate(batch: list[tuple[torch.Tensor, int, str, int]]) -> dict[str, Any]:
+def _eval_collate(batch: list[tuple[torch.Tensor, int, str, int]], encoded: bool = False) -> dict[str, Any]:
+    """Encoded mode: "image" is (bytes, lengths) as `_pack` makes them."""
     images, targets, keys, order = zip(*batch)
     return {
-        "image": torch.stack(images),
+        "image": _pack(images) if encoded else torch.stack(images),
         "target": torch.tensor(targets, dtype=torch.int64),
         "key": list(keys),
         "order": torch.tensor(order, dtype=torch.int64),
     }
+
+
+def _pack(encoded: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded images -> (all bytes in one uint8 tensor, int64 lengths): one shared-memory
+    segment per batch between worker and main process instead of one per image."""
+    return torch.cat(list(encoded)), torch.tensor([len(e) for e in encoded], dtype=torch.int64)
+
+
+def _unpack(flat: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.split(flat, lengths.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding on the device (gpu_decode)
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One image decoded on the CPU and moved to `device`; None if it does not decode."""
+    try:
+        img = decode_image(data, mode=ImageReadMode.RGB)
+    except Exception:  # torchvision raises RuntimeError or ValueError for bad bytes
+        return None
+    return img.to(device, non_blocking=True)
+
+
+def _decode_on_device(
+    encoded: Sequence[torch.Tensor], transform: _Transform, device: torch.device, seeds: Sequence[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 [B', 3, S, S] on `device`, bool [B] mask of the images that decoded).
+
+    JPEGs go through one batched `decode_jpeg(list, device=...)` (nvJPEG on CUDA); PNGs, and
+    every image of a batch whose batched decode fails, are decoded on the CPU one by one, so a
+    single bad or exotic (e.g. CMYK) JPEG costs speed, not the batch.
+    """
+    decoded: list[torch.Tensor | None] = [None] * len(encoded)
+    jpeg = [i for i, e in enumerate(encoded) if bytes(e[:3].tolist()) == JPEG_MAGIC]
+    if jpeg:
+        try:
+            for i, img in zip(jpeg, decode_jpeg([encoded[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)):
+                decoded[i] = img
+        except Exception:  # one undecodable image fails the whole batched call
+            pass
+    for i, img in enumerate(decoded):
+        if img is None:
+            decoded[i] = _decode_one(encoded[i], device)
+    images = []
+    for i, img in enumerate(decoded):
+        if img is None:
+            continue
+        # Crop/flip parameters come from the CPU RNG seeded per sample, as in the workers.
+        images.append(transform(img) if seeds is None else _seeded_call(transform, img, int(seeds[i]), False))
+    ok = torch.tensor([img is not None for img in decoded], dtype=torch.bool)
+    if not images:
+        raise RuntimeError(f"none of the {len(encoded)} images of a batch decodes: the shards look broken")
+    return torch.stack(images), ok
+
+
+def decode_batch_on_device(
+    encoded: Sequence[torch.Tensor],
+    aug: AugmentConfig,
+    device: torch.device | str,
+    train: bool,
+    seeds: Sequence[int] | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode JPEG/PNG file bytes (1-D uint8 CPU tensors) on `device` and crop/flip them there.
+
+    Returns (uint8 [B', 3, img_size, img_size] on `device`, bool [B] mask of the inputs that
+    decoded; B' = its sum). `train` selects the training transform (RandomResizedCrop + flip)
+    or the eval one (resize + center crop), as in the loaders. `seeds` (one per image) make the
+    random crop and flip reproducible; the loaders pass the seeds their CPU path uses, so on
+    device='cpu' the result equals that path's batch. Auto-augment (`aug.aa`) works on PIL
+    images in the workers and is not available here.
+    """
+    _check_gpu_aug(aug)
+    if seeds is not None and len(seeds) != len(encoded):
+        raise ValueError(f"{len(seeds)} seeds for {len(encoded)} images")
+    seed_list = seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds
+    return _decode_on_device(encoded, _Transform(aug, train), torch.device(device), seed_list)
+
+
+def _check_gpu_aug(aug: AugmentConfig) -> None:
+    if aug.aa:
+        raise UserError(
+            f"--gpu-decode cannot apply auto-augment {aug.aa!r} (timm's policies run on PIL images in the "
+            "loader workers): drop --aa or --gpu-decode"
+        )
+
+
+def _loader_device(gpu_decode: bool, device: torch.device | str | None) -> torch.device | None:
+    """Where gpu_decode decodes: `device`, else cuda when there is one, else the CPU."""
+    if not gpu_decode:
+        if device is not None:
+            raise ValueError("device is only used with gpu_decode=True")
+        return None
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,8 +27,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
@@ -38,7 +40,7 @@ from tqdm.auto import tqdm
 from . import labels as L
 from .config import Config, save_config
 from .data import AugmentConfig, build_eval_loader, build_train_loader, load_info, normalize, split_info
-from .errors import UserError, atomic_write_json
+from .errors import RunFailed, UserError, atomic_write_json
 from .metrics import (
     class_weights_from_counts,
     f1_loss,
@@ -71,7 +73,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     cpu = (world > 1 or cfg.debug) and not torch.cuda.is_available()
     precision = "no" if cfg.debug else cfg.mixed_precision
     project = ProjectConfiguration(project_dir=cfg.output, logging_dir=os.path.join(cfg.output, "tb"))
-    acc = Accelerator(cpu=cpu, mixed_precision=precision, log_with="tensorboard", project_config=project)
+    pg = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))
+    acc = Accelerator(cpu=cpu, mixed_precision=precision, log_with="tensorboard", project_config=project,
+                      kwargs_handlers=[pg])
     if world > 1 and acc.num_processes != world:
         raise UserError(f"WORLD_SIZE={world} but the process group has {acc.num_processes} processes")
     return acc
@@ -319,6 +323,9 @@ def train(cfg: Config) -> dict:
             cfg.output = tempfile.mkdtemp(prefix="dist_train-debug-")
     if cfg.output is None:
         raise UserError("--output is required (the run folder)")
+    if cfg.secure and "://" in cfg.data:  # webdataset's secure mode: no pipe:, no URL rewriting
+        os.environ["WDS_SECURE"] = "1"
+        webdataset.utils.enforce_security = True
     info = load_info(cfg.data)
     n_train = split_info(info, cfg.train_split)["num_samples"]
     if cfg.val_split:
@@ -399,7 +406,8 @@ def train(cfg: Config) -> dict:
               f"{max(1, cfg.workers)} workers\n  output {out}" + (f"\n  resumed from {resume_from}" if resume_from else ""))
         print("\n".join(stager.summary(model)), flush=True)
 
-    stop = StopFlag()
+    guard = StepGuard(cfg.max_bad_steps)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
     last_metrics: dict = {}
     loss_sum = torch.zeros((), device=acc.device)
     loss_n = 0
@@ -412,7 +420,11 @@ def train(cfg: Config) -> dict:
         train_loss = acc.reduce(loss_sum, reduction="mean").item() / max(loss_n, 1)
         m = {"epoch": progress.epoch, "step": progress.step, "lr": optimizer.param_groups[-1]["lr"],
              "train_loss": train_loss, "images_per_s": seen * acc.num_processes / max(time.time() - t0, 1e-9),
-             "trainable_params": count_params(model, stager.names[stager.current]), "stage": stager.current}
+             "trainable_params": count_params(model, stager.names[stager.current]), "stage": stager.current,
+             "bad_samples": int(acc.reduce(torch.tensor(train_loader.bad_samples, device=acc.device), "sum").item())}
+        if m["bad_samples"] > cfg.max_bad_fraction * max(progress.batch, 1) * cfg.batch_size * acc.num_processes:
+            raise RunFailed(f"{m['bad_samples']} undecodable samples in epoch {progress.epoch} exceed --max-bad-fraction "
+                            f"{cfg.max_bad_fraction}: check the shards with `python -m dist_train.shard --inspect`")
         if val_loader is not None:
             m.update(evaluate(model, val_loader, acc, mean, std, cfg, class_names, mask_tasks, out,
                               limit=cfg.debug_steps if cfg.debug else None))
@@ -458,21 +470,26 @@ def train(cfg: Config) -> dict:
                 with acc.autocast():
                     loss = criterion(model(images), targets)
                 acc.backward(loss / group)
-            loss_sum += loss.detach()
+            finite = torch.isfinite(loss.detach())
+            nonfinite |= ~finite
+            loss_sum += torch.where(finite, loss.detach(), 0.0)
             loss_n += 1
             seen += images.shape[0]
             if not sync:
                 continue
-            if cfg.clip_grad:
-                acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
-            stager.set_warmup(optimizer, progress)
-            optimizer.step()
+            skip, stopping = guard.check(acc, nonfinite, progress.step)
+            nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
+            if not skip:
+                if cfg.clip_grad:
+                    acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
+                stager.set_warmup(optimizer, progress)
+                optimizer.step()
+                if not acc.optimizer_step_was_skipped:
+                    progress.updates += 1
+                    scheduler.step_update(progress.updates)
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             group_start = progress.batch
-            if not acc.optimizer_step_was_skipped:
-                progress.updates += 1
-                scheduler.step_update(progress.updates)
             bar.update(1)
             if progress.step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
@@ -481,7 +498,7 @@ def train(cfg: Config) -> dict:
             done = bool(cfg.max_steps and progress.step >= cfg.max_steps)
             if cfg.eval_every and progress.step % cfg.eval_every == 0 and not end_of_epoch:
                 last_metrics = run_eval()
-            if stop.agreed(acc):
+            if stopping:
                 ckpts.save(acc, progress)
                 write_summary(acc, model, progress, batches_seen, out, finished=False)
                 if acc.is_main_process:
@@ -591,23 +608,36 @@ def write_summary(acc: Accelerator, model: torch.nn.Module, progress: Progress, 
         atomic_write_json(out / "summary.json", summary)
 
 
-class StopFlag:
-    """SIGTERM/SIGUSR1 (as SLURM sends before preemption) -> finish the step, checkpoint, exit 0.
+class StepGuard:
+    """What all ranks must agree on before each optimizer step, in one all-reduce.
 
-    Ranks may receive the signal at different steps, so the decision is all-reduced: everyone
-    stops at the same step once any rank has been signalled.
+    - A non-finite loss on any rank: every rank skips the step (the gradients are dropped);
+      `max_bad_steps` in a row stop the run, leaving the last good checkpoint as it was.
+    - SIGTERM/SIGUSR1 (as SLURM sends before preemption) on any rank: every rank finishes the
+      same step, checkpoints and exits 0. Ranks are signalled at different moments, hence the
+      agreement.
     """
 
-    def __init__(self) -> None:
-        self.hit = False
+    def __init__(self, max_bad_steps: int) -> None:
+        self.max_bad_steps = max_bad_steps
+        self.bad_in_row = 0
+        self.signalled = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.hit = True
+        self.signalled = True
 
-    def agreed(self, acc: Accelerator) -> bool:
-        if acc.num_processes == 1:
-            return self.hit
-        flag = torch.tensor([1.0 if self.hit else 0.0], device=acc.device)
-        return bool(acc.reduce(flag, reduction="sum").item() > 0)
+    def check(self, acc: Accelerator, nonfinite: torch.Tensor, step: int) -> tuple[bool, bool]:
+        """-> (skip this step, stop after it)."""
+        flags = torch.stack([nonfinite.float(), torch.tensor(float(self.signalled), device=nonfinite.device)])
+        if acc.num_processes > 1:
+            flags = acc.reduce(flags, reduction="sum")
+        skip, stop = (flags > 0).tolist()
+        self.bad_in_row = self.bad_in_row + 1 if skip else 0
+        if skip and acc.is_main_process:
+            tqdm.write(f"dist_train: non-finite loss at step {step}: step skipped ({self.bad_in_row} in a row)")
+        if self.bad_in_row >= self.max_bad_steps:
+            raise RunFailed(f"{self.bad_in_row} non-finite losses in a row (--max-bad-steps {self.max_bad_steps}) at "
+                            f"step {step}: stopped; the newest checkpoint is the last good one (lower --lr or use --clip-grad)")
+        return skip, stop

@@ -25,8 +25,12 @@ class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
+class RunFailed(Exception):
+    """A run that cannot go on (too much bad data, non-finite losses): one line, exit code 1."""
+
+
 def cli_main(fn: F) -> F:
-    """Wrap a command's main(): a UserError becomes `error: ...` on stderr and exit 2."""
+    """Wrap a command's main(): UserError -> `error: ...` + exit 2; RunFailed -> exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -35,6 +39,9 @@ def cli_main(fn: F) -> F:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USAGE)
+        except RunFailed as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 

@@ -468,6 +468,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail on any unreadable image instead of skipping it")
     p.add_argument("--as-split", metavar="NAME", help="put every image into one split NAME (no train/validation split; labels kept)")
     p.add_argument("--inspect", type=Path, metavar="OUT", help="print the summary of an existing shard set and verify its checksums")
+    p.add_argument("--grid", type=Path, metavar="PNG", help="with --inspect: draw a contact sheet of a few samples per class")
+    p.add_argument("--grid-split", metavar="SPLIT", help="split drawn by --grid (default: train, else the first labeled one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -478,10 +480,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.inspect is not None:
         if args.src is not None:
             raise UserError("--inspect OUT reads an existing shard set; it takes no --src")
-        _, ok = inspect(args.inspect)
+        info, ok = inspect(args.inspect)
+        if args.grid is not None:
+            from .report import contact_sheet  # drawing lives with the other pictures; only this flag needs it
+
+            print(f"contact sheet: {contact_sheet(args.inspect, info, args.grid, split=args.grid_split)}")
         if not ok:
             raise SystemExit(1)
         return
+    if args.grid is not None:
+        raise UserError("--grid PNG draws an existing shard set: use it with --inspect OUT")
     if args.src is None:
         raise UserError("--src SRC is required (or --inspect OUT)")
     write_shards(
