@@ -285,6 +285,12 @@ class _ShardReader(IterableDataset):
         with self.bad.get_lock():
             self.bad.value += 1
 
+    def _count_undecoded(self, ok: torch.Tensor, keys: Sequence[str] | None = None) -> None:
+        """Count the images a device-side decode dropped (`ok` False)."""
+        for i in (~ok).nonzero().flatten().tolist():
+            what = keys[i] if keys is not None else f"image {i} of a batch"
+            self._count_bad(what, ValueError("does not decode (gpu_decode)"))
+
     def _tar_error(self, exn: Exception) -> bool:
         """webdataset handler: a truncated or unreadable tar is warned about, counted, skipped."""
         self._count_bad("tar read error", exn)
@@ -604,9 +610,11 @@ class TrainLoader:
     is re-created, so the DataLoader is built once.
     """
 
-    def __init__(self, reader: _TrainReader, loader: DataLoader, shards_per_rank: int):
+    def __init__(self, reader: _TrainReader, loader: DataLoader, shards_per_rank: int,
+                 device: torch.device | None = None):
         self._reader = reader
         self._loader = loader
+        self._device = device  # gpu_decode: where batches are decoded (images arrive there)
         self.shards_per_rank = shards_per_rank
         self.batch_size = reader.batch_size
         self.num_samples = reader.num_samples
@@ -629,16 +637,27 @@ class TrainLoader:
         return self._reader.bad.value
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self._loader)
+        batches = iter(self._loader)
+        return batches if self._device is None else self._decoded(batches)
+
+    def _decoded(self, batches: Iterator[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """gpu_decode: images decoded and augmented on the device; a batch loses the rare image
+        that fails there (counted in bad_samples) instead of being refilled as on the CPU path."""
+        for flat, lengths, targets, seeds in batches:
+            images, ok = _decode_on_device(_unpack(flat, lengths), self._reader.transform, self._device, seeds.tolist())
+            if not ok.all():
+                self._reader._count_undecoded(ok)
+            yield images, targets[ok]
 
 
 class EvalLoader:
     """Yields dicts: image uint8 [B,3,H,W], target int64 [B] (-1 unlabeled), key list[str],
     order int64 [B] (position in the split, to restore source order after gathering)."""
 
-    def __init__(self, reader: _EvalReader, loader: DataLoader, workers: int):
+    def __init__(self, reader: _EvalReader, loader: DataLoader, workers: int, device: torch.device | None = None):
         self._reader = reader
         self._loader = loader
+        self._device = device  # gpu_decode: where batches are decoded (images arrive there)
         per_rank = max(1, workers)
         readers = reader.world_size * per_rank
         counts = [reader.reader_samples(reader.rank * per_rank + w, readers) for w in range(per_rank)]
@@ -656,7 +675,20 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         with self._reader.bad.get_lock():
             self._reader.bad.value = 0
-        return iter(self._loader)
+        batches = iter(self._loader)
+        return batches if self._device is None else self._decoded(batches)
+
+    def _decoded(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            images, ok = _decode_on_device(_unpack(*batch["image"]), self._reader.transform, self._device, None)
+            if not ok.all():
+                self._reader._count_undecoded(ok, batch["key"])
+            yield {
+                "image": images,
+                "target": batch["target"][ok],
+                "key": [k for k, keep in zip(batch["key"], ok.tolist()) if keep],
+                "order": batch["order"][ok],
+            }
 
 
 def build_train_loader(
@@ -673,9 +705,18 @@ def build_train_loader(
     pin_memory: bool = False,
     target_fn: TargetFn | None = None,
     shuffle_buffer: int = 1000,
+    gpu_decode: bool = False,
+    device: torch.device | str | None = None,
 ) -> TrainLoader:
-    """Training batches (uint8 images [B,3,H,W], int64 targets [B]); see the module docstring."""
+    """Training batches (uint8 images [B,3,H,W], int64 targets [B]); see the module docstring.
+
+    gpu_decode: workers only read; images are decoded and augmented on `device` (default cuda
+    if available, else cpu) and arrive there; targets stay on the CPU. Not with `aug.aa`.
+    """
     _check_loader_args(batch_size, workers, world_size, rank)
+    decode_device = _loader_device(gpu_decode, device)
+    if gpu_decode:
+        _check_gpu_aug(aug)
     s = split_info(info, split)
     if split not in info.get("label_counts", {}) and target_fn is None:
         raise UserError(f"split {split!r} is unlabeled (no class in its samples): cannot train on it")
@@ -696,6 +737,7 @@ def build_train_loader(
         workers=workers,
         seed=seed,
         shuffle_buffer=shuffle_buffer,
+        encoded=gpu_decode,
     )
     num_shards = len(reader.urls)
     if reader.stride:
@@ -711,7 +753,9 @@ def build_train_loader(
     else:
         per_rank = range(rank * reader.workers, (rank + 1) * reader.workers)
         shards_per_rank = sum(len(range(r, num_shards, reader.readers)) for r in per_rank)
-    return TrainLoader(reader, _data_loader(reader, workers, pin_memory), shards_per_rank)
+    # Encoded bytes need no pinning: decode_jpeg copies them to the GPU itself.
+    loader = _data_loader(reader, workers, pin_memory and not gpu_decode)
+    return TrainLoader(reader, loader, shards_per_rank, decode_device)
 
 
 def build_eval_loader(
@@ -726,9 +770,15 @@ def build_eval_loader(
     rank: int,
     pin_memory: bool = False,
     target_fn: TargetFn | None = None,
+    gpu_decode: bool = False,
+    device: torch.device | str | None = None,
 ) -> EvalLoader:
-    """Every sample of the split exactly once over all ranks and workers (no padding, no drop)."""
+    """Every sample of the split exactly once over all ranks and workers (no padding, no drop).
+
+    gpu_decode / device: as in `build_train_loader` ("image" arrives on the device).
+    """
     _check_loader_args(batch_size, workers, world_size, rank)
+    decode_device = _loader_device(gpu_decode, device)
     s = split_info(info, split)
     reader = _EvalReader(
         shard_urls(root, info, split),
@@ -738,8 +788,9 @@ def build_eval_loader(
         batch_size,
         world_size,
         rank,
+        encoded=gpu_decode,
     )
-    return EvalLoader(reader, _data_loader(reader, workers, pin_memory), workers)
+    return EvalLoader(reader, _data_loader(reader, workers, pin_memory and not gpu_decode), workers, decode_device)
 
 
 @functools.lru_cache(maxsize=16)
