@@ -158,6 +158,9 @@ def bench_loader(a: argparse.Namespace) -> dict:
                               "img_size": a.img_size, "workers": workers, "batch_size": a.batch_size,
                               "seconds": a.seconds, "device": "cuda" if cuda else "cpu"}
     device = torch.device("cuda" if cuda and a.gpu_decode else "cpu")
+    seed_set = SeedDataset(a.seed_baseline, a.img_size) if a.seed_baseline else None
+    if seed_set is not None and len(seed_set) < a.batch_size:
+        raise UserError(f"--seed-baseline {a.seed_baseline}: fewer images than --batch-size {a.batch_size}")
     if a.decode_only:
         ds = DecodeOnly(shard_urls(a.data, info, a.split), a.batch_size)
         loader = DataLoader(ds, batch_size=None, num_workers=workers)
@@ -169,11 +172,9 @@ def bench_loader(a: argparse.Namespace) -> dict:
         stream = _forever(loader, lambda b: len(b[1]), epochs=True)
     result.update(rate(stream, a.seconds, _loader_warmup(workers), device))
     del stream, loader  # stop the workers before the baseline's start
-    if a.seed_baseline:
-        seed = DataLoader(SeedDataset(a.seed_baseline, a.img_size), batch_size=a.batch_size, shuffle=True,
-                          num_workers=workers, drop_last=True, persistent_workers=workers > 0, pin_memory=cuda)
-        if len(seed) == 0:
-            raise UserError(f"--seed-baseline {a.seed_baseline}: fewer images than --batch-size {a.batch_size}")
+    if seed_set is not None:
+        seed = DataLoader(seed_set, batch_size=a.batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                          persistent_workers=workers > 0, pin_memory=cuda)
         base = rate(_forever(seed, lambda b: len(b[1]), epochs=False), a.seconds, _loader_warmup(workers),
                     torch.device("cpu"))
         result["seed_images_per_s"] = base["images_per_s"]

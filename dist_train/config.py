@@ -36,7 +36,7 @@ class Config:
     # model
     model: str = _f("resnet18", "any timm model name")
     pretrained: bool = _f(False, "load timm's pretrained weights (through the HF hub cache)")
-    pretrained_path: str | None = _f(None, "local weights: .safetensors, a state dict, or a folder")
+    pretrained_path: str | None = _f(None, "local weights: .safetensors, a state dict, or a folder (wins over --pretrained)")
     head: str = _f("single", "'single' (one N-class head) or 'multi' (mask/gender/age heads; mask data)")
     img_size: int = _f(224, "input image size (square)")
     drop: float = _f(0.0, "dropout before the classifier")

@@ -434,7 +434,7 @@ class _TrainReader(_ShardReader):
                 if self.encoded:
                     yield (*_pack(images), target, torch.tensor(seeds, dtype=torch.int64))
                 else:
-                    yield torch.stack(images), target
+                    yield _stack(images), target
                 images, targets, seeds = [], [], []
                 remaining -= 1
 
@@ -475,17 +475,31 @@ def _eval_collate(batch: list[tuple[torch.Tensor, int, str, int]], encoded: bool
     """Encoded mode: "image" is (bytes, lengths) as `_pack` makes them."""
     images, targets, keys, order = zip(*batch)
     return {
-        "image": _pack(images) if encoded else torch.stack(images),
+        "image": _pack(images) if encoded else _stack(images),
         "target": torch.tensor(targets, dtype=torch.int64),
         "key": list(keys),
         "order": torch.tensor(order, dtype=torch.int64),
     }
 
 
+def _batch_buffer(numel: int) -> torch.Tensor:
+    """A uint8 buffer, in shared memory when in a DataLoader worker (default_collate's trick):
+    a batch built in it crosses to the main process without a second copy."""
+    if get_worker_info() is None:
+        return torch.empty(numel, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(numel))
+
+
+def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    out = _batch_buffer(len(images) * images[0].numel()).view(len(images), *images[0].shape)
+    return torch.stack(list(images), out=out)
+
+
 def _pack(encoded: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoded images -> (all bytes in one uint8 tensor, int64 lengths): one shared-memory
     segment per batch between worker and main process instead of one per image."""
-    return torch.cat(list(encoded)), torch.tensor([len(e) for e in encoded], dtype=torch.int64)
+    lengths = [len(e) for e in encoded]
+    return torch.cat(list(encoded), out=_batch_buffer(sum(lengths))), torch.tensor(lengths, dtype=torch.int64)
 
 
 def _unpack(flat: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
@@ -569,10 +583,9 @@ def _check_gpu_aug(aug: AugmentConfig) -> None:
 
 
 def _loader_device(gpu_decode: bool, device: torch.device | str | None) -> torch.device | None:
-    """Where gpu_decode decodes: `device`, else cuda when there is one, else the CPU."""
+    """Where gpu_decode decodes: `device`, else cuda when there is one, else the CPU; None
+    without gpu_decode (so callers may always pass their device)."""
     if not gpu_decode:
-        if device is not None:
-            raise ValueError("device is only used with gpu_decode=True")
         return None
     return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -711,7 +724,8 @@ def build_train_loader(
     """Training batches (uint8 images [B,3,H,W], int64 targets [B]); see the module docstring.
 
     gpu_decode: workers only read; images are decoded and augmented on `device` (default cuda
-    if available, else cpu) and arrive there; targets stay on the CPU. Not with `aug.aa`.
+    if available, else cpu; ignored without gpu_decode) and arrive there; targets stay on the
+    CPU. Not with `aug.aa`.
     """
     _check_loader_args(batch_size, workers, world_size, rank)
     decode_device = _loader_device(gpu_decode, device)

@@ -302,7 +302,11 @@ class Stager:
         before = self.names[self.current - 1]
         for g in optimizer.param_groups:
             fresh = not (set(g["param_names"]) & before)
-            g["lr_scale"] = g["base_lr_scale"] * (ramp if fresh else 1.0)
+            scale = g["base_lr_scale"] * (ramp if fresh else 1.0)
+            # The scheduler applies lr_scale only at its next step_update; rescale the LR this
+            # step uses too, or a new group takes its first step at full LR.
+            g["lr"] *= scale / g["lr_scale"]
+            g["lr_scale"] = scale
 
     def summary(self, model: torch.nn.Module) -> list[str]:
         lines, start = [], 0
@@ -355,13 +359,16 @@ def train(cfg: Config) -> dict:
                                              "classes": class_names})
     acc.init_trackers("tb", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
-    model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path,
+    model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained and not cfg.pretrained_path,
+                         pretrained_path=cfg.pretrained_path,
                          img_size=cfg.img_size, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path, head=cfg.head)
     dcfg = data_config(model)
     mean, std = dcfg["mean"], dcfg["std"]
     crop_pct = cfg.crop_pct or dcfg["crop_pct"]
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile()  # in place, before DDP wraps it; state_dict keys stay plain
     stager = Stager(cfg, model)
     optimizer = build_optimizer(cfg, model)
 
@@ -506,7 +513,7 @@ def train(cfg: Config) -> dict:
                           f"continue with --resume auto", flush=True)
                 bar.close()
                 acc.end_training()
-                return {**last_metrics, "output": str(out), "stopped": True, "is_main": acc.is_main_process}
+                return {**last_metrics, "step": progress.step, "output": str(out), "stopped": True, "is_main": acc.is_main_process}
             if (cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and not end_of_epoch) or (done and not end_of_epoch):
                 ckpts.save(acc, progress)
             if done or end_of_epoch:
@@ -518,7 +525,7 @@ def train(cfg: Config) -> dict:
     bar.close()
     write_summary(acc, model, progress, batches_seen, out, finished=progress.epoch >= cfg.epochs or bool(cfg.max_steps and progress.step >= cfg.max_steps))
     acc.end_training()
-    return {**last_metrics, "output": str(out), "is_main": acc.is_main_process}
+    return {**last_metrics, "step": progress.step, "output": str(out), "is_main": acc.is_main_process}
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -540,7 +547,8 @@ def overfit(cfg: Config) -> dict:
     num_classes = len(info["classes"])
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
     set_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path,
+    model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained and not cfg.pretrained_path,
+                         pretrained_path=cfg.pretrained_path,
                          img_size=cfg.img_size, head=cfg.head).to(acc.device)
     dcfg = data_config(model)
     optimizer = build_optimizer(cfg, model)
@@ -591,6 +599,12 @@ def write_summary(acc: Accelerator, model: torch.nn.Module, progress: Progress, 
     """
     from accelerate.utils import gather_object
 
+    if acc.num_processes > 1:
+        # DDP broadcasts rank 0's buffers at the start of each forward, so after the last training
+        # step every rank still holds BatchNorm statistics of its own last batch. Adopt rank 0's, as
+        # the next forward would; parameters are left alone: a difference there is real divergence.
+        for b in acc.unwrap_model(model).buffers():
+            torch.distributed.broadcast(b.data, src=0)
     h = hashlib.sha256()
     for name, t in acc.unwrap_model(model).state_dict().items():
         h.update(name.encode())

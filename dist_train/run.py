@@ -23,8 +23,10 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.overfit_batches:
         return overfit(cfg)
     result = train(cfg)
-    if result.get("is_main", True) and "val_macro_f1" in result:
-        print(f"done: val_macro_f1={result['val_macro_f1']:.4f} val_acc={result['val_acc']:.4f} run={result['output']}")
+    if result["is_main"] and not result.get("stopped"):
+        scores = (f" val_macro_f1={result['val_macro_f1']:.4f} val_acc={result['val_acc']:.4f}"
+                  if "val_macro_f1" in result else "")
+        print(f"done: step {result['step']}{scores} run={result['output']}")
     return result
 
 

@@ -1,0 +1,201 @@
+"""Benchmarks print one parseable JSON line; the gpu_decode path equals the CPU path on the CPU."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+
+from dist_train import bench
+from dist_train.data import (
+    AugmentConfig,
+    _Transform,
+    build_eval_loader,
+    build_train_loader,
+    decode_batch_on_device,
+    load_info,
+)
+from dist_train.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+AUG = AugmentConfig(img_size=24)
+LOADER_KEYS = {"bench", "mode", "data", "split", "img_size", "workers", "batch_size", "seconds", "device",
+               "images", "batches", "elapsed_s", "images_per_s"}
+TRAIN_KEYS = {"bench", "input", "model", "img_size", "batch_size", "steps", "warmup", "mixed_precision",
+              "channels_last", "compile", "gpu_decode", "workers", "device", "trainer_images_per_s",
+              "data_wait_fraction"}
+
+
+def one_json_line(text: str) -> dict:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stdout, got {lines!r}"
+    return json.loads(lines[0])
+
+
+def run_main(capsys, argv: list[str]) -> dict:
+    bench.main(argv)
+    return one_json_line(capsys.readouterr().out)
+
+
+def run_cli(argv: list[str]) -> dict:
+    """A subprocess: the trainer's Accelerator is process-wide state."""
+    proc = subprocess.run([sys.executable, "-m", "dist_train.bench", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return one_json_line(proc.stdout)
+
+
+# ----------------------------------------------------------------------------- commands
+def test_loader_pipeline_with_seed_baseline(capsys, mask_shards, raw_mask):
+    r = run_main(capsys, ["loader", "--data", str(mask_shards), "--img-size", "32", "--workers", "1",
+                          "--batch-size", "4", "--seconds", "1", "--seed-baseline", str(raw_mask)])
+    assert LOADER_KEYS | {"seed_images_per_s", "vs_seed"} <= set(r)
+    assert r["mode"] == "pipeline" and r["workers"] == 1 and r["batch_size"] == 4 and r["img_size"] == 32
+    assert r["images"] == 4 * r["batches"] > 0 and r["images_per_s"] > 0 and r["seed_images_per_s"] > 0
+    assert r["vs_seed"] == pytest.approx(r["images_per_s"] / r["seed_images_per_s"], rel=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["--decode-only", "--gpu-decode"])
+def test_loader_modes(capsys, mask_shards, mode):
+    r = run_main(capsys, ["loader", "--data", str(mask_shards), "--img-size", "32", "--workers", "0",
+                          "--batch-size", "4", "--seconds", "0.5", mode])
+    assert LOADER_KEYS <= set(r) and "vs_seed" not in r
+    assert r["mode"] == mode[2:].replace("-", "_") and r["images_per_s"] > 0
+
+
+def test_seed_dataset_walks_the_raw_layout(raw_mask):
+    ds = bench.SeedDataset(raw_mask, 16)
+    assert len(ds) == 30 * 7  # AppleDouble files, .ipynb_checkpoints and .DS_Store skipped
+    x, _ = ds[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+
+
+def test_shard_speedup(capsys, raw_mask):
+    r = run_main(capsys, ["shard", "--src", str(raw_mask / "train"), "--resize", "24"])
+    assert {"bench", "src", "resize", "workers", "images", "images_per_s_1", "images_per_s_all", "speedup"} <= set(r)
+    assert r["images"] == 30 * 7 and r["resize"] == 24 and r["workers"] == bench.usable_cpus()
+    assert r["speedup"] == pytest.approx(r["images_per_s_all"] / r["images_per_s_1"], rel=1e-2)
+
+
+def test_train_synthetic_against_bare_loop():
+    r = run_cli(["train", "--synthetic", "--model", "test_resnet", "--img-size", "32", "--batch-size", "4",
+                 "--steps", "3", "--warmup", "1"])
+    assert TRAIN_KEYS | {"bare_images_per_s", "ratio"} <= set(r)
+    assert r["input"] == "synthetic" and r["steps"] == 3 and r["device"] == "cpu"
+    assert r["trainer_images_per_s"] > 0 and r["bare_images_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["trainer_images_per_s"] / r["bare_images_per_s"], rel=1e-2)
+    assert r["data_wait_fraction"] < 0.5  # one cached batch: the trainer never waits for data
+
+
+def test_train_on_shards_with_gpu_decode(mask_shards):
+    r = run_cli(["train", "--data", str(mask_shards), "--model", "test_resnet", "--img-size", "32",
+                 "--batch-size", "4", "--steps", "2", "--warmup", "1", "--workers", "1", "--gpu-decode", "--no-bare"])
+    assert TRAIN_KEYS <= set(r) and "ratio" not in r
+    assert r["input"] == "shards" and r["gpu_decode"] is True and r["trainer_images_per_s"] > 0
+
+
+def test_bad_input_is_one_line_exit_2(capsys, tmp_path, mask_shards):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["loader", "--data", str(tmp_path / "missing")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit):
+        bench.main(["train", "--model", "test_resnet"])  # neither --data nor --synthetic
+    with pytest.raises(SystemExit):
+        bench.main(["loader", "--data", "x", "--decode-only", "--gpu-decode"])
+    with pytest.raises(SystemExit):
+        bench.main(["loader", "--data", str(mask_shards), "--seed-baseline", str(tmp_path)])  # no images/
+
+
+# ----------------------------------------------------------------------------- gpu_decode on the CPU
+def loaders(root: Path, **kw):
+    info = load_info(str(root))
+    args = dict(aug=AUG, batch_size=5, workers=0, world_size=1, rank=0, seed=11)
+    args.update(kw)
+    normal = build_train_loader(str(root), info, "train", **args)
+    device = build_train_loader(str(root), info, "train", gpu_decode=True, device="cpu", **args)
+    return normal, device
+
+
+def epoch(loader, e: int) -> list:
+    loader.set_epoch(e)
+    return list(loader)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_gpu_decode_train_batches_equal_the_cpu_path(mask_shards, workers):
+    normal, device = loaders(mask_shards, workers=workers)
+    a, b = epoch(normal, 1), epoch(device, 1)
+    assert len(a) == len(b) == len(device) > 0
+    for (ia, ta), (ib, tb) in zip(a, b):
+        assert ib.shape == ia.shape == (5, 3, 24, 24) and ib.dtype == ia.dtype == torch.uint8
+        assert ib.device.type == "cpu" and ib.is_contiguous()
+        assert torch.equal(ia, ib) and torch.equal(ta, tb)
+    assert int(torch.stack([x for x, _ in b]).float().std()) > 0  # real pixels, not a constant fill
+
+
+def test_gpu_decode_is_deterministic_and_resumable(mask_shards):
+    _, one = loaders(mask_shards)
+    _, two = loaders(mask_shards)
+    first, again = epoch(one, 2), epoch(two, 2)
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(first, again))
+    other = epoch(two, 3)
+    assert any(not torch.equal(x[0], y[0]) for x, y in zip(first, other))
+    two.set_epoch(2, skip_batches=2)
+    tail = list(two)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(first[2:], tail))
+
+
+def test_gpu_decode_eval_equals_the_cpu_path(mask_shards):
+    info = load_info(str(mask_shards))
+    args = dict(aug=AUG, batch_size=6, workers=2, world_size=1, rank=0)
+    a = list(build_eval_loader(str(mask_shards), info, "validation", **args))
+    b = list(build_eval_loader(str(mask_shards), info, "validation", gpu_decode=True, device="cpu", **args))
+    assert [x["key"] for x in a] == [y["key"] for y in b]
+    for x, y in zip(a, b):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["order"], y["order"])
+        assert torch.equal(x["target"], y["target"])
+
+
+def encoded(fmt: str, seed: int, mode: str = "RGB") -> torch.Tensor:
+    arr = np.random.default_rng(seed).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format=fmt)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def test_decode_batch_on_device_formats_and_bad_bytes():
+    batch = [encoded("JPEG", 0), encoded("PNG", 1, "RGBA"), torch.tensor([0xFF, 0xD8, 0xFF, 1, 2], dtype=torch.uint8),
+             encoded("JPEG", 2, "L")]
+    images, ok = decode_batch_on_device(batch, AUG, "cpu", train=True, seeds=[1, 2, 3, 4])
+    assert ok.tolist() == [True, True, False, True]
+    assert images.shape == (3, 3, 24, 24) and images.dtype == torch.uint8 and images.device.type == "cpu"
+    again, _ = decode_batch_on_device(batch, AUG, "cpu", train=True, seeds=torch.tensor([1, 2, 3, 4]))
+    assert torch.equal(images, again)
+    # eval: the deterministic resize + center crop of the CPU path
+    ev, ok = decode_batch_on_device(batch[:2], AUG, "cpu", train=False)
+    ref = _Transform(AUG, train=False)
+    expected = torch.stack([ref(decode_image(b, mode=ImageReadMode.RGB)) for b in batch[:2]])
+    assert ok.all() and torch.equal(ev, expected)
+    with pytest.raises(RuntimeError, match="none of the 1 images"):
+        decode_batch_on_device(batch[2:3], AUG, "cpu", train=False)
+    with pytest.raises(ValueError, match="2 seeds for 4 images"):
+        decode_batch_on_device(batch, AUG, "cpu", train=True, seeds=[1, 2])
+
+
+def test_gpu_decode_refuses_auto_augment(mask_shards):
+    aa = AugmentConfig(img_size=24, aa="rand-m9-mstd0.5-inc1")
+    with pytest.raises(UserError, match="--gpu-decode cannot apply auto-augment"):
+        loaders(mask_shards, aug=aa)
+    with pytest.raises(UserError, match="auto-augment"):
+        decode_batch_on_device([encoded("JPEG", 0)], aa, "cpu", train=True)
