@@ -14,7 +14,8 @@ compared; progress and the trainer's own output go to stderr. Warm-up is never t
 is wrapped so every batch's hand-out and the request for the next one are time-stamped. With
 `--synthetic` the wrapper hands out one cached batch again and again (the trainer's cost with
 free input: compare it with the bare loop); with `--data` it passes the real batches through
-(end to end, loader included).
+(end to end, loader included). The bare loop's steps alternate with the trainer's, one each,
+so a machine shared with other jobs slows both alike.
 """
 
 from __future__ import annotations
@@ -62,12 +63,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_seconds() -> float | None:
+    """User + system CPU seconds of this process and of its live children (the DataLoader
+    workers), from /proc; None without /proc. Unlike images/s, CPU time per image hardly
+    moves when other jobs share the machine."""
+    if not os.path.isdir("/proc"):
+        return None
+    me, ticks = os.getpid(), 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(entry.name) == me or int(fields[1]) == me:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def rate(batch_sizes: Iterator[int], seconds: float, warmup: int, device: torch.device) -> dict:
     """Images/s of a batch stream: `warmup` batches untimed (worker start-up, prefetch queue
-    drained), then every batch until `seconds` have passed (at least one)."""
+    drained), then every batch until `seconds` have passed (at least one); with /proc also
+    the CPU milliseconds per image of this process and its workers."""
     for _ in range(warmup):
         next(batch_sizes)
     _sync(device)
+    cpu = cpu_seconds()
     start = time.perf_counter()
     images = batches = 0
     while True:
@@ -78,8 +101,11 @@ def rate(batch_sizes: Iterator[int], seconds: float, warmup: int, device: torch.
             break
     _sync(device)
     elapsed = time.perf_counter() - start
-    return {"images": images, "batches": batches, "elapsed_s": round(elapsed, 3),
-            "images_per_s": round(images / elapsed, 1)}
+    out = {"images": images, "batches": batches, "elapsed_s": round(elapsed, 3),
+           "images_per_s": round(images / elapsed, 1)}
+    if cpu is not None:
+        out["cpu_ms_per_image"] = round(1000 * (cpu_seconds() - cpu) / images, 3)
+    return out
 
 
 def _loader_warmup(workers: int) -> int:
@@ -179,43 +205,48 @@ def bench_loader(a: argparse.Namespace) -> dict:
                     torch.device("cpu"))
         result["seed_images_per_s"] = base["images_per_s"]
         result["vs_seed"] = round(result["images_per_s"] / base["images_per_s"], 3)
+        if "cpu_ms_per_image" in base:
+            result["seed_cpu_ms_per_image"] = base["cpu_ms_per_image"]
+            result["vs_seed_cpu"] = round(base["cpu_ms_per_image"] / max(result["cpu_ms_per_image"], 1e-9), 3)
     return result
 
 
 # ----------------------------------------------------------------------------- train
-def bare_loop(model_name: str, num_classes: int, img_size: int, batch_size: int, device: torch.device,
-              precision: str, channels_last: bool, compile: bool, warmup: int, steps: int) -> float:
-    """Images/s of the plainest loop on the same model and batch: AdamW, cross-entropy, one
-    fixed batch already on the device. The trainer's overhead limit."""
-    torch.manual_seed(0)
-    model = create_model(model_name, num_classes, img_size=img_size).to(device).train()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
-    run = torch.compile(model) if compile else model
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+class BareLoop:
+    """The plainest loop on the same model and batch: AdamW, cross-entropy, one fixed batch
+    already on the device; the trainer's overhead limit."""
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(run(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+    def __init__(self, model_name: str, num_classes: int, img_size: int, batch_size: int, device: torch.device,
+                 precision: str, channels_last: bool, compile: bool):
+        torch.manual_seed(0)
+        model = create_model(model_name, num_classes, img_size=img_size).to(device).train()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+        self.model = torch.compile(model) if compile else model
+        self.x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+        if channels_last:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, num_classes, (batch_size,), device=device)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.device = device
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return batch_size * steps / (time.perf_counter() - start)
+    def step(self) -> None:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+    def timed_step(self) -> float:
+        """Seconds of one step, the device synchronized on both ends."""
+        _sync(self.device)
+        start = time.perf_counter()
+        self.step()
+        _sync(self.device)
+        return time.perf_counter() - start
 
 
 class TimedLoader:
@@ -225,18 +256,25 @@ class TimedLoader:
     its leaving the epoch loop); a wait is the time the trainer spends in `next()`. The
     timed window covers steps warmup+1 .. warmup+steps and leaves out what the trainer does
     between epochs (evaluation, checkpoint). `repeat` hands out the first batch forever.
+
+    `between` (a bare-loop step returning its seconds) runs before each timed step, so the two
+    loops alternate step by step and see the same machine even when other jobs come and go;
+    each trainer step is then synchronized like the bare ones.
     """
 
-    def __init__(self, loader: Any, warmup: int, steps: int, device: torch.device, repeat: bool):
+    def __init__(self, loader: Any, warmup: int, steps: int, device: torch.device, repeat: bool,
+                 between: Callable[[], float] | None = None):
         self._loader = loader
         self._device = device
         self._repeat = repeat
+        self._between = between
         self._first = warmup + 1
         self._last = warmup + steps
         self._cached: Any = None
         self.handed = 0
         self.window_s = 0.0
         self.wait_s = 0.0
+        self.between_s = 0.0
 
     def __getattr__(self, name: str) -> Any:  # set_epoch, bad_samples, batch_size, ...
         return getattr(self._loader, name)
@@ -258,6 +296,8 @@ class TimedLoader:
         while True:
             k = self.handed + 1
             timed = self._first <= k <= self._last
+            if timed and self._between is not None:
+                self.between_s += self._between()
             if k == self._first:
                 _sync(self._device)
             asked = time.perf_counter()
@@ -270,7 +310,7 @@ class TimedLoader:
             try:
                 yield batch
             finally:  # the trainer asks for the next batch, or leaves the loop (GeneratorExit)
-                if k == self._last:
+                if k == self._last or (timed and self._between is not None):
                     _sync(self._device)
                 if timed:
                     self.window_s += time.perf_counter() - asked
@@ -302,11 +342,14 @@ def bench_train(a: argparse.Namespace) -> dict:
             "compile": a.compile, "gpu_decode": a.gpu_decode, "workers": 0 if a.synthetic else workers,
             "device": str(device),
         }
-        if a.bare:
-            result["bare_images_per_s"] = round(bare_loop(
-                a.model, num_classes, a.img_size, a.batch_size, device, a.mixed_precision, a.channels_last,
-                a.compile, a.warmup, a.steps), 1)
-        timed = _time_trainer(a, data, Path(tmp) / "run", 0 if a.synthetic else workers, device)
+        bare = BareLoop(a.model, num_classes, a.img_size, a.batch_size, device, a.mixed_precision,
+                        a.channels_last, a.compile) if a.bare else None
+        for _ in range(a.warmup if bare else 0):
+            bare.step()
+        timed = _time_trainer(a, data, Path(tmp) / "run", 0 if a.synthetic else workers, device,
+                              bare.timed_step if bare else None)
+        if bare:
+            result["bare_images_per_s"] = round(a.batch_size * a.steps / timed.between_s, 1)
     result["trainer_images_per_s"] = round(a.batch_size * a.steps / timed.window_s, 1)
     result["data_wait_fraction"] = round(timed.wait_s / timed.window_s, 4)
     if a.bare:
@@ -314,18 +357,21 @@ def bench_train(a: argparse.Namespace) -> dict:
     return result
 
 
-def _time_trainer(a: argparse.Namespace, data: str, output: Path, workers: int, device: torch.device) -> TimedLoader:
-    """engine.train for warmup + steps + 1 steps (the last one also checkpoints: untimed)."""
+def _time_trainer(a: argparse.Namespace, data: str, output: Path, workers: int, device: torch.device,
+                  between: Callable[[], float] | None) -> TimedLoader:
+    """engine.train for warmup + steps + 1 steps (the last one also checkpoints: untimed),
+    with `between` run before each timed step."""
     cfg = Config(data=data, output=str(output), val_split=None, model=a.model, img_size=a.img_size,
                  batch_size=a.batch_size, workers=workers, mixed_precision=a.mixed_precision,
-                 channels_last=a.channels_last, compile=a.compile, epochs=10**6, warmup_epochs=0.0,
-                 max_steps=a.warmup + a.steps + 1, seed=0).validate()
+                 channels_last=a.channels_last, compile=a.compile, gpu_decode=a.gpu_decode, epochs=10**6,
+                 warmup_epochs=0.0, max_steps=a.warmup + a.steps + 1, seed=0).validate()
     timed: list[TimedLoader] = []
 
     def build(*args: Any, **kw: Any) -> TimedLoader:
-        if a.gpu_decode:
-            kw.update(gpu_decode=True, device=device)
-        timed.append(TimedLoader(build_train_loader(*args, **kw), a.warmup, a.steps, device, repeat=a.synthetic))
+        if a.gpu_decode:  # also while the engine does not pass cfg.gpu_decode on to the loader
+            kw.setdefault("gpu_decode", True)
+            kw.setdefault("device", device)
+        timed.append(TimedLoader(build_train_loader(*args, **kw), a.warmup, a.steps, device, a.synthetic, between))
         return timed[-1]
 
     with mock.patch.object(engine, "build_train_loader", build):

@@ -351,6 +351,9 @@ def train(cfg: Config) -> dict:
                         f"{cfg.grad_accum_steps} accumulation) is larger than split '{cfg.train_split}' ({n_train} samples)")
     set_seed(cfg.seed, device_specific=True)
     torch.autograd.set_detect_anomaly(cfg.debug)
+    if acc.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Loader workers and ranks share the cores; oversubscribed OpenMP threads slow CPU runs 10x.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes - cfg.workers))
     out = Path(cfg.output)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -378,10 +381,12 @@ def train(cfg: Config) -> dict:
     pin = acc.device.type == "cuda"
     train_loader = build_train_loader(cfg.data, info, cfg.train_split, aug=aug, batch_size=cfg.batch_size,
                                       workers=cfg.workers, world_size=acc.num_processes, rank=acc.process_index,
-                                      seed=cfg.seed, pin_memory=pin, target_fn=target_fn)
+                                      seed=cfg.seed, pin_memory=pin, target_fn=target_fn,
+                                      gpu_decode=cfg.gpu_decode, device=acc.device)
     val_loader = (build_eval_loader(cfg.data, info, cfg.val_split, aug=aug, batch_size=cfg.batch_size,
                                     workers=cfg.workers, world_size=acc.num_processes, rank=acc.process_index,
-                                    pin_memory=pin) if cfg.val_split else None)
+                                    pin_memory=pin, gpu_decode=cfg.gpu_decode, device=acc.device)
+                  if cfg.val_split else None)
     batches = len(train_loader)
     if cfg.debug:
         batches = min(batches, cfg.debug_steps)

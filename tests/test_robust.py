@@ -1,0 +1,345 @@
+"""Surviving clusters: preemption signals, a dead rank, bad shards, non-finite losses, remote
+(HTTP) shards, and the bad-input matrix. CPU only; DDP runs are 2 gloo ranks.
+
+Every subprocess has a timeout, so a hang fails the test instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, free_port, launch
+
+BASE = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--lr", "0.01", "--seed", "0",
+        "--warmup-epochs", "0", "--val-split", "none"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+STEPS_PER_EPOCH = 11  # 168 train samples / (8 x 2 ranks), rounded up (the DDP runs below)
+
+
+def run_py(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+    """One process of dist_train/run.py."""
+    return subprocess.run([sys.executable, "dist_train/run.py", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def launch_cmd(args: list[str], nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "dist_train/run.py", *args]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    """2-rank launch in its own session (so the test can signal the whole group, as SLURM does)."""
+    return subprocess.Popen(launch_cmd(args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
+    """Poll until `path` exists; the run must still be going."""
+    end = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"run ended ({proc.returncode}) before {path.name}:\n{out[-2000:]}\n{err[-4000:]}")
+        if time.time() > end:
+            proc.kill()
+            raise AssertionError(f"no {path} after {timeout}s")
+        time.sleep(0.05)
+
+
+def ranks(proc: subprocess.Popen) -> dict[int, psutil.Process]:
+    """RANK -> rank process: the launcher (torchrun's agent runs inside it) starts them as children."""
+    found = {}
+    for child in psutil.Process(proc.pid).children():
+        if "dist_train/run.py" in " ".join(child.cmdline()):
+            found[int(child.environ()["RANK"])] = child
+    assert sorted(found) == [0, 1], found
+    return found
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"still running after {timeout}s:\n{out[-2000:]}\n{err[-4000:]}") from None
+
+
+def rank_errors(stderr: str) -> list[str]:
+    """Errors raised inside a rank (torch prefixes a rank's uncaught exception with [rankN]:)."""
+    return [line for line in stderr.splitlines() if re.match(r"\[rank\d+\]:.*(Traceback|Error)", line)]
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def error_line(stderr: str, marker: str) -> str:
+    """The one line of a log that holds `marker`; it must be a whole `error: ...` line, not
+    trail a progress bar (a `grep '^error:'` of the SLURM log must find it)."""
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if marker in line]
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("error: "), f"error message glued to other output: {lines[0]!r}"
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- preemption
+@pytest.mark.parametrize("target, sig, workers", [
+    # SLURM preemption: every process of the job, DataLoader workers included; torchrun's agent
+    # also forwards its own SIGTERM to each rank's process group.
+    ("group", signal.SIGTERM, 1),
+    # SLURM's --signal=USR1@300 warning as one rank sees it first: the others must follow.
+    ("rank1", signal.SIGUSR1, 0),
+], ids=["group-SIGTERM", "rank1-SIGUSR1"])
+def test_signal_checkpoints_and_resume_continues(mask_shards, tmp_path, target, sig, workers):
+    out = tmp_path / "run"
+    args = ["--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "2", "--workers", str(workers),
+            "--checkpoint-every", "2"]
+    proc = start(args)
+    wait_for(out / "checkpoints" / "step-00000002", proc)
+    signalled = time.time()
+    if target == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        ranks(proc)[int(target[-1])].send_signal(sig)
+    stdout, stderr = finish(proc, timeout=60)
+    assert time.time() - signalled < 25, "ranks did not stop by themselves (torchrun kills them after 30 s)"
+    assert not rank_errors(stderr), "a rank failed:\n" + "\n".join(rank_errors(stderr))
+    if target != "group":  # a signalled launcher (torchrun's agent) exits 1 on its own: outside our control
+        assert proc.returncode == 0, stderr[-3000:]
+    stops = re.findall(r"stopped by signal at step (\d+)", stdout)
+    assert len(stops) == 1, stdout  # one line, from the main process only
+    step = int(stops[0])
+    ckpt = out / "checkpoints" / f"step-{step:08d}"
+    progress = json.loads((ckpt / "progress.json").read_text())
+    assert progress["step"] == step and 0 < progress["batch"] < STEPS_PER_EPOCH  # mid-epoch
+    assert load_file(ckpt / "model.safetensors")
+    s = summary(out)
+    assert s["finished"] is False and s["steps_per_rank"] == [step, step]  # both ranks stopped at the same step
+
+    p = launch(["dist_train/run.py", *args, "--resume", "auto"], timeout=120)
+    assert f"resumed from {ckpt}" in p.stdout
+    s = summary(out)
+    assert s["finished"] is True and s["steps_per_rank"] == [2 * STEPS_PER_EPOCH] * 2
+    assert s["batches_per_rank"] == [2 * STEPS_PER_EPOCH - step] * 2  # the resumed launch only ran the rest
+
+
+def test_dead_rank_others_exit_within_timeout_and_restart_resumes(mask_shards, tmp_path):
+    """Rank 1 freezes (SIGSTOP: a lost node or a hung NCCL peer, no connection reset to notice),
+    then is SIGKILLed. Rank 0 must give up after --dist-timeout, not hang."""
+    timeout = 10
+    out = tmp_path / "run"
+    args = ["--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "2", "--workers", "0",
+            "--checkpoint-every", "2", "--dist-timeout", str(timeout)]
+    proc = start(args)
+    wait_for(out / "checkpoints" / "step-00000002", proc)
+    survivor, victim = ranks(proc)[0], ranks(proc)[1]
+    frozen = time.time()
+    victim.suspend()
+    try:
+        survivor.wait(timeout=timeout + 30)  # psutil.TimeoutExpired: a hang
+        assert time.time() - frozen < timeout + 20
+    finally:
+        victim.kill()
+    finish(proc, timeout=40)
+    assert proc.returncode != 0
+
+    complete = sorted(p for p in (out / "checkpoints").iterdir() if (p / "progress.json").is_file())
+    newest = complete[-1]
+    step = json.loads((newest / "progress.json").read_text())["step"]
+    assert newest.name == f"step-{step:08d}"
+    assert load_file(newest / "model.safetensors")  # intact
+    p = launch(["dist_train/run.py", *args, "--resume", "auto"], timeout=120)
+    assert f"resumed from {newest}" in p.stdout
+    s = summary(out)
+    assert s["finished"] is True and s["steps_per_rank"] == [2 * STEPS_PER_EPOCH] * 2
+
+
+# ----------------------------------------------------------------------------- bad data and numbers
+def _corrupt_shards(src: Path, dst: Path) -> None:
+    """A copy of the shard set with one train shard truncated and one image's bytes garbage."""
+    shutil.copytree(src, dst)
+    names = json.loads((dst / "_info.json").read_text())["splits"]["train"]["filenames"]
+    truncated = dst / names[1]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size * 2 // 5])
+    shard = dst / names[4]
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    image = next(i for i, (m, _) in enumerate(members) if m.name.endswith((".jpg", ".png")))
+    with tarfile.open(shard, "w") as tar:
+        for i, (m, data) in enumerate(members):
+            if i == image:
+                data = b"not an image" * 10
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+
+
+def test_corrupt_shards_are_counted_and_ranks_stay_in_step(mask_shards, tmp_path):
+    bad = tmp_path / "shards"
+    _corrupt_shards(mask_shards, bad)
+    out = tmp_path / "run"
+    p = launch(["dist_train/run.py", "--data", str(bad), "--output", str(out), *BASE, "--epochs", "1", "--workers", "0",
+                "--max-bad-fraction", "0.5"], timeout=120)
+    assert "skipping bad sample" in p.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["bad_samples"] >= 2  # the truncated tar and the undecodable image
+    s = summary(out)
+    assert s["finished"] is True and s["steps_per_rank"] == [STEPS_PER_EPOCH] * 2
+    assert s["batches_per_rank"] == [STEPS_PER_EPOCH] * 2
+
+    p = run_py(["--data", str(bad), "--output", str(tmp_path / "strict"), *BASE, "--epochs", "1", "--workers", "0",
+                "--max-bad-fraction", "0"])
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    assert "undecodable samples" in error_line(p.stderr, "--max-bad-fraction 0")
+
+
+def test_non_finite_losses_skip_steps_then_stop(mask_shards, tmp_path):
+    out = tmp_path / "run"
+    p = run_py(["--data", str(mask_shards), "--output", str(out), *BASE, "--lr", "1e30", "--epochs", "1",
+                "--workers", "0", "--checkpoint-every", "1", "--max-bad-steps", "3"])
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    assert "non-finite losses in a row" in error_line(p.stderr, "--max-bad-steps 3")
+    skipped = re.findall(r"non-finite loss at step (\d+): step skipped", p.stdout + p.stderr)
+    assert len(skipped) == 3
+    # Skipped steps change nothing: every checkpoint written during the streak holds the same weights.
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert ckpts
+    weights = [load_file(c / "model.safetensors") for c in ckpts]
+    for w in weights[1:]:
+        assert w.keys() == weights[0].keys()
+        assert all(w[k].equal(weights[0][k]) for k in w)
+    assert all(json.loads((c / "progress.json").read_text())["updates"] == 1 for c in ckpts)
+
+
+# ----------------------------------------------------------------------------- remote shards
+@pytest.fixture
+def http_shards(mask_shards):
+    """`mask_shards` served by a local HTTP server: the URL of the folder."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Quiet, directory=str(mask_shards)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_shards_train_ddp_secure(http_shards, mask_shards, tmp_path):
+    """Both ranks stream train and validation shards over HTTP, in webdataset's secure mode."""
+    info = json.loads((mask_shards / "_info.json").read_text())
+    out = tmp_path / "run"
+    launch(["dist_train/run.py", "--data", http_shards, "--output", str(out), *BASE, "--val-split", "validation",
+            "--epochs", "1", "--workers", "1", "--secure"], timeout=120)
+    s = summary(out)
+    assert s["finished"] is True and s["world_size"] == 2 and s["steps_per_rank"] == [STEPS_PER_EPOCH] * 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_samples"] == info["splits"]["validation"]["num_samples"]  # each sample once
+    assert rows[-1]["bad_samples"] == 0
+
+
+# ----------------------------------------------------------------------------- bad input matrix
+@pytest.fixture(scope="module")
+def few_class_shards(tmp_path_factory) -> Path:
+    """A folder-layout shard set with 3 classes (the mask set has 18)."""
+    from PIL import Image
+
+    from dist_train.shard import write_shards
+
+    src = tmp_path_factory.mktemp("folder") / "animals"
+    for c, color in enumerate(["red", "green", "blue"]):
+        (src / f"class{c}").mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (32, 32), color).save(src / f"class{c}" / f"{i:03d}.png")
+    out = src.parent / "shards"
+    info = write_shards(src, out, layout="folder", samples_per_shard=10, workers=1, progress=False)
+    assert len(info["classes"]) == 3
+    return out
+
+
+# Refused before any process group exists: checked in-process through run.py's main (the same
+# cli_main wrapper), which saves ~4 s of imports per case. (case, flags after `--data
+# MASK_SHARDS` ({tmp}: the test's folder, {shards}: MASK_SHARDS), text of the error line)
+EARLY_BAD_INPUT = [
+    ("no _info.json", ["--data", "{tmp}/no_info"], "no_info: no _info.json"),
+    ("unknown val split", ["--val-split", "nope"], "split 'nope' is not in the shard set"),
+    ("yaml is a folder", ["--config", "{tmp}/conf.yaml"], "conf.yaml: cannot read"),
+    ("yaml missing", ["--config", "{tmp}/missing.yaml"], "missing.yaml: cannot read"),
+    ("bad fraction > 1", ["--max-bad-fraction", "2"], "--max-bad-fraction 2"),
+    ("dist timeout 0", ["--dist-timeout", "0"], "--dist-timeout 0"),
+    ("max bad steps 0", ["--max-bad-steps", "0"], "--max-bad-steps 0"),
+    ("secure pipe:", ["--data", "pipe:cat {shards}/{{}}", "--secure"], "refused with --secure"),
+    # a pipe: root is read like a folder (here its _info.json, up to the bad split)
+    ("pipe: root, bad split", ["--data", "pipe:cat {shards}/{{}}", "--train-split", "nope"],
+     "split 'nope' is not in the shard set (available: train, validation)"),
+]
+
+
+def _assert_one_line_exit_2(code: int, stderr: str, message: str) -> None:
+    assert code == 2, (code, stderr[-3000:])
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("error: ") and message in stderr, stderr
+
+
+@pytest.mark.parametrize("args, message", [c[1:] for c in EARLY_BAD_INPUT], ids=[c[0] for c in EARLY_BAD_INPUT])
+def test_bad_input_one_line_exit_2(mask_shards, tmp_path, capsys, args, message):
+    from dist_train.run import main
+
+    (tmp_path / "no_info" / "x").mkdir(parents=True)
+    (tmp_path / "conf.yaml").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data", str(mask_shards), "--output", str(tmp_path / "o"), *BASE, "--epochs", "1", "--workers", "0",
+              *(a.format(tmp=tmp_path, shards=mask_shards) for a in args)])
+    _assert_one_line_exit_2(exit_.value.code, capsys.readouterr().err, message)
+
+
+def test_global_batch_larger_than_split(mask_shards, tmp_path):
+    """Counts processes and accumulation too: 60 x 1 x 3 = 180 > 168 although 60 < 168."""
+    p = run_py(["--data", str(mask_shards), "--output", str(tmp_path / "o"), *BASE, "--epochs", "1",
+                "--workers", "0", "--batch-size", "60", "--grad-accum-steps", "3"])
+    _assert_one_line_exit_2(p.returncode, p.stderr, "global batch 180")
+
+
+def test_resume_from_other_class_count_refused(mask_shards, few_class_shards, tmp_path):
+    out = tmp_path / "run"
+    common = [*BASE, "--epochs", "1", "--workers", "0", "--output", str(out)]
+    p = run_py(["--data", str(few_class_shards), *common, "--max-steps", "1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_py(["--data", str(mask_shards), *common, "--resume", "auto"])
+    _assert_one_line_exit_2(p.returncode, p.stderr, "with 3 classes")
+    assert "18" in p.stderr
+
+
+def test_pretrained_path_of_another_model_refused(mask_shards, tmp_path):
+    import timm
+
+    weights = tmp_path / "effnet.safetensors"
+    save_file(timm.create_model("test_efficientnet", num_classes=18).state_dict(), weights)
+    p = run_py(["--data", str(mask_shards), "--output", str(tmp_path / "o"), *BASE, "--epochs", "1",
+                "--workers", "0", "--pretrained-path", str(weights)])
+    _assert_one_line_exit_2(p.returncode, p.stderr, f"--pretrained-path {weights}: weights do not fit test_resnet")
