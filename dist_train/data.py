@@ -23,6 +23,7 @@ normal path's batches. It is for hosts whose cores cannot decode as fast as the 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import itertools
@@ -31,6 +32,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import signal
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -257,6 +259,8 @@ def _seeded_call(fn: Callable, arg: Any, seed: int, host_rngs: bool) -> Any:
 class _ShardReader(IterableDataset):
     """What training and evaluation readers share: shard urls, decoding, bad-sample counting."""
 
+    needs_label = False
+
     def __init__(
         self,
         urls: Sequence[str],
@@ -320,6 +324,8 @@ class _ShardReader(IterableDataset):
                 else:
                     img = _seeded_call(self.transform, img, seed, self.transform.auto_augment is not None)
             cls = int(sample["cls"]) if "cls" in sample else None
+            if self.needs_label and ("json" if self.target_fn is not None else "cls") not in sample:
+                raise ValueError(f"incomplete sample, no label (members: {sorted(sample)})")
             meta = json.loads(sample["json"]) if self.target_fn is not None and "json" in sample else {}
         except Exception as e:
             self._count_bad(f"{sample.get('__key__')} in {sample.get('__url__')}", e)
@@ -337,6 +343,8 @@ class _ShardReader(IterableDataset):
 
 class _TrainReader(_ShardReader):
     """Infinite, per-epoch reshuffled shard cycle per reader, cut to an equal batch quota."""
+
+    needs_label = True  # a sample cut short by a truncated tar may lack its cls/json member
 
     def __init__(self, *args: Any, workers: int, seed: int, shuffle_buffer: int, **kw: Any):
         super().__init__(*args, **kw)
@@ -603,6 +611,25 @@ def _check_loader_args(batch_size: int, workers: int, world_size: int, rank: int
         raise ValueError(f"rank {rank} outside world size {world_size}")
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """SIGTERM/SIGUSR1 reach the workers too (SLURM signals every process of the job; torchrun
+    forwards its own SIGTERM with killpg), and torch's worker handler dies of a SIGTERM not sent
+    by its parent, which crashes the rank mid-step. Only the rank acts on them (engine.StepGuard)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    """Runs before multiprocessing's exit hook, whose terminate() (SIGTERM) the workers ignore
+    and whose join() would then wait forever. SIGCHLD is reset first so torch does not report
+    the deaths as worker failures."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in mp.active_children():
+        if p.daemon:
+            p.kill()
+
+
 def _data_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
     """Batches come whole from the workers. The private generator keeps DataLoader from
     drawing its base seed from the global torch RNG at every epoch (resume must not see it)."""
@@ -613,6 +640,7 @@ def _data_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> Da
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
     )
 
 

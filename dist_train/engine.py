@@ -456,78 +456,86 @@ def train(cfg: Config) -> dict:
         freeze_bn(acc.unwrap_model(model), stager.names[stager.current], cfg.train_bn)
         return m
 
-    while progress.epoch < cfg.epochs and not (cfg.max_steps and progress.step >= cfg.max_steps):
-        model = stager.enter(acc, model, stager.stage_at(progress.epoch), progress)
-        train_loader.set_epoch(progress.epoch, skip_batches=progress.batch)
-        model.train()
-        freeze_bn(acc.unwrap_model(model), stager.names[stager.current], cfg.train_bn)
-        group_start = progress.batch
-        for images, targets in train_loader:
-            if progress.batch >= batches:
-                break
-            images = normalize(images.to(acc.device, non_blocking=True), mean, std, cfg.channels_last)
-            targets = targets.to(acc.device, non_blocking=True)
-            if cfg.debug and progress.step == 0 and progress.batch == 0 and acc.is_main_process:
-                print(f"debug: images {tuple(images.shape)} {images.dtype}, targets {tuple(targets.shape)}, "
-                      f"label histogram {torch.bincount(targets, minlength=num_classes).tolist()}")
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            if erase is not None:
-                images = erase(images)
-            progress.batch += 1
-            batches_seen += 1
-            group = min(cfg.grad_accum_steps, batches - group_start)
-            sync = progress.batch - group_start == group
-            with contextlib.nullcontext() if sync else acc.no_sync(model):
-                with acc.autocast():
-                    loss = criterion(model(images), targets)
-                acc.backward(loss / group)
-            finite = torch.isfinite(loss.detach())
-            nonfinite |= ~finite
-            loss_sum += torch.where(finite, loss.detach(), 0.0)
-            loss_n += 1
-            seen += images.shape[0]
-            if not sync:
-                continue
-            skip, stopping = guard.check(acc, nonfinite, progress.step)
-            nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
-            if not skip:
-                if cfg.clip_grad:
-                    acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
-                stager.set_warmup(optimizer, progress)
-                optimizer.step()
-                if not acc.optimizer_step_was_skipped:
-                    progress.updates += 1
-                    scheduler.step_update(progress.updates)
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
+    try:  # closed on every way out, so that an error line starts its own line
+        while progress.epoch < cfg.epochs and not (cfg.max_steps and progress.step >= cfg.max_steps):
+            model = stager.enter(acc, model, stager.stage_at(progress.epoch), progress)
+            train_loader.set_epoch(progress.epoch, skip_batches=progress.batch)
+            model.train()
+            freeze_bn(acc.unwrap_model(model), stager.names[stager.current], cfg.train_bn)
+            buffers = list(model.buffers())
+            snapshot = [b.detach().clone() for b in buffers]
             group_start = progress.batch
-            bar.update(1)
-            if progress.step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
-                                img_s=f"{seen * acc.num_processes / max(time.time() - t0, 1e-9):.0f}")
-            end_of_epoch = progress.batch >= batches
-            done = bool(cfg.max_steps and progress.step >= cfg.max_steps)
-            if cfg.eval_every and progress.step % cfg.eval_every == 0 and not end_of_epoch:
+            for images, targets in train_loader:
+                if progress.batch >= batches:
+                    break
+                images = normalize(images.to(acc.device, non_blocking=True), mean, std, cfg.channels_last)
+                targets = targets.to(acc.device, non_blocking=True)
+                if cfg.debug and progress.step == 0 and progress.batch == 0 and acc.is_main_process:
+                    print(f"debug: images {tuple(images.shape)} {images.dtype}, targets {tuple(targets.shape)}, "
+                          f"label histogram {torch.bincount(targets, minlength=num_classes).tolist()}")
+                if mixup is not None:
+                    images, targets = mixup(images, targets)
+                if erase is not None:
+                    images = erase(images)
+                if progress.batch == group_start and buffers:  # a skipped step must not keep its BN statistics
+                    torch._foreach_copy_(snapshot, buffers)
+                progress.batch += 1
+                batches_seen += 1
+                group = min(cfg.grad_accum_steps, batches - group_start)
+                sync = progress.batch - group_start == group
+                with contextlib.nullcontext() if sync else acc.no_sync(model):
+                    with acc.autocast():
+                        loss = criterion(model(images), targets)
+                    acc.backward(loss / group)
+                finite = torch.isfinite(loss.detach())
+                nonfinite |= ~finite
+                loss_sum += torch.where(finite, loss.detach(), 0.0)
+                loss_n += 1
+                seen += images.shape[0]
+                if not sync:
+                    continue
+                skip, stopping = guard.check(acc, nonfinite, progress.step)
+                nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
+                if not skip:
+                    if cfg.clip_grad:
+                        acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
+                    stager.set_warmup(optimizer, progress)
+                    optimizer.step()
+                    if not acc.optimizer_step_was_skipped:
+                        progress.updates += 1
+                        scheduler.step_update(progress.updates)
+                else:
+                    if buffers:
+                        torch._foreach_copy_(buffers, snapshot)
+                optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                group_start = progress.batch
+                bar.update(1)
+                if progress.step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
+                                    img_s=f"{seen * acc.num_processes / max(time.time() - t0, 1e-9):.0f}")
+                end_of_epoch = progress.batch >= batches
+                done = bool(cfg.max_steps and progress.step >= cfg.max_steps)
+                if cfg.eval_every and progress.step % cfg.eval_every == 0 and not end_of_epoch:
+                    last_metrics = run_eval()
+                if stopping:
+                    ckpts.save(acc, progress)
+                    write_summary(acc, model, progress, batches_seen, out, finished=False)
+                    if acc.is_main_process:
+                        print(f"dist_train: stopped by signal at step {progress.step}; checkpoint saved, "
+                              f"continue with --resume auto", flush=True)
+                    acc.end_training()
+                    return {**last_metrics, "step": progress.step, "output": str(out), "stopped": True, "is_main": acc.is_main_process}
+                if (cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and not end_of_epoch) or (done and not end_of_epoch):
+                    ckpts.save(acc, progress)
+                if done or end_of_epoch:
+                    break
+            if progress.batch >= batches:
                 last_metrics = run_eval()
-            if stopping:
+                progress.epoch, progress.batch = progress.epoch + 1, 0
                 ckpts.save(acc, progress)
-                write_summary(acc, model, progress, batches_seen, out, finished=False)
-                if acc.is_main_process:
-                    print(f"dist_train: stopped by signal at step {progress.step}; checkpoint saved, "
-                          f"continue with --resume auto", flush=True)
-                bar.close()
-                acc.end_training()
-                return {**last_metrics, "step": progress.step, "output": str(out), "stopped": True, "is_main": acc.is_main_process}
-            if (cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and not end_of_epoch) or (done and not end_of_epoch):
-                ckpts.save(acc, progress)
-            if done or end_of_epoch:
-                break
-        if progress.batch >= batches:
-            last_metrics = run_eval()
-            progress.epoch, progress.batch = progress.epoch + 1, 0
-            ckpts.save(acc, progress)
-    bar.close()
+    finally:
+        bar.close()
     write_summary(acc, model, progress, batches_seen, out, finished=progress.epoch >= cfg.epochs or bool(cfg.max_steps and progress.step >= cfg.max_steps))
     acc.end_training()
     return {**last_metrics, "step": progress.step, "output": str(out), "is_main": acc.is_main_process}

@@ -154,3 +154,18 @@ def test_resume_other_model_refused(mask_shards, tmp_path):
     p = run_py(["--data", str(mask_shards), "--output", str(out), *BASE, "--model", "test_efficientnet",
                 "--epochs", "1", "--workers", "0", "--resume", "auto", "--val-split", "none"])
     assert p.returncode == 2 and "test_resnet" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_torchrun_two_ranks(mask_shards, tmp_path):
+    from conftest import free_port
+
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(free_port()), "dist_train/run.py", "--data", str(mask_shards),
+                        "--output", str(out), *BASE, "--epochs", "1", "--workers", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["finished"]
+    assert len(set(summary["steps_per_rank"])) == 1 and len(set(summary["param_hash_per_rank"])) == 1
