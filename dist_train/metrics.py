@@ -71,6 +71,26 @@ def summarize(preds: Sequence[int], targets: Sequence[int], num_classes: int,
     return out
 
 
+def draw_confusion(ax, cm: np.ndarray, class_names: Sequence[str], fontsize: int = 7) -> object:
+    """Row-normalised heatmap with counts on a matplotlib axis; returns the image for a colorbar."""
+    k = len(class_names)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(k), labels=class_names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(k), labels=class_names, fontsize=fontsize)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=fontsize - 1,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(f"confusion matrix ({int(cm.sum())} samples, rows normalised)", fontsize=fontsize + 2)
+    return im
+
+
 def save_confusion(cm: np.ndarray, class_names: Sequence[str], csv_path: str | Path, png_path: str | Path) -> None:
     """Confusion matrix as CSV (rows true, columns predicted) and as a row-normalised heatmap PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -89,21 +109,7 @@ def save_confusion(cm: np.ndarray, class_names: Sequence[str], csv_path: str | P
     fig = Figure(figsize=(side, side))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
-    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-    ax.set_xticks(range(k), labels=class_names, rotation=90, fontsize=7)
-    ax.set_yticks(range(k), labels=class_names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if k <= 30:
-        for i in range(k):
-            for j in range(k):
-                if cm[i, j]:
-                    ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=6,
-                            color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_title(f"confusion matrix ({int(cm.sum())} samples)")
+    fig.colorbar(draw_confusion(ax, cm, class_names), ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)

@@ -27,6 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .data import IMAGE_KEYS, shard_urls, split_info
 from .errors import UserError, atomic_write_bytes
+from .metrics import draw_confusion
 
 THUMB = 96  # thumbnail side in pixels (longer side)
 
@@ -130,24 +131,6 @@ def _curve(ax, history: list[dict], fields: Sequence[str], ylabel: str) -> None:
         ax.text(0.5, 0.5, "no metrics.jsonl records", ha="center", va="center", transform=ax.transAxes)
 
 
-def _confusion(ax, cm: np.ndarray, class_names: Sequence[str]) -> None:
-    k = len(class_names)
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
-    ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(k), labels=class_names, rotation=90, fontsize=6)
-    ax.set_yticks(range(k), labels=class_names, fontsize=6)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if k <= 30:
-        for i in range(k):
-            for j in range(k):
-                if cm[i, j]:
-                    ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=5,
-                            color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_title(f"confusion matrix ({int(cm.sum())} samples, rows normalised)", fontsize=9)
-
-
 # ----------------------------------------------------------------------------- the pictures
 def draw_report(out_png: str | Path, *, history: list[dict], confusion: np.ndarray, class_names: Sequence[str],
                 mistakes: Sequence[dict], title: str, cols: int = 8) -> Path:
@@ -166,7 +149,7 @@ def draw_report(out_png: str | Path, *, history: list[dict], confusion: np.ndarr
     grid = top.add_gridspec(2, 2, width_ratios=[1, 1.3])
     _curve(top.add_subplot(grid[0, 0]), history, ("train_loss", "val_loss"), "loss")
     _curve(top.add_subplot(grid[1, 0]), history, ("val_macro_f1", "val_acc"), "validation")
-    _confusion(top.add_subplot(grid[:, 1]), np.asarray(confusion), class_names)
+    draw_confusion(top.add_subplot(grid[:, 1]), np.asarray(confusion), class_names, fontsize=6)
     if mistakes:
         bottom.suptitle(f"worst {len(mistakes)} mistakes (lowest probability on the true class)", fontsize=10)
         axes = bottom.subplots(rows, cols, squeeze=False).ravel()
