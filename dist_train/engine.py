@@ -414,8 +414,8 @@ def train(cfg: Config) -> dict:
               f"precision {acc.mixed_precision}\n  model {cfg.model}: {count_params(model):,} params, "
               f"{count_params(model, stager.names[stager.current]):,} trainable\n  global batch {global_batch}, "
               f"{batches} batches / {steps_per_epoch} steps per epoch, {n_train} train samples, "
-              f"{len(info['splits'][cfg.train_split]['filenames'])} shards over {acc.num_processes} ranks x "
-              f"{max(1, cfg.workers)} workers\n  output {out}" + (f"\n  resumed from {resume_from}" if resume_from else ""))
+              f"{len(info['splits'][cfg.train_split]['filenames'])} shards, {train_loader.shards_per_rank} per rank "
+              f"({acc.num_processes} ranks x {max(1, cfg.workers)} workers)\n  output {out}" + (f"\n  resumed from {resume_from}" if resume_from else ""))
         print("\n".join(stager.summary(model)), flush=True)
 
     guard = StepGuard(cfg.max_bad_steps)

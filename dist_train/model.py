@@ -210,7 +210,7 @@ def _load_local(name: str, num_classes: int, file: Path, kwargs: dict) -> torch.
     the load is strict, then the classifier is re-initialised if the class count differs.
     """
     try:
-        sd = load_state_dict(str(file))
+        sd = load_state_dict(str(file), weights_only=True)  # never unpickle code from a weights file
     except Exception as e:
         raise UserError(f"--pretrained-path {file}: cannot read weights ({type(e).__name__}: {e})") from None
     cfg = get_pretrained_cfg(name)
