@@ -318,9 +318,38 @@ class Stager:
         return lines
 
 
-# ----------------------------------------------------------------------------- the loop
-def train(cfg: Config) -> dict:
-    """Train per `cfg`; returns the last evaluation's metrics (and `output`)."""
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """Everything a training run is built from, so that `train` is only the loop."""
+
+    cfg: Config
+    acc: Accelerator
+    info: dict
+    class_names: list[str]
+    mask_tasks: bool
+    out: Path
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    stager: Stager
+    progress: Progress
+    ckpts: Checkpoints
+    train_loader: Any
+    val_loader: Any
+    criterion: Callable
+    mixup: Any
+    erase: Any
+    mean: tuple
+    std: tuple
+    crop_pct: float
+    batches: int  # per epoch on every rank (fewer with --debug)
+    steps_per_epoch: int
+    resume_from: Path | None
+
+
+def build_run(cfg: Config) -> Run:
+    """Check the input, then build accelerator, model, optimizer, schedule and loaders; resume."""
     if cfg.debug:
         cfg.workers = 0
         if cfg.output is None:
@@ -363,10 +392,9 @@ def train(cfg: Config) -> dict:
     acc.init_trackers("tb", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
     model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained and not cfg.pretrained_path,
-                         pretrained_path=cfg.pretrained_path,
-                         img_size=cfg.img_size, drop_rate=cfg.drop, drop_path_rate=cfg.drop_path, head=cfg.head)
+                         pretrained_path=cfg.pretrained_path, img_size=cfg.img_size, drop_rate=cfg.drop,
+                         drop_path_rate=cfg.drop_path, head=cfg.head)
     dcfg = data_config(model)
-    mean, std = dcfg["mean"], dcfg["std"]
     crop_pct = cfg.crop_pct or dcfg["crop_pct"]
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -376,20 +404,14 @@ def train(cfg: Config) -> dict:
     optimizer = build_optimizer(cfg, model)
 
     aug = AugmentConfig(img_size=cfg.img_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-                        aa=cfg.aa, crop_pct=crop_pct, train_crop=cfg.crop)
-    target_fn = make_target_fn(cfg, info)
-    pin = acc.device.type == "cuda"
-    train_loader = build_train_loader(cfg.data, info, cfg.train_split, aug=aug, batch_size=cfg.batch_size,
-                                      workers=cfg.workers, world_size=acc.num_processes, rank=acc.process_index,
-                                      seed=cfg.seed, pin_memory=pin, target_fn=target_fn,
-                                      gpu_decode=cfg.gpu_decode, device=acc.device)
-    val_loader = (build_eval_loader(cfg.data, info, cfg.val_split, aug=aug, batch_size=cfg.batch_size,
-                                    workers=cfg.workers, world_size=acc.num_processes, rank=acc.process_index,
-                                    pin_memory=pin, gpu_decode=cfg.gpu_decode, device=acc.device)
-                  if cfg.val_split else None)
-    batches = len(train_loader)
-    if cfg.debug:
-        batches = min(batches, cfg.debug_steps)
+                        aa=cfg.aa, crop_pct=crop_pct, train_crop=cfg.crop, mean=tuple(dcfg["mean"]))
+    loader_kw = dict(aug=aug, batch_size=cfg.batch_size, workers=cfg.workers, world_size=acc.num_processes,
+                     rank=acc.process_index, pin_memory=acc.device.type == "cuda", gpu_decode=cfg.gpu_decode,
+                     device=acc.device)
+    train_loader = build_train_loader(cfg.data, info, cfg.train_split, seed=cfg.seed,
+                                      target_fn=make_target_fn(cfg, info), **loader_kw)
+    val_loader = build_eval_loader(cfg.data, info, cfg.val_split, **loader_kw) if cfg.val_split else None
+    batches = min(len(train_loader), cfg.debug_steps) if cfg.debug else len(train_loader)
     steps_per_epoch = math.ceil(batches / cfg.grad_accum_steps)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                                        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
@@ -397,148 +419,174 @@ def train(cfg: Config) -> dict:
     optimizer = acc.prepare(optimizer)
     progress = Progress()
     acc.register_for_checkpointing(progress)
-
     if resume_from is not None:
         progress.load_state_dict(read_progress(resume_from).state_dict())
         model = stager.enter(acc, model, progress.stage, progress)  # groups must match before loading
         acc.load_state(str(resume_from))
     else:
         model = stager.enter(acc, model, stager.stage_at(0), progress)
-    criterion = build_criterion(cfg, info, num_classes, acc.device)
     mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                    num_classes=num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
     erase = RandomErasing(cfg.reprob, mode="pixel", device=acc.device.type) if cfg.reprob > 0 else None
-
+    run = Run(cfg, acc, info, class_names, mask_tasks, out, model, optimizer, scheduler, stager, progress, ckpts,
+              train_loader, val_loader, build_criterion(cfg, info, num_classes, acc.device), mixup, erase,
+              tuple(dcfg["mean"]), tuple(dcfg["std"]), crop_pct, batches, steps_per_epoch, resume_from)
     if acc.is_main_process:
-        print(f"dist_train: world size {acc.num_processes} ({acc.distributed_type.value}), device {acc.device}, "
-              f"precision {acc.mixed_precision}\n  model {cfg.model}: {count_params(model):,} params, "
-              f"{count_params(model, stager.names[stager.current]):,} trainable\n  global batch {global_batch}, "
-              f"{batches} batches / {steps_per_epoch} steps per epoch, {n_train} train samples, "
-              f"{len(info['splits'][cfg.train_split]['filenames'])} shards, {train_loader.shards_per_rank} per rank "
-              f"({acc.num_processes} ranks x {max(1, cfg.workers)} workers)\n  output {out}" + (f"\n  resumed from {resume_from}" if resume_from else ""))
-        print("\n".join(stager.summary(model)), flush=True)
+        print_start(run, global_batch, n_train)
+    return run
 
-    guard = StepGuard(cfg.max_bad_steps)
+
+def print_start(run: Run, global_batch: int, n_train: int) -> None:
+    cfg, acc, st = run.cfg, run.acc, run.stager
+    print(f"dist_train: world size {acc.num_processes} ({acc.distributed_type.value}), device {acc.device}, "
+          f"precision {acc.mixed_precision}\n"
+          f"  model {cfg.model}: {count_params(run.model):,} params, "
+          f"{count_params(run.model, st.names[st.current]):,} trainable\n"
+          f"  global batch {global_batch}, {run.batches} batches / {run.steps_per_epoch} steps per epoch, "
+          f"{n_train} train samples, {len(run.info['splits'][cfg.train_split]['filenames'])} shards, "
+          f"{run.train_loader.shards_per_rank} per rank ({acc.num_processes} ranks x {max(1, cfg.workers)} workers)\n"
+          f"  output {run.out}" + (f"\n  resumed from {run.resume_from}" if run.resume_from else ""))
+    print("\n".join(st.summary(run.model)), flush=True)
+
+
+class Meter:
+    """Training loss and throughput since the last evaluation (kept on the device: no sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.n, self.images, self.t0 = 0, 0, time.time()
+
+    def add(self, loss: torch.Tensor, finite: torch.Tensor, images: int) -> None:
+        self.loss_sum += torch.where(finite, loss, 0.0)
+        self.n += 1
+        self.images += images
+
+    def images_per_s(self, world: int) -> float:
+        return self.images * world / max(time.time() - self.t0, 1e-9)
+
+
+def evaluate_and_log(run: Run, meter: Meter) -> dict:
+    """One `metrics.jsonl` line: training stats since the last one, validation, best/ if improved."""
+    cfg, acc, p, model = run.cfg, run.acc, run.progress, run.model
+    m = {"epoch": p.epoch, "step": p.step, "lr": run.optimizer.param_groups[-1]["lr"],
+         "train_loss": acc.reduce(meter.loss_sum, reduction="mean").item() / max(meter.n, 1),
+         "images_per_s": meter.images_per_s(acc.num_processes),
+         "trainable_params": count_params(model, run.stager.names[run.stager.current]), "stage": run.stager.current,
+         "bad_samples": int(acc.reduce(torch.tensor(run.train_loader.bad_samples, device=acc.device), "sum").item())}
+    if m["bad_samples"] > cfg.max_bad_fraction * max(p.batch, 1) * cfg.batch_size * acc.num_processes:
+        raise RunFailed(f"{m['bad_samples']} undecodable samples in epoch {p.epoch} exceed --max-bad-fraction "
+                        f"{cfg.max_bad_fraction}: check the shards with `python -m dist_train.shard --inspect`")
+    if run.val_loader is not None:
+        m.update(evaluate(model, run.val_loader, acc, run.mean, run.std, cfg, run.class_names, run.mask_tasks,
+                          run.out, limit=cfg.debug_steps if cfg.debug else None))
+        if acc.is_main_process and m["val_macro_f1"] > p.best_f1:
+            p.best_f1 = m["val_macro_f1"]
+            save_for_timm(acc.unwrap_model(model), run.out / "best", model_name=cfg.model,
+                          num_classes=len(run.class_names), label_names=run.class_names, img_size=cfg.img_size,
+                          crop_pct=run.crop_pct, mean=run.mean, std=run.std,
+                          extra={**m, "head": cfg.head, "age_bins": cfg.age_bins})
+        p.best_f1 = float(acc.reduce(torch.tensor(p.best_f1, device=acc.device), "max").item())
+    if acc.is_main_process:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(m) + "\n")
+        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=p.step)
+    meter.reset()
+    model.train()
+    freeze_bn(acc.unwrap_model(model), run.stager.names[run.stager.current], cfg.train_bn)
+    return m
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg: Config) -> dict:
+    """Train per `cfg`; returns the last evaluation's metrics, the step and the output folder."""
+    run = build_run(cfg)
+    acc, p, optimizer = run.acc, run.progress, run.optimizer
+    guard, meter = StepGuard(cfg.max_bad_steps), Meter(acc.device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
-    last_metrics: dict = {}
-    loss_sum = torch.zeros((), device=acc.device)
-    loss_n = 0
-    t0, seen, batches_seen = time.time(), 0, 0
-    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not acc.is_main_process, dynamic_ncols=True)
-
-    def run_eval() -> dict:
-        nonlocal loss_sum, loss_n, t0, seen
-        train_loss = acc.reduce(loss_sum, reduction="mean").item() / max(loss_n, 1)
-        m = {"epoch": progress.epoch, "step": progress.step, "lr": optimizer.param_groups[-1]["lr"],
-             "train_loss": train_loss, "images_per_s": seen * acc.num_processes / max(time.time() - t0, 1e-9),
-             "trainable_params": count_params(model, stager.names[stager.current]), "stage": stager.current,
-             "bad_samples": int(acc.reduce(torch.tensor(train_loader.bad_samples, device=acc.device), "sum").item())}
-        if m["bad_samples"] > cfg.max_bad_fraction * max(progress.batch, 1) * cfg.batch_size * acc.num_processes:
-            raise RunFailed(f"{m['bad_samples']} undecodable samples in epoch {progress.epoch} exceed --max-bad-fraction "
-                            f"{cfg.max_bad_fraction}: check the shards with `python -m dist_train.shard --inspect`")
-        if val_loader is not None:
-            m.update(evaluate(model, val_loader, acc, mean, std, cfg, class_names, mask_tasks, out,
-                              limit=cfg.debug_steps if cfg.debug else None))
-            if acc.is_main_process and m["val_macro_f1"] > progress.best_f1:
-                progress.best_f1 = m["val_macro_f1"]
-                save_for_timm(acc.unwrap_model(model), out / "best", model_name=cfg.model, num_classes=num_classes,
-                              label_names=class_names, img_size=cfg.img_size, crop_pct=crop_pct, mean=mean, std=std,
-                              extra={**m, "head": cfg.head, "age_bins": cfg.age_bins})
-            progress.best_f1 = float(acc.reduce(torch.tensor(progress.best_f1, device=acc.device), "max").item())
-        if acc.is_main_process:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
-        acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=progress.step)
-        loss_sum, loss_n, t0, seen = torch.zeros((), device=acc.device), 0, time.time(), 0
-        model.train()
-        freeze_bn(acc.unwrap_model(model), stager.names[stager.current], cfg.train_bn)
-        return m
-
+    metrics: dict = {}
+    batches_seen, stopped = 0, False
+    total = cfg.epochs * run.steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * run.steps_per_epoch)
+    bar = tqdm(total=total, initial=p.step, disable=not acc.is_main_process, dynamic_ncols=True)
     try:  # closed on every way out, so that an error line starts its own line
-        while progress.epoch < cfg.epochs and not (cfg.max_steps and progress.step >= cfg.max_steps):
-            model = stager.enter(acc, model, stager.stage_at(progress.epoch), progress)
-            train_loader.set_epoch(progress.epoch, skip_batches=progress.batch)
+        while p.epoch < cfg.epochs and not (cfg.max_steps and p.step >= cfg.max_steps) and not stopped:
+            run.model = model = run.stager.enter(acc, run.model, run.stager.stage_at(p.epoch), p)
+            run.train_loader.set_epoch(p.epoch, skip_batches=p.batch)
             model.train()
-            freeze_bn(acc.unwrap_model(model), stager.names[stager.current], cfg.train_bn)
-            buffers = list(model.buffers())
+            freeze_bn(acc.unwrap_model(model), run.stager.names[run.stager.current], cfg.train_bn)
+            buffers = list(model.buffers())  # restored when a step is skipped: BN must not keep its forwards
             snapshot = [b.detach().clone() for b in buffers]
-            group_start = progress.batch
-            for images, targets in train_loader:
-                if progress.batch >= batches:
+            group_start = p.batch
+            for images, targets in run.train_loader:
+                if p.batch >= run.batches:
                     break
-                images = normalize(images.to(acc.device, non_blocking=True), mean, std, cfg.channels_last)
+                images = normalize(images.to(acc.device, non_blocking=True), run.mean, run.std, cfg.channels_last)
                 targets = targets.to(acc.device, non_blocking=True)
-                if cfg.debug and progress.step == 0 and progress.batch == 0 and acc.is_main_process:
-                    print(f"debug: images {tuple(images.shape)} {images.dtype}, targets {tuple(targets.shape)}, "
-                          f"label histogram {torch.bincount(targets, minlength=num_classes).tolist()}")
-                if mixup is not None:
-                    images, targets = mixup(images, targets)
-                if erase is not None:
-                    images = erase(images)
-                if progress.batch == group_start and buffers:  # a skipped step must not keep its BN statistics
+                if cfg.debug and p.step == 0 and p.batch == 0 and acc.is_main_process:
+                    print(f"debug: images {tuple(images.shape)} {images.dtype}, targets {tuple(targets.shape)}, label "
+                          f"histogram {torch.bincount(targets, minlength=len(run.class_names)).tolist()}")
+                if run.mixup is not None:
+                    images, targets = run.mixup(images, targets)
+                if run.erase is not None:
+                    images = run.erase(images)
+                if p.batch == group_start and buffers:
                     torch._foreach_copy_(snapshot, buffers)
-                progress.batch += 1
+                p.batch += 1
                 batches_seen += 1
-                group = min(cfg.grad_accum_steps, batches - group_start)
-                sync = progress.batch - group_start == group
+                group = min(cfg.grad_accum_steps, run.batches - group_start)
+                sync = p.batch - group_start == group
                 with contextlib.nullcontext() if sync else acc.no_sync(model):
                     with acc.autocast():
-                        loss = criterion(model(images), targets)
+                        loss = run.criterion(model(images), targets)
                     acc.backward(loss / group)
                 finite = torch.isfinite(loss.detach())
                 nonfinite |= ~finite
-                loss_sum += torch.where(finite, loss.detach(), 0.0)
-                loss_n += 1
-                seen += images.shape[0]
+                meter.add(loss.detach(), finite, images.shape[0])
                 if not sync:
                     continue
-                skip, stopping = guard.check(acc, nonfinite, progress.step)
+                skip, stopped = guard.check(acc, nonfinite, p.step)
                 nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
                 if not skip:
                     if cfg.clip_grad:
-                        acc.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip_grad)
-                    stager.set_warmup(optimizer, progress)
+                        acc.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], cfg.clip_grad)
+                    run.stager.set_warmup(optimizer, p)
                     optimizer.step()
-                    if not acc.optimizer_step_was_skipped:
-                        progress.updates += 1
-                        scheduler.step_update(progress.updates)
-                else:
-                    if buffers:
-                        torch._foreach_copy_(buffers, snapshot)
+                    if not acc.optimizer_step_was_skipped:  # fp16 overflow: the schedule does not advance
+                        p.updates += 1
+                        run.scheduler.step_update(p.updates)
+                elif buffers:
+                    torch._foreach_copy_(buffers, snapshot)
                 optimizer.zero_grad(set_to_none=True)
-                progress.step += 1
-                group_start = progress.batch
+                p.step += 1
+                group_start = p.batch
                 bar.update(1)
-                if progress.step % cfg.log_every == 0:
+                if p.step % cfg.log_every == 0:
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
-                                    img_s=f"{seen * acc.num_processes / max(time.time() - t0, 1e-9):.0f}")
-                end_of_epoch = progress.batch >= batches
-                done = bool(cfg.max_steps and progress.step >= cfg.max_steps)
-                if cfg.eval_every and progress.step % cfg.eval_every == 0 and not end_of_epoch:
-                    last_metrics = run_eval()
-                if stopping:
-                    ckpts.save(acc, progress)
-                    write_summary(acc, model, progress, batches_seen, out, finished=False)
-                    if acc.is_main_process:
-                        print(f"dist_train: stopped by signal at step {progress.step}; checkpoint saved, "
-                              f"continue with --resume auto", flush=True)
-                    acc.end_training()
-                    return {**last_metrics, "step": progress.step, "output": str(out), "stopped": True, "is_main": acc.is_main_process}
-                if (cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0 and not end_of_epoch) or (done and not end_of_epoch):
-                    ckpts.save(acc, progress)
-                if done or end_of_epoch:
+                                    img_s=f"{meter.images_per_s(acc.num_processes):.0f}")
+                end_of_epoch = p.batch >= run.batches
+                done = bool(cfg.max_steps and p.step >= cfg.max_steps)
+                if cfg.eval_every and p.step % cfg.eval_every == 0 and not end_of_epoch:
+                    metrics = evaluate_and_log(run, meter)
+                if not end_of_epoch and (stopped or done or (cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0)):
+                    run.ckpts.save(acc, p)
+                if stopped or done or end_of_epoch:
                     break
-            if progress.batch >= batches:
-                last_metrics = run_eval()
-                progress.epoch, progress.batch = progress.epoch + 1, 0
-                ckpts.save(acc, progress)
+            if p.batch >= run.batches:
+                metrics = evaluate_and_log(run, meter)
+                p.epoch, p.batch = p.epoch + 1, 0
+                run.ckpts.save(acc, p)
     finally:
         bar.close()
-    write_summary(acc, model, progress, batches_seen, out, finished=progress.epoch >= cfg.epochs or bool(cfg.max_steps and progress.step >= cfg.max_steps))
+    finished = p.epoch >= cfg.epochs or bool(cfg.max_steps and p.step >= cfg.max_steps)
+    write_summary(acc, run.model, p, batches_seen, run.out, finished=finished and not stopped)
+    if stopped and acc.is_main_process:
+        print(f"dist_train: stopped by signal at step {p.step}; checkpoint saved, continue with --resume auto", flush=True)
     acc.end_training()
-    return {**last_metrics, "step": progress.step, "output": str(out), "is_main": acc.is_main_process}
+    return {**metrics, "step": p.step, "output": str(run.out), "stopped": stopped, "is_main": acc.is_main_process}
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
