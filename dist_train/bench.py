@@ -45,7 +45,7 @@ from torchvision.io import ImageReadMode, decode_image
 from . import engine
 from .config import Config
 from .data import IMAGE_KEYS, AugmentConfig, build_train_loader, load_info, shard_urls
-from .errors import UserError, cli_main
+from .errors import ArgParser, UserError, cli_main
 from .model import create_model
 from .shard import write_shards
 from .synth import make_dataset
@@ -405,16 +405,9 @@ def bench_shard(a: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- command line
-class _Parser(argparse.ArgumentParser):
-    """Usage errors become UserError: one line, exit 2, like every other bad input."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dist_train.bench", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = ArgParser(prog="python -m dist_train.bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgParser)
 
     lo = sub.add_parser("loader", help="images/s of the training input pipeline")
     lo.add_argument("--data", required=True, help="shard set folder or URL")

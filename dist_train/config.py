@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from .errors import UserError, atomic_write_text
+from .errors import ArgParser, UserError, atomic_write_text
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -164,7 +164,7 @@ def _none_or(typ: type) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every Config field becomes a flag; defaults are left unset so YAML can fill them."""
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="dist_train/run.py",
         description="Train a timm model on dist_train shards (DDP through `accelerate launch`).",
         argument_default=argparse.SUPPRESS,

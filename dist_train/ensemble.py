@@ -13,7 +13,6 @@ after a soft vote.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 from collections import Counter
@@ -22,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import UserError, atomic_write_text, cli_main
+from .errors import ArgParser, UserError, atomic_write_text, cli_main
 from .predict import Predictions, load_probs, probs_path, save_probs, write_csv
 
 
@@ -100,7 +99,7 @@ def is_probs(path: Path) -> bool:
 
 @cli_main
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m dist_train.ensemble", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="python -m dist_train.ensemble", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="CSV to write")
     p.add_argument("--save-probs", action="store_true", help="soft vote: also write FILE.probs.npz")
     p.add_argument("inputs", type=Path, nargs="+", help="probability files (.probs.npz) or prediction CSVs")

@@ -7,6 +7,7 @@ command applies them the same way.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -14,7 +15,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NoReturn, TypeVar
 
 EXIT_USAGE = 2
 
@@ -23,6 +24,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose usage errors are UserErrors: one line, exit 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 class RunFailed(Exception):

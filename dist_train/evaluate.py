@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import labels as L
 from .data import load_info, split_info
-from .errors import UserError, atomic_write_json, atomic_write_text, cli_main
+from .errors import ArgParser, UserError, atomic_write_json, atomic_write_text, cli_main
 from .metrics import save_confusion, summarize
 from .predict import add_model_args, check_loader_args, load_model, run_inference
 from .report import draw_report, load_thumbnails, read_history
@@ -80,7 +80,7 @@ def errors_csv(mistakes: list[dict], names: list[str]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dist_train.evaluate", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="python -m dist_train.evaluate", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--split", default="validation", help="labeled split to evaluate (default validation)")
     p.add_argument("--out", type=Path, help="output folder (default RUN/eval-SPLIT)")

@@ -33,7 +33,7 @@ from accelerate import Accelerator  # noqa: E402
 from dist_train.config import Config  # noqa: E402
 from dist_train.data import AugmentConfig, build_eval_loader, load_info, split_info  # noqa: E402
 from dist_train.engine import infer, make_accelerator  # noqa: E402
-from dist_train.errors import UserError, atomic_write_bytes, atomic_write_text, cli_main  # noqa: E402
+from dist_train.errors import ArgParser, UserError, atomic_write_bytes, atomic_write_text, cli_main  # noqa: E402
 from dist_train.model import create_model, data_config, load_trained  # noqa: E402
 from dist_train.report import read_meta  # noqa: E402
 
@@ -277,7 +277,7 @@ def check_loader_args(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dist_train/predict.py", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="dist_train/predict.py", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--out", type=Path, required=True, help="CSV to write")
     p.add_argument("--split", help="split to predict (default: test when the shard set has one, else validation)")

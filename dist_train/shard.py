@@ -45,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import __version__
-from .errors import UserError, atomic_write_json, atomic_write_text, cli_main
+from .errors import ArgParser, UserError, atomic_write_json, atomic_write_text, cli_main
 from .labels import DEFAULT_AGE_BINS, parse_age_bins
 from .sources import LAYOUTS, Record, Source, load_source, split_records
 
@@ -444,15 +444,8 @@ def inspect(out: str | Path) -> tuple[dict, bool]:
 # ---------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors become UserError: one line, exit 2, like every other bad input."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dist_train.shard",
+    p = ArgParser(prog="python -m dist_train.shard",
                 description="Shard a raw image set once into WebDataset tars (format: shards/README.md).")
     p.add_argument("--src", type=Path, help="raw image set (mask: train.csv + images/, mask-eval: info.csv + images/, folder: class subfolders)")
     p.add_argument("--out", type=Path, help="output folder (default: shards/<layout>, or shards/<folder name> for the folder layout)")

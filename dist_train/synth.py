@@ -17,7 +17,6 @@ byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import csv
 import hashlib
@@ -31,7 +30,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import UserError, cli_main, replace_dir
+from .errors import ArgParser, UserError, cli_main, replace_dir
 from .labels import GENDER_NAMES, MASK_STEMS, age_group, encode
 
 STEMS: tuple[str, ...] = tuple(MASK_STEMS)  # mask1..mask5, incorrect_mask, normal
@@ -298,7 +297,7 @@ def make_dataset(
 
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m dist_train.synth", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="python -m dist_train.synth", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder to create (gets train/ and eval/)")
     p.add_argument("--persons", type=int, default=60, help="training persons, 7 images each (default 60)")
     p.add_argument("--seed", type=int, default=0)

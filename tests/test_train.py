@@ -116,6 +116,7 @@ def test_overfit_batches(mask_shards):
     (["--train-split", "nope"], "nope"),
     (["--batch-size", "100000"], "larger than split"),
     (["--mixed-precision", "fp8"], "fp8"),
+    (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
 ])
 def test_bad_input_one_line_exit_2(mask_shards, tmp_path, args, message):
     data = [] if args[:1] == ["--data"] or not args else ["--data", str(mask_shards)]
