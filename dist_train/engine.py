@@ -159,9 +159,10 @@ def resolve_resume(cfg: Config, ckpts: Checkpoints) -> Path | None:
 
 def check_resume_compatible(ckpt: Path, cfg: Config, num_classes: int) -> None:
     """Refuse a checkpoint of another model or class count before loading tensors into it."""
-    saved = json.loads((ckpt.parent.parent / "run.json").read_text()) if (ckpt.parent.parent / "run.json").is_file() else None
-    if saved is None:
+    run_json = ckpt.parent.parent / "run.json"  # RUN/checkpoints/step-N -> RUN/run.json
+    if not run_json.is_file():
         return
+    saved = json.loads(run_json.read_text())
     if saved.get("model") != cfg.model or saved.get("num_classes") != num_classes or saved.get("head") != cfg.head:
         raise UserError(
             f"--resume {ckpt}: checkpoint is {saved.get('model')} with {saved.get('num_classes')} classes "
