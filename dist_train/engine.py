@@ -404,8 +404,7 @@ def build_run(cfg: Config) -> Run:
     stager = Stager(cfg, model)
     optimizer = build_optimizer(cfg, model)
 
-    aug = AugmentConfig(img_size=cfg.img_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-                        aa=cfg.aa, crop_pct=crop_pct, train_crop=cfg.crop, mean=tuple(dcfg["mean"]))
+    aug = augment_config(cfg, dcfg)
     loader_kw = dict(aug=aug, batch_size=cfg.batch_size, workers=cfg.workers, world_size=acc.num_processes,
                      rank=acc.process_index, pin_memory=acc.device.type == "cuda", gpu_decode=cfg.gpu_decode,
                      device=acc.device)
@@ -590,6 +589,13 @@ def train(cfg: Config) -> dict:
     return {**metrics, "step": p.step, "output": str(run.out), "stopped": stopped, "is_main": acc.is_main_process}
 
 
+def augment_config(cfg: Config, dcfg: dict) -> AugmentConfig:
+    """The loaders' transforms from the flags, with the model's crop_pct and mean as defaults."""
+    return AugmentConfig(img_size=cfg.img_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+                         aa=cfg.aa, crop_pct=cfg.crop_pct or dcfg["crop_pct"], train_crop=cfg.crop,
+                         mean=tuple(dcfg["mean"]))
+
+
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     """timm optimizer over every layer group (weight-decay and layer-decay aware)."""
     groups = param_groups(model, {n for n, _ in model.named_parameters()}, weight_decay=cfg.weight_decay,
@@ -614,8 +620,7 @@ def overfit(cfg: Config) -> dict:
                          img_size=cfg.img_size, head=cfg.head).to(acc.device)
     dcfg = data_config(model)
     optimizer = build_optimizer(cfg, model)
-    aug = AugmentConfig(img_size=cfg.img_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-                        crop_pct=cfg.crop_pct or dcfg["crop_pct"], train_crop=cfg.crop)
+    aug = augment_config(cfg, dcfg)
     loader = build_train_loader(cfg.data, info, cfg.train_split, aug=aug, batch_size=cfg.batch_size, workers=0,
                                 world_size=1, rank=0, seed=cfg.seed, target_fn=make_target_fn(cfg, info))
     loader.set_epoch(0)

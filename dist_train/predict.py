@@ -36,11 +36,10 @@ from dist_train.engine import infer, make_accelerator  # noqa: E402
 from dist_train.errors import ArgParser, UserError, atomic_write_bytes, atomic_write_text, cli_main  # noqa: E402
 from dist_train.model import create_model, data_config, load_trained  # noqa: E402
 from dist_train.report import read_meta  # noqa: E402
+from dist_train.unfreeze import strip_wrappers  # noqa: E402
 
 EVAL_LAYOUT = "mask-eval"
 ID_COLUMNS = ("ImageID", "key")
-# Prefixes a saved state dict picks up from wrappers: DDP (`module.`) and torch.compile (`_orig_mod.`).
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -52,18 +51,6 @@ class Loaded:
     info: dict  # label_names, num_classes, input_size, mean, std, crop_pct, head (as model.load_trained)
     run: Path  # the run folder (metrics.jsonl, config.yaml)
     source: Path  # the folder the weights came from
-
-
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove DDP / torch.compile key prefixes, in whatever nesting they were saved."""
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
 
 
 def load_checkpoint(ckpt: Path, run: Path) -> tuple[torch.nn.Module, dict]:
@@ -82,7 +69,7 @@ def load_checkpoint(ckpt: Path, run: Path) -> tuple[torch.nn.Module, dict]:
     head = meta.get("head", cfg.get("head", "single"))
     model = create_model(name, num_classes, img_size=cfg.get("img_size"), head=head)
     try:
-        state = _strip_wrappers(safetensors.torch.load_file(str(ckpt / "model.safetensors")))
+        state = {strip_wrappers(k): v for k, v in safetensors.torch.load_file(str(ckpt / "model.safetensors")).items()}
         model.load_state_dict(state, strict=True)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:300]

@@ -220,10 +220,11 @@ def param_groups(model: torch.nn.Module, names: set[str], *, weight_decay: float
 def count_params(model: torch.nn.Module, names: set[str] | None = None) -> int:
     """Number of parameter elements, of all parameters or of `names` (also through a DDP or
     torch.compile wrapper, whose parameter names carry a prefix)."""
-    return sum(p.numel() for n, p in model.named_parameters() if names is None or _strip_wrappers(n) in names)
+    return sum(p.numel() for n, p in model.named_parameters() if names is None or strip_wrappers(n) in names)
 
 
-def _strip_wrappers(name: str) -> str:
+def strip_wrappers(name: str) -> str:
+    """A parameter name without DDP (`module.`) / torch.compile (`_orig_mod.`) prefixes."""
     while name.startswith(("module.", "_orig_mod.")):
         name = name.split(".", 1)[1]
     return name
