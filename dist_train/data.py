@@ -10,9 +10,11 @@ explicitly to readers (one reader = one (rank, DataLoader worker) pair):
   mid-way without decoding the skipped samples;
 - evaluation: every sample of the split is yielded exactly once over all readers.
 
-Images are decoded to uint8 CHW tensors (`torchvision.io.decode_image`) and augmented with
-`torchvision.transforms.v2` in the workers; batches stay uint8 until `normalize()` runs on the
-device, which keeps worker CPU time and host-to-device bytes low.
+Images are decoded to uint8 tensors (`torchvision.io.decode_image`) and cropped, resized
+(torchvision's antialiased resize) and flipped in the workers in channels-last memory, the
+decoder's own layout and the one torch's vectorised uint8 resize wants; batches stay uint8 (and
+channels-last) until `normalize()` runs on the device, which keeps worker CPU time and
+host-to-device bytes low.
 
 With `gpu_decode=True` the workers only read: they ship each batch's encoded JPEG/PNG bytes
 (one flat uint8 tensor, so one shared-memory segment per batch) and the loader decodes them on
@@ -46,7 +48,7 @@ from timm.data.auto_augment import augment_and_mix_transform, auto_augment_trans
 from timm.data.transforms import str_to_pil_interp
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from webdataset.gopen import Pipe
 
@@ -198,33 +200,76 @@ def _auto_augment(aug: AugmentConfig) -> Callable:
         ) from None
 
 
+def _crop_params(
+    rng: random.Random, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random resized crop: torchvision's `RandomResizedCrop.get_params`
+    with draws from a per-sample `random.Random` (~2 us) instead of torch's global RNG (~30 us
+    of scalar tensor ops plus saving and restoring the generator's state)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height  # fallback: the central crop closest to the ratio range
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 class _Transform:
-    """uint8 CHW tensor -> uint8 [3, img_size, img_size]; timm's train or eval steps."""
+    """uint8 [3, H, W] -> uint8 [3, S, S]: timm's train steps (random resized crop, flip,
+    auto-augment) or eval steps (resize to S / crop_pct, center crop), with torchvision's resize.
+
+    Why not a `transforms.v2.Compose`: the decoder's output is HWC in memory, and torch's
+    vectorised uint8 antialiased resize wants exactly that (channels-last); v2 reads the
+    cropped view as CHW and resizes at half the speed. Here the crop is copied once into
+    channels-last memory and resized there, and crop/flip draws come from `random.Random(seed)`,
+    so a sample's augmentation depends on its seed alone, never on a global RNG.
+    """
 
     def __init__(self, aug: AugmentConfig, train: bool):
         _check_aug(aug)
-        interp = InterpolationMode(aug.interpolation)
-        if train and aug.train_crop == "random":
-            steps: list = [
-                v2.RandomResizedCrop(
-                    aug.img_size, scale=aug.scale, ratio=aug.ratio, interpolation=interp, antialias=True
-                )
-            ]
-        else:
-            steps = [
-                v2.Resize(math.floor(aug.img_size / aug.crop_pct), interpolation=interp, antialias=True),
-                v2.CenterCrop(aug.img_size),
-            ]
-        if train and aug.hflip > 0:
-            steps.append(v2.RandomHorizontalFlip(aug.hflip))
-        self.geometric = v2.Compose(steps)
+        self.aug = aug
+        self.random_crop = train and aug.train_crop == "random"
+        self.hflip = aug.hflip if train else 0.0
+        self.interpolation = InterpolationMode(aug.interpolation)
+        # torch's nearest-neighbour uint8 resize is the one mode faster on CHW memory
+        self.memory_format = torch.contiguous_format if aug.interpolation == "nearest" else torch.channels_last
         # timm's auto-augment works on PIL images and draws from `random` and `np.random`.
         self.auto_augment = _auto_augment(aug) if train and aug.aa else None
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        img = self.geometric(img)
+    def __call__(self, img: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """`seed` fixes the random choices (None: fresh entropy); the result is channels-last
+        in memory except with nearest-neighbour interpolation."""
+        rng = random.Random(seed)
+        size = self.aug.img_size
+        if self.random_crop:
+            top, left, h, w = _crop_params(rng, img.shape[-2], img.shape[-1], self.aug.scale, self.aug.ratio)
+            crop = img[None, :, top : top + h, left : left + w]
+            # Flip the crop, not the result: the copy the resize needs anyway, and the same
+            # pixels with bilinear/bicubic (mirror-symmetric kernels; tested against v2's order).
+            if self.hflip > 0 and rng.random() < self.hflip:
+                crop = crop.flip(-1)
+            crop = crop.contiguous(memory_format=self.memory_format)
+            img = TF.resize(crop, [size, size], interpolation=self.interpolation, antialias=True)[0]
+        else:
+            short = math.floor(size / self.aug.crop_pct)
+            img = img[None].contiguous(memory_format=self.memory_format)
+            img = TF.center_crop(TF.resize(img, [short], interpolation=self.interpolation, antialias=True), [size])[0]
+            if self.hflip > 0 and rng.random() < self.hflip:
+                img = TF.horizontal_flip(img)
         if self.auto_augment is not None:
-            img = TF.pil_to_tensor(self.auto_augment(TF.to_pil_image(img)))
+            pil = TF.to_pil_image(img)
+            img = TF.pil_to_tensor(_seeded_call(self.auto_augment, pil, rng.getrandbits(63)))
         return img
 
 
@@ -234,22 +279,18 @@ def _mix_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _seeded_call(fn: Callable, arg: Any, seed: int, host_rngs: bool) -> Any:
-    """fn(arg) with the global RNGs (torch CPU; `random`/`np.random` if host_rngs) seeded by
-    `seed`, restoring them afterwards so the caller's RNG stream never moves (resume needs that
-    with workers=0, where this runs in the training process)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs ~100us
-        if not host_rngs:
-            return fn(arg)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            return fn(arg)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+def _seeded_call(fn: Callable, arg: Any, seed: int) -> Any:
+    """fn(arg) with `random` and `np.random` seeded by `seed`, restoring them afterwards so the
+    caller's streams never move (resume needs that with workers=0, where this runs in the
+    training process)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        return fn(arg)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,11 +359,7 @@ class _ShardReader(IterableDataset):
                 if not (data.startswith(JPEG_MAGIC) or data.startswith(PNG_MAGIC)):
                     raise ValueError("neither JPEG nor PNG data")
             else:
-                img = decode_image(img, mode=ImageReadMode.RGB)
-                if seed is None:
-                    img = self.transform(img)
-                else:
-                    img = _seeded_call(self.transform, img, seed, self.transform.auto_augment is not None)
+                img = self.transform(decode_image(img, mode=ImageReadMode.RGB), seed)
             cls = int(sample["cls"]) if "cls" in sample else None
             if self.needs_label and ("json" if self.target_fn is not None else "cls") not in sample:
                 raise ValueError(f"incomplete sample, no label (members: {sorted(sample)})")
@@ -499,8 +536,17 @@ def _batch_buffer(numel: int) -> torch.Tensor:
 
 
 def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    out = _batch_buffer(len(images) * images[0].numel()).view(len(images), *images[0].shape)
-    return torch.stack(list(images), out=out)
+    """[B, C, H, W] in the first image's memory layout (channels-last from `_Transform`):
+    converting layouts here would cost more than the resize that made the images."""
+    c, h, w = images[0].shape
+    buf = _batch_buffer(len(images) * images[0].numel())
+    if images[0].stride(0) == 1 and c > 1:  # channels innermost
+        out = buf.view(len(images), h, w, c).permute(0, 3, 1, 2)
+    else:
+        out = buf.view(len(images), c, h, w)
+    for slot, img in zip(out, images):
+        slot.copy_(img)
+    return out
 
 
 def _pack(encoded: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -551,8 +597,8 @@ def _decode_on_device(
     for i, img in enumerate(decoded):
         if img is None:
             continue
-        # Crop/flip parameters come from the CPU RNG seeded per sample, as in the workers.
-        images.append(transform(img) if seeds is None else _seeded_call(transform, img, int(seeds[i]), False))
+        # Crop/flip parameters come from the sample's seed, as in the workers.
+        images.append(transform(img, None if seeds is None else int(seeds[i])))
     ok = torch.tensor([img is not None for img in decoded], dtype=torch.bool)
     if not images:
         raise RuntimeError(f"none of the {len(encoded)} images of a batch decodes: the shards look broken")
@@ -852,9 +898,9 @@ def normalize(
     channels_last: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(x / 255 - mean) / std on the images' device; run it after `.to(device, non_blocking=True)`."""
+    """(x / 255 - mean) / std on the images' device, in the memory layout the model wants
+    whatever the batch's (the loaders' batches are channels-last); run it after
+    `.to(device, non_blocking=True)`."""
     m, s = _norm_consts(tuple(mean), tuple(std), images_uint8.device, dtype)
-    x = images_uint8.to(dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x.sub_(m).div_(s)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return images_uint8.to(dtype, memory_format=layout).sub_(m).div_(s)

@@ -447,3 +447,74 @@ def test_shards_from_the_shard_command(mask_shards):
                                 rank=0, seed=0, target_fn=functools.partial(mask_target, bins=(25, 58)))
     batches = epoch_batches(loader, 0)
     assert len(batches) == len(loader) and all(int(t.max()) < 18 for _, t in batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused transform against torchvision's own steps
+
+
+def _decoded(h: int, w: int, seed: int) -> torch.Tensor:
+    """A decoder-like uint8 [3, H, W] image: HWC in memory, as decode_image returns it."""
+    hwc = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return hwc.permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_train_transform_equals_torchvision_crop_resize_flip(interpolation):
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    aug = AugmentConfig(img_size=24, scale=(0.3, 1.0), hflip=0.5, interpolation=interpolation)
+    transform = data._Transform(aug, train=True)
+    flips = 0
+    for seed in range(40):
+        img = _decoded(37 + seed % 5, 51 - seed % 7, seed)
+        rng = random.Random(seed)
+        top, left, h, w = data._crop_params(rng, img.shape[1], img.shape[2], aug.scale, aug.ratio)
+        flip = rng.random() < aug.hflip
+        flips += flip
+        chw = img.contiguous()  # torchvision's usual CHW input
+        ref = TF.resize(TF.crop(chw, top, left, h, w), [24, 24], interpolation=InterpolationMode(interpolation),
+                        antialias=True)
+        ref = TF.horizontal_flip(ref) if flip else ref
+        out = transform(img, seed)
+        assert out.shape == (3, 24, 24) and torch.equal(out, ref), seed
+        assert torch.equal(transform(img, seed), out)  # the seed alone decides
+    assert 5 < flips < 35
+
+
+def test_eval_transform_equals_torchvision_resize_center_crop():
+    from torchvision.transforms import v2
+
+    for interpolation in ("bilinear", "bicubic", "nearest"):
+        aug = AugmentConfig(img_size=20, crop_pct=0.8, interpolation=interpolation)
+        ref = v2.Compose([v2.Resize(25, interpolation=v2.InterpolationMode(interpolation), antialias=True),
+                          v2.CenterCrop(20)])
+        transform = data._Transform(aug, train=False)
+        for seed, (h, w) in enumerate([(40, 30), (30, 41), (25, 25), (90, 26)]):
+            img = _decoded(h, w, seed)
+            assert torch.equal(transform(img), ref(img.contiguous())), (interpolation, h, w)
+
+
+def test_crop_params_follow_scale_ratio_and_torchvision_fallback():
+    from torchvision.transforms import RandomResizedCrop
+
+    scale, ratio = (0.3, 0.9), (3 / 4, 4 / 3)
+    for seed in range(300):
+        top, left, h, w = data._crop_params(random.Random(seed), 60, 80, scale, ratio)
+        assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 80
+        assert scale[0] - 0.05 <= h * w / (60 * 80) <= scale[1] + 0.05
+        assert ratio[0] - 0.05 <= w / h <= ratio[1] + 0.05
+    # no draw fits a 10x1000 strip: the central crop at the nearest ratio, as torchvision does
+    for shape in ((10, 1000), (1000, 10)):
+        expected = RandomResizedCrop.get_params(torch.zeros(1, *shape), [0.5, 1.0], list(ratio))
+        assert data._crop_params(random.Random(0), *shape, (0.5, 1.0), ratio) == tuple(expected)
+
+
+def test_batches_are_channels_last_and_normalize_restores_the_layout(shards):
+    (images, _), *_ = epoch_batches(train_loader(shards, workers=0), 0)
+    assert images.is_contiguous(memory_format=torch.channels_last)  # no layout change in the loader
+    ref = normalize(images.contiguous(), (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    out = normalize(images, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    assert out.is_contiguous() and torch.equal(out, ref)
+    assert normalize(images, (0.5,) * 3, (0.2,) * 3, channels_last=True).is_contiguous(memory_format=torch.channels_last)
