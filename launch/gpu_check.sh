@@ -4,7 +4,7 @@
 #
 #   launch/gpu_check.sh            # results in $GPU_CHECK_DIR (default: a new /tmp/gpu_check.*)
 #
-# 1. data: synthetic mask photos at 384x512 (16 synth jobs in parallel), repeated through
+# 1. data: synthetic mask photos at 384x512 ($SYNTH_JOBS synth jobs in parallel), repeated through
 #    symlinks into a class-folder set of IMAGES (default 60000: ~20 s of loading at 3000 img/s),
 #    sharded with --resize 256;
 # 2. loader alone: training pipeline (CPU decode), its decode-only limit, --gpu-decode;
@@ -13,24 +13,40 @@
 # Loader workers = all usable cores. Targets (issue 6): end to end from shards >= 3000 img/s and
 # >= 0.95x the synthetic-input figure; trainer >= 0.95x the bare loop.
 #
+# Settings (environment): IMAGES, PERSONS (per synth job), SYNTH_JOBS (16), STEPS (30),
+# SECONDS_PER_LOADER (10), MODEL (resnet50), IMG_SIZE (224), BATCH (256), COMPILE_MODES
+# ("eager compile"). GPU_CHECK_CPU=1 runs it without CUDA: the figures mean nothing, but every
+# step of the script runs (tests/test_bench.py does that with a tiny model).
+#
 # Python: .venv/bin/python if it sees CUDA, else python3 if it does; only when neither exists
 # does it run launch/setup.sh (which needs internet). A GPU machine without internet must have
 # the dependencies installed already (torch with CUDA, torchvision, timm, accelerate, pandas,
 # pyyaml, safetensors, tensorboard, matplotlib, webdataset); missing ones are installed from
-# wheels in ./.whl when that folder exists (pip --no-index).
+# wheels in ./.whl when that folder exists (pip --no-index). The lent H100/H200 image lacks only
+# webdataset: `pip download --no-deps -d .whl webdataset braceexpand` here, then run
+# `bash launch/gpu_check.sh` there with `.whl` carried along.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 IMAGES="${IMAGES:-60000}"
 PERSONS="${PERSONS:-30}"  # per synth job; 16 jobs
+SYNTH_JOBS="${SYNTH_JOBS:-16}"
 STEPS="${STEPS:-30}"
 SECONDS_PER_LOADER="${SECONDS_PER_LOADER:-10}"
+MODEL="${MODEL:-resnet50}"
+IMG_SIZE="${IMG_SIZE:-224}"
+BATCH="${BATCH:-256}"
+COMPILE_MODES="${COMPILE_MODES:-eager compile}"
 
 sees_cuda() { [ -x "$(command -v "$1" 2>/dev/null)" ] && "$1" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }
 PY=""
 for candidate in .venv/bin/python python3; do
   if sees_cuda "$candidate"; then PY="$candidate"; break; fi
 done
+if [ -z "$PY" ] && [ "${GPU_CHECK_CPU:-0}" = 1 ]; then
+  PY="$(for c in .venv/bin/python python3; do [ -x "$(command -v "$c" 2>/dev/null)" ] && echo "$c" && break; done)"
+  echo "gpu_check: GPU_CHECK_CPU=1, running on the CPU (a check of the script; the figures mean nothing)"
+fi
 if [ -z "$PY" ]; then
   if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
     echo "gpu_check: no CUDA GPU here (nvidia-smi finds none); run this on a machine with an NVIDIA GPU" >&2
@@ -66,15 +82,15 @@ mkdir -p "$WORK"
 RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
 CORES="$("$PY" -c 'import os; print(len(os.sched_getaffinity(0)))')"
-echo "gpu_check: $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0), "| torch", torch.__version__)') | $CORES cores | $PY | work $WORK"
+echo "gpu_check: $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU", "| torch", torch.__version__)') | $CORES cores | $PY | work $WORK"
 
 step() { echo "[$(date +%T)] $*"; }
 
 # ---------------------------------------------------------------- data
 if [ ! -f "$WORK/shards/_info.json" ]; then
-  step "synthetic 384x512 photos: 16 jobs x $PERSONS persons x 7"
+  step "synthetic 384x512 photos: $SYNTH_JOBS jobs x $PERSONS persons x 7"
   pids=()
-  for i in $(seq 0 15); do
+  for i in $(seq 0 $((SYNTH_JOBS - 1))); do
     "$PY" -m dist_train.synth --out "$WORK/raw/$i" --persons "$PERSONS" --size 384 --seed "$i" --eval-persons 1 >/dev/null &
     pids+=($!)
   done
@@ -104,12 +120,14 @@ bench() {
   step "bench $*"
   "$PY" -m dist_train.bench "$@" 2>"$WORK/last.err" | tee -a "$RESULTS" || { tail -20 "$WORK/last.err" >&2; exit 1; }
 }
-LOADER=(--data "$SHARDS" --img-size 224 --batch-size 256 --workers "$CORES" --seconds "$SECONDS_PER_LOADER")
+LOADER=(--data "$SHARDS" --img-size "$IMG_SIZE" --batch-size "$BATCH" --workers "$CORES" --seconds "$SECONDS_PER_LOADER")
 bench loader "${LOADER[@]}"
 bench loader "${LOADER[@]}" --decode-only
 bench loader "${LOADER[@]}" --gpu-decode
-TRAIN=(--model resnet50 --img-size 224 --batch-size 256 --mixed-precision bf16 --channels-last --steps "$STEPS" --warmup 5)
-for compile in "" "--compile"; do
+TRAIN=(--model "$MODEL" --img-size "$IMG_SIZE" --batch-size "$BATCH" --mixed-precision bf16 --channels-last --steps "$STEPS" --warmup 5)
+for mode in $COMPILE_MODES; do
+  compile=""
+  [ "$mode" = compile ] && compile="--compile"
   bench train "${TRAIN[@]}" $compile --synthetic
   bench train "${TRAIN[@]}" $compile --data "$SHARDS" --workers "$CORES" --no-bare
   bench train "${TRAIN[@]}" $compile --data "$SHARDS" --workers "$CORES" --no-bare --gpu-decode

@@ -202,3 +202,27 @@ def test_sbatch_does_not_requeue_a_failing_run(project, tmp_path):
     proc, calls = run_sbatch(project, tmp_path, ["--data", "x", "--output", str(out)], FAKE_EXIT="2")
     assert proc.returncode == 2
     assert "requeue" not in calls, proc.stdout
+
+
+# ----------------------------------------------------------------------------- GPU check
+def test_gpu_check_script_runs_every_step_on_cpu(project, tmp_path):
+    """GPU_CHECK_CPU=1 with a tiny model and data: every step of the script (data, sharding, the
+    three loader and three trainer benchmarks, the table) runs, so a GPU lease is not spent on a
+    broken script."""
+    work = tmp_path / "gc"
+    env = {**ENV, "GPU_CHECK_CPU": "1", "GPU_CHECK_DIR": str(work), "IMAGES": "200", "PERSONS": "3",
+           "SYNTH_JOBS": "2", "STEPS": "2", "SECONDS_PER_LOADER": "0.5", "MODEL": "test_resnet",
+           "IMG_SIZE": "32", "BATCH": "8", "COMPILE_MODES": "eager"}
+    proc = subprocess.run(["bash", str(project / "launch" / "gpu_check.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
+    assert [r.get("mode", r.get("input")) for r in rows] == ["pipeline", "decode_only", "gpu_decode",
+                                                            "synthetic", "shards", "shards"]
+    assert [r.get("gpu_decode") for r in rows[3:]] == [False, False, True]
+    assert all(r["images_per_s" if r["bench"] == "loader" else "trainer_images_per_s"] > 0 for r in rows)
+    assert "trainer from shards, gpu decode, eager" in proc.stdout and "x bare (target >= 0.95)" in proc.stdout
+    # without CUDA and without the override it refuses at once
+    proc = subprocess.run(["bash", str(project / "launch" / "gpu_check.sh")], cwd=tmp_path,
+                          env={**ENV, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "no CUDA GPU here" in proc.stderr
