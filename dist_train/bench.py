@@ -40,11 +40,10 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode, decode_image
 
 from . import engine
 from .config import Config
-from .data import IMAGE_KEYS, AugmentConfig, build_train_loader, load_info, shard_urls
+from .data import IMAGE_KEYS, AugmentConfig, build_train_loader, decode_rgb, load_info, shard_urls
 from .errors import ArgParser, UserError, cli_main
 from .model import create_model
 from .shard import write_shards
@@ -131,7 +130,7 @@ class DecodeOnly(IterableDataset):
         for url in itertools.cycle(mine):
             for sample in wds.tarfile_samples([dict(url=url)]):
                 data = next(sample[k] for k in IMAGE_KEYS if k in sample)
-                decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                decode_rgb(data)
                 count += 1
                 if count == self.batch_size:
                     yield count

@@ -293,6 +293,16 @@ def _seeded_call(fn: Callable, arg: Any, seed: int) -> Any:
         np.random.set_state(np_state)
 
 
+def decode_rgb(data: bytes | torch.Tensor) -> torch.Tensor:
+    """JPEG/PNG bytes -> uint8 [3, H, W] (HWC in memory, as the decoder writes it). 16-bit PNGs
+    decode to uint16 and are scaled to 8 bits here: copied into a uint8 batch as they are, their
+    values would wrap around."""
+    if not isinstance(data, torch.Tensor):
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    img = decode_image(data, mode=ImageReadMode.RGB)
+    return img if img.dtype == torch.uint8 else TF.to_dtype(img, torch.uint8, scale=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Readers
 
@@ -359,7 +369,7 @@ class _ShardReader(IterableDataset):
                 if not (data.startswith(JPEG_MAGIC) or data.startswith(PNG_MAGIC)):
                     raise ValueError("neither JPEG nor PNG data")
             else:
-                img = self.transform(decode_image(img, mode=ImageReadMode.RGB), seed)
+                img = self.transform(decode_rgb(img), seed)
             cls = int(sample["cls"]) if "cls" in sample else None
             if self.needs_label and ("json" if self.target_fn is not None else "cls") not in sample:
                 raise ValueError(f"incomplete sample, no label (members: {sorted(sample)})")
@@ -567,7 +577,7 @@ def _unpack(flat: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     """One image decoded on the CPU and moved to `device`; None if it does not decode."""
     try:
-        img = decode_image(data, mode=ImageReadMode.RGB)
+        img = decode_rgb(data)
     except Exception:  # torchvision raises RuntimeError or ValueError for bad bytes
         return None
     return img.to(device, non_blocking=True)

@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 import webdataset as wds
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
-from .data import IMAGE_KEYS, shard_urls, split_info
+from .data import IMAGE_KEYS, decode_rgb, shard_urls, split_info
 from .errors import UserError, atomic_write_bytes
 from .metrics import draw_confusion
 
@@ -49,7 +47,7 @@ def read_meta(root: str, info: dict, split: str) -> dict[str, dict]:
 
 def thumbnail(data: bytes, side: int = THUMB) -> np.ndarray:
     """Image bytes -> HWC uint8 array whose longer side is `side` (aspect kept)."""
-    img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    img = decode_rgb(data)
     h, w = img.shape[-2:]
     scale = side / max(h, w)
     img = TF.resize(img, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)

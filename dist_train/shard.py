@@ -41,6 +41,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -84,6 +85,19 @@ def check_image(path: str) -> str | None:
     return None
 
 
+WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _to_rgb(im: Image.Image, alpha: bool = False) -> Image.Image:
+    """RGB (RGBA with `alpha`) copy of `im`. 16-bit images (PIL modes I;16*, and I as PIL opens
+    16-bit PNGs) are scaled to 8 bits first: PIL's own convert clips them at 255, which turns
+    most of a 16-bit image white."""
+    if im.mode in WIDE_INT_MODES:
+        wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+        im = Image.fromarray((wide >> 8).astype(np.uint8))
+    return im.convert("RGBA" if alpha else "RGB")
+
+
 def encode_image(task: tuple[str, int | None, int]) -> tuple[str, bytes]:
     """(path, resize, quality) -> (member extension, bytes) for one sample.
 
@@ -98,8 +112,7 @@ def encode_image(task: tuple[str, int | None, int]) -> tuple[str, bytes]:
         if resize is None:
             if fmt in JPEG_FORMATS or fmt == "PNG":
                 return ("jpg" if fmt in JPEG_FORMATS else "png"), Path(path).read_bytes()
-            keep_alpha = "A" in im.getbands() or "transparency" in im.info
-            out = im.convert("RGBA" if keep_alpha else "RGB")
+            out = _to_rgb(im, alpha="A" in im.getbands() or "transparency" in im.info)
             buf = io.BytesIO()
             out.save(buf, format="PNG")
             return "png", buf.getvalue()
@@ -108,7 +121,7 @@ def encode_image(task: tuple[str, int | None, int]) -> tuple[str, bytes]:
         size = (w, h) if scale >= 1 else (max(1, round(w * scale)), max(1, round(h * scale)))
         if fmt in JPEG_FORMATS and size != (w, h):
             im.draft("RGB", size)
-        rgb = im.convert("RGB")
+        rgb = _to_rgb(im)
         if rgb.size != size:
             rgb = rgb.resize(size, Image.Resampling.LANCZOS)
         buf = io.BytesIO()

@@ -518,3 +518,16 @@ def test_batches_are_channels_last_and_normalize_restores_the_layout(shards):
     out = normalize(images, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
     assert out.is_contiguous() and torch.equal(out, ref)
     assert normalize(images, (0.5,) * 3, (0.2,) * 3, channels_last=True).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits():
+    """decode_image gives uint16 for 16-bit PNGs; copied into a uint8 batch they would wrap."""
+    arr = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    img = data.decode_rgb(buf.getvalue())
+    assert img.dtype == torch.uint8 and img.shape == (3, 32, 32)
+    expected = torch.from_numpy((arr >> 8).astype(np.uint8))
+    assert (img[0].int() - expected.int()).abs().max() <= 1 and torch.equal(img[0], img[2])
+    out = data._Transform(AugmentConfig(img_size=16), train=True)(img, 0)
+    assert out.dtype == torch.uint8 and out.float().mean() > 60  # a mid-grey ramp, not wrapped noise

@@ -8,6 +8,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
@@ -311,3 +312,32 @@ def test_synthetic_dataset_with_its_quirks(raw_mask, tmp_path):
     assert ev["layout"] == "mask-eval" and list(ev["splits"]) == ["test"]
     digest = hashlib.sha256((tmp_path / "t" / "train-000000.tar").read_bytes()).hexdigest()
     assert digest == info["sha256"]["train-000000.tar"]
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    """PIL's convert clips 16-bit pixels at 255 (a white image); the writer scales them to 8 bits."""
+    ramp = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)  # 0..65472: mid-grey on average
+    root = tmp_path / "f"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(ramp).save(root / cls / "png16.png")
+        Image.fromarray(ramp).save(root / cls / "tif16.tif")
+
+    def stored(resize: int | None) -> dict[str, bytes]:
+        out = tmp_path / f"out{resize}"
+        run(root, out, resize=resize, as_split="test")
+        return {n: d for f in members(out).values() for n, d in f.items()
+                if n.startswith("a/") and n.endswith((".png", ".jpg"))}
+
+    def grey(data: bytes) -> float:
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.mode in ("L", "RGB")
+            return float(np.asarray(im.convert("L"), dtype=np.float64).mean())
+
+    kept = stored(None)  # the 16-bit PNG goes in untouched; the TIFF becomes an 8-bit PNG
+    assert set(kept) == {"a/png16.png", "a/tif16.png"}
+    assert kept["a/png16.png"] == (root / "a" / "png16.png").read_bytes()
+    assert 100 < grey(kept["a/tif16.png"]) < 155
+    resized = stored(16)  # both re-encoded as 8-bit JPEG
+    assert set(resized) == {"a/png16.jpg", "a/tif16.jpg"}
+    assert all(100 < grey(d) < 155 for d in resized.values())
