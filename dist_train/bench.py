@@ -46,15 +46,10 @@ from .config import Config
 from .data import IMAGE_KEYS, AugmentConfig, build_train_loader, decode_rgb, load_info, shard_urls
 from .errors import ArgParser, UserError, cli_main
 from .model import create_model
-from .shard import write_shards
+from .shard import usable_cpus, write_shards
 from .synth import make_dataset
 
 PRECISIONS = ("no", "bf16", "fp16")
-
-
-def usable_cpus() -> int:
-    """Cores this process may run on (its affinity mask under taskset/Slurm)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _sync(device: torch.device) -> None:

@@ -49,6 +49,7 @@ from .metrics import (
     summarize,
 )
 from .model import create_model, data_config, multi_head_loss, save_for_timm
+from .shard import usable_cpus
 from .unfreeze import (
     apply_trainable,
     count_params,
@@ -383,7 +384,7 @@ def build_run(cfg: Config) -> Run:
     torch.autograd.set_detect_anomaly(cfg.debug)
     if acc.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Loader workers and ranks share the cores; oversubscribed OpenMP threads slow CPU runs 10x.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes - cfg.workers))
+        torch.set_num_threads(max(1, usable_cpus() // acc.num_processes - cfg.workers))
     out = Path(cfg.output)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

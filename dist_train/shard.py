@@ -232,8 +232,9 @@ def _validate(val_fraction: float, resize: int | None, quality: int, samples_per
         raise UserError(f"--as-split {as_split!r}: expected a name of letters, digits and '_' (e.g. test)")
 
 
-def _usable_cpus() -> int:
-    """Cores this process may run on (its affinity mask under taskset/Slurm), not the whole host's."""
+def usable_cpus() -> int:
+    """Cores this process may run on (its affinity mask under taskset/Slurm), not the whole host's:
+    the default shard workers, the trainer's CPU threads and the benchmarks' worker counts."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -292,7 +293,7 @@ def write_shards(
         raise UserError(f"{out}: holds a shard set made differently ({'; '.join(diffs)}); pass --overwrite to replace it")
 
     splits = {as_split: list(source.records)} if as_split else split_records(source, val_fraction, seed)
-    workers = workers or _usable_cpus()
+    workers = workers or usable_cpus()
     everything = [r for recs in splits.values() for r in recs]
     reasons = list(_pool_map(check_image, [str(r.path) for r in everything], workers, "checking", progress))
     rejected = [{"key": r.key, "path": r.rel, "reason": why} for r, why in zip(everything, reasons) if why]
