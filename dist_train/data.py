@@ -246,11 +246,13 @@ class _Transform:
         self.memory_format = torch.contiguous_format if aug.interpolation == "nearest" else torch.channels_last
         # timm's auto-augment works on PIL images and draws from `random` and `np.random`.
         self.auto_augment = _auto_augment(aug) if train and aug.aa else None
+        self.draws = self.random_crop or self.hflip > 0 or self.auto_augment is not None
 
     def __call__(self, img: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """`seed` fixes the random choices (None: fresh entropy); the result is channels-last
         in memory except with nearest-neighbour interpolation."""
-        rng = random.Random(seed)
+        # No generator for the deterministic eval steps: seeding one from OS entropy costs ~11 us.
+        rng = random.Random(seed) if self.draws else None
         size = self.aug.img_size
         if self.random_crop:
             top, left, h, w = _crop_params(rng, img.shape[-2], img.shape[-1], self.aug.scale, self.aug.ratio)
