@@ -7,7 +7,7 @@
 
 All inputs must list the same ids in the same order (the same split predicted by each model);
 anything else is refused rather than guessed at. The output has the inputs' format
-(`ImageID,ans` or `key,ans,class[,label]`); `--save-probs` adds the averaged probabilities
+(`ID,ans` or `key,ans,class[,label]`); `--save-probs` adds the averaged probabilities
 after a soft vote.
 """
 
@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ArgParser, UserError, atomic_write_text, cli_main
-from .predict import Predictions, load_probs, probs_path, save_probs, write_csv
+from .infer.files import ID_RE, Predictions, load_probs, probs_path, save_probs, write_csv
 
 
 def _same_rows(first: Path, other: Path, a: Sequence[str], b: Sequence[str], what: str) -> None:
@@ -54,8 +54,8 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read ({e})") from None
-    if not rows or len(rows[0]) < 2 or rows[0][0] not in ("ImageID", "key") or rows[0][1] != "ans":
-        raise UserError(f"{path}: expected a prediction CSV with columns ImageID,ans or key,ans,...")
+    if not rows or len(rows[0]) < 2 or not ID_RE.match(rows[0][0]) or rows[0][1] != "ans":
+        raise UserError(f"{path}: expected a prediction CSV with columns ID,ans or key,ans,...")
     header, body = rows[0], rows[1:]
     bad = next((i for i, r in enumerate(body) if len(r) != len(header) or not r[1].strip().lstrip("-").isdigit()), None)
     if bad is not None:

@@ -34,7 +34,15 @@ class ArgParser(argparse.ArgumentParser):
 
 
 class RunFailed(Exception):
-    """A run that cannot go on (too much bad data, non-finite losses): one line, exit code 1."""
+    """A run that cannot go on (too much bad data, non-finite losses): one line, exit code 1.
+
+    `all_ranks`: every rank of a distributed run raised it on the same agreed facts, so only the
+    main process (RANK 0) prints the line; every rank still exits 1.
+    """
+
+    def __init__(self, message: str, all_ranks: bool = False) -> None:
+        super().__init__(message)
+        self.all_ranks = all_ranks
 
 
 def cli_main(fn: F) -> F:
@@ -48,7 +56,8 @@ def cli_main(fn: F) -> F:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USAGE)
         except RunFailed as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            if not e.all_ranks or os.environ.get("RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
@@ -88,8 +97,14 @@ def replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> Non
     old = final_dir.with_name(f".{final_dir.name}.old")
     if old.exists():
         shutil.rmtree(old)
-    if final_dir.exists():
+    moved = final_dir.exists()
+    if moved:
         os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
+    try:
+        os.replace(tmp_dir, final_dir)
+    except BaseException:
+        if moved:  # put the old complete folder back where readers look for it
+            os.replace(old, final_dir)
+        raise
     if old.exists():
         shutil.rmtree(old)

@@ -1,9 +1,9 @@
 """Evaluate a trained run: `python -m dist_train.evaluate --run runs/NAME --data SHARDS [--split validation]`.
 
 Writes into `--out` (default `RUN/eval-SPLIT/`):
-- `metrics.json`: loss, accuracy, macro F1 and, on mask data, per-task accuracy (mask, gender,
-  age) — always against the stored labels, i.e. the true 30/60 age groups, whatever
-  `--age-bins` the model was trained with;
+- `metrics.json`: loss, accuracy, macro F1 and the task's own metrics (the competition's: per-task
+  accuracy of mask, gender, age) — always against the stored labels (for the competition the
+  true 30/60 age groups, whatever `--age-bins` the model was trained with);
 - `per_class.csv`: precision, recall, F1 and support per class (also printed);
 - `confusion.csv` / `confusion.png`;
 - `errors.csv`: every misclassified sample, worst first (lowest probability on the true class);
@@ -26,14 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import labels as L
-from .data import load_info, split_info
 from .errors import ArgParser, UserError, atomic_write_json, atomic_write_text, cli_main
-from .metrics import save_confusion, summarize
-from .predict import add_model_args, check_loader_args, load_model, run_inference
+from .infer.load import load_model
+from .infer.metrics import save_confusion, summarize
+from .infer.run import run_inference
+from .predict import add_model_args, check_loader_args
 from .report import draw_report, load_thumbnails, read_history
-
-TASKS = ("mask_acc", "gender_acc", "age_acc")
+from .shardset.format import class_names, is_labeled, load_info, split_info
+from .tasks import task_for
 
 
 def per_class_csv(stats: dict) -> str:
@@ -53,9 +53,8 @@ def per_class_table(stats: dict) -> str:
         lines.append(f"{r['name']:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:6.4f}  {r['support']:7d}")
     lines.append(f"{'accuracy':<{width}}  {stats['acc']:9.4f}  ({stats['num_samples']} samples)")
     lines.append(f"{'macro F1':<{width}}  {stats['macro_f1']:9.4f}")
-    for task in TASKS:
-        if task in stats:
-            lines.append(f"{task.replace('_', ' '):<{width}}  {stats[task]:9.4f}")
+    for name, value in stats.get("extra", {}).items():
+        lines.append(f"{name.replace('_', ' '):<{width}}  {value:9.4f}")
     return "\n".join(lines)
 
 
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     loaded = load_model(args.run, args.checkpoint)
     info = load_info(args.data)
     split_info(info, args.split)
-    if args.split not in info.get("label_counts", {}):
+    if not is_labeled(info, args.split):
         raise UserError(f"split {args.split!r} of {args.data} has no labels: nothing to evaluate against "
                         "(use python -m dist_train.predict for unlabeled data)")
     acc, res = run_inference(loaded, args.data, info, args.split, batch_size=args.batch_size, workers=args.workers,
@@ -107,16 +106,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     target, prob = res["target"], res["prob"]
     if (target < 0).any():
         raise UserError(f"split {args.split!r}: {int((target < 0).sum())} samples have no label")
-    names = list(info["classes"])
-    mask_tasks = info.get("layout") in ("mask", "mask-eval") and len(names) == L.NUM_CLASSES
-    stats = summarize(prob.argmax(axis=1), target, len(names), names, mask_tasks)
+    names = class_names(info)
+    stats = summarize(prob.argmax(axis=1), target, len(names), names)
+    stats["extra"] = task_for(info).extra_metrics(prob.argmax(axis=1), target)
     loss = F.cross_entropy(torch.from_numpy(res["logits"]).float(), torch.from_numpy(target)).item()
 
     out = args.out or loaded.run / f"eval-{args.split}"
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"model": str(loaded.source), "data": str(args.data), "split": args.split, "tta": args.tta,
                "num_samples": stats["num_samples"], "loss": loss if math.isfinite(loss) else None,
-               "acc": stats["acc"], "macro_f1": stats["macro_f1"], **{t: stats[t] for t in TASKS if t in stats}}
+               "acc": stats["acc"], "macro_f1": stats["macro_f1"], **stats["extra"]}
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "per_class.csv", per_class_csv(stats))
     save_confusion(stats["confusion"], names, out / "confusion.csv", out / "confusion.png")

@@ -15,36 +15,22 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
-import webdataset as wds
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchvision.transforms.v2 import functional as TF
 
-from .data import IMAGE_KEYS, decode_rgb, shard_urls, split_info
+from .data.transforms import decode_rgb
 from .errors import UserError, atomic_write_bytes
-from .metrics import draw_confusion
+from .infer.metrics import draw_confusion
+from .shardset.format import class_names, image_bytes, is_labeled, iter_samples, label_counts, split_info
 
 THUMB = 96  # thumbnail side in pixels (longer side)
 
 
-# ----------------------------------------------------------------------------- reading shards
-def iter_samples(root: str, info: dict, split: str) -> Iterator[dict]:
-    """Undecoded samples of a split in shard order: `__key__`, image bytes (`jpg`/`png`), `cls`, `json`.
-
-    A generator: stop iterating as soon as you have what you need and the rest is never read.
-    """
-    urls = shard_urls(root, info, split)
-    yield from wds.tarfile_samples([dict(url=u) for u in urls], handler=wds.warn_and_continue)
-
-
-def read_meta(root: str, info: dict, split: str) -> dict[str, dict]:
-    """key -> the sample's json metadata, for every sample of the split."""
-    return {s["__key__"]: json.loads(s["json"]) for s in iter_samples(root, info, split) if "json" in s}
-
-
+# ----------------------------------------------------------------------------- thumbnails
 def thumbnail(data: bytes, side: int = THUMB) -> np.ndarray:
     """Image bytes -> HWC uint8 array whose longer side is `side` (aspect kept)."""
     img = decode_rgb(data)
@@ -59,10 +45,6 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else "…" + text[-(n - 1):]
 
 
-def _image_bytes(sample: dict) -> bytes | None:
-    return next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-
-
 def load_thumbnails(root: str, info: dict, split: str, keys: Iterable[str], side: int = THUMB) -> dict[str, np.ndarray]:
     """key -> thumbnail for the wanted keys; reading stops once all are found."""
     wanted = set(keys)
@@ -71,7 +53,7 @@ def load_thumbnails(root: str, info: dict, split: str, keys: Iterable[str], side
         return out
     for s in iter_samples(root, info, split):
         key = s["__key__"]
-        if key in wanted and (data := _image_bytes(s)) is not None:
+        if key in wanted and (data := image_bytes(s)) is not None:
             out[key] = thumbnail(data, side)
             if len(out) == len(wanted):
                 break
@@ -167,7 +149,7 @@ def _default_split(info: dict) -> str:
     splits = list(info.get("splits", {}))
     if not splits:
         raise UserError("shard set has no splits")
-    labeled = [s for s in splits if s in info.get("label_counts", {})]
+    labeled = [s for s in splits if is_labeled(info, s)]
     return "train" if "train" in labeled else (labeled or splits)[0]
 
 
@@ -179,19 +161,19 @@ def contact_sheet(root: str | Path, info: dict, out_png: str | Path, per_class: 
         raise UserError(f"per class {per_class}: expected a positive integer")
     split = split or _default_split(info)
     split_info(info, split)
-    names = list(info.get("classes") or [])
-    labeled = split in info.get("label_counts", {})
+    names = class_names(info)
+    labeled = is_labeled(info, split)
     n_rows = len(names) if labeled else 4
     cells: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(n_rows)]
     needed = n_rows * per_class
-    counts = info.get("label_counts", {}).get(split, {})
+    counts = label_counts(info, split) or {}
     if labeled:  # classes without samples can never be filled; don't read the whole split for them
         needed = sum(min(per_class, int(counts.get(str(c), per_class))) for c in range(n_rows))
     filled = 0
     for s in iter_samples(str(root), info, split):
         if filled >= needed:
             break
-        data = _image_bytes(s)
+        data = image_bytes(s)
         if data is None:
             continue
         if labeled:

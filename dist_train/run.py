@@ -13,16 +13,17 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from dist_train.config import parse_config  # noqa: E402
-from dist_train.engine import overfit, train  # noqa: E402
 from dist_train.errors import cli_main  # noqa: E402
+from dist_train.train.overfit import overfit  # noqa: E402
+from dist_train.train.trainer import Trainer  # noqa: E402
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv)
-    if cfg.overfit_batches:
+    if cfg.runtime.overfit_batches:
         return overfit(cfg)
-    result = train(cfg)
+    result = Trainer(cfg).train()
     if result["is_main"] and not result.get("stopped"):
         scores = (f" val_macro_f1={result['val_macro_f1']:.4f} val_acc={result['val_acc']:.4f}"
                   if "val_macro_f1" in result else "")

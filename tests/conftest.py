@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def raw_mask(tmp_path_factory) -> Path:
     """Synthetic competition layout: DIR/train/{train.csv,images/}, DIR/eval/{info.csv,images/}."""
-    from dist_train.synth import make_dataset
+    from dist_train.tasks.mask.synth import make_dataset
 
     out = tmp_path_factory.mktemp("raw") / "data"
     make_dataset(out, persons=30, seed=0, size=32, eval_persons=4)
@@ -26,11 +26,29 @@ def raw_mask(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mask_shards(raw_mask, tmp_path_factory) -> Path:
     """Train/validation shards of the synthetic set: an uneven shard count (7 for train)."""
-    from dist_train.shard import write_shards
+    from dist_train.shardset.writer import write_shards
 
     out = tmp_path_factory.mktemp("shards") / "mask"
     info = write_shards(raw_mask / "train", out, samples_per_shard=25, workers=1, progress=False)
     assert len(info["splits"]["train"]["filenames"]) >= 5
+    return out
+
+
+@pytest.fixture(scope="session")
+def folder_shards(tmp_path_factory) -> Path:
+    """A class-folder set (3 classes x 10 plain-colour 32 px images), sharded: plain classification."""
+    from PIL import Image
+
+    from dist_train.shardset.writer import write_shards
+
+    src = tmp_path_factory.mktemp("folder") / "colours"
+    for c, colour in enumerate(["red", "green", "blue"]):
+        (src / f"class{c}").mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (32, 32), colour).save(src / f"class{c}" / f"{i:03d}.png")
+    out = src.parent / "shards"
+    info = write_shards(src, out, layout="folder", samples_per_shard=10, workers=1, progress=False)
+    assert len(info["classes"]) == 3
     return out
 
 
@@ -56,3 +74,35 @@ def launch(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_main(args: list[str]) -> subprocess.CompletedProcess:
+    """`python dist_train/run.py ARGS` in this process (its imports already paid for): the exit
+    code, stdout and stderr as a subprocess would give them. Process-wide state a run sets
+    (signal handlers, webdataset's secure mode, anomaly detection) is put back afterwards."""
+    import contextlib
+    import io
+    import signal
+
+    import torch
+    import webdataset
+
+    from dist_train.run import main
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    secure, secure_env = webdataset.utils.enforce_security, os.environ.get("WDS_SECURE")
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        webdataset.utils.enforce_security = secure
+        if secure_env is None:
+            os.environ.pop("WDS_SECURE", None)
+        torch.autograd.set_detect_anomaly(False)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

@@ -16,15 +16,14 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
 from dist_train import bench
-from dist_train.data import (
-    AugmentConfig,
-    _Transform,
-    build_eval_loader,
-    build_train_loader,
-    decode_batch_on_device,
-    load_info,
-)
+from dist_train.data.device import decode_batch_on_device
+from dist_train.data.loaders import build_eval_loader, build_train_loader
+from dist_train.data.transforms import AugmentConfig
+from dist_train.data.transforms import Transform as _Transform
 from dist_train.errors import UserError
+from dist_train.perf.loader import SeedDataset
+from dist_train.shardset.format import load_info
+from dist_train.system import usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 AUG = AugmentConfig(img_size=24)
@@ -73,7 +72,7 @@ def test_loader_modes(capsys, mask_shards, mode):
 
 
 def test_seed_dataset_walks_the_raw_layout(raw_mask):
-    ds = bench.SeedDataset(raw_mask, 16)
+    ds = SeedDataset(raw_mask, 16)
     assert len(ds) == 30 * 7  # AppleDouble files, .ipynb_checkpoints and .DS_Store skipped
     x, _ = ds[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
@@ -82,7 +81,7 @@ def test_seed_dataset_walks_the_raw_layout(raw_mask):
 def test_shard_speedup(capsys, raw_mask):
     r = run_main(capsys, ["shard", "--src", str(raw_mask / "train"), "--resize", "24"])
     assert {"bench", "src", "resize", "workers", "images", "images_per_s_1", "images_per_s_all", "speedup"} <= set(r)
-    assert r["images"] == 30 * 7 and r["resize"] == 24 and r["workers"] == bench.usable_cpus()
+    assert r["images"] == 30 * 7 and r["resize"] == 24 and r["workers"] == usable_cpus()
     assert r["speedup"] == pytest.approx(r["images_per_s_all"] / r["images_per_s_1"], rel=1e-2)
 
 

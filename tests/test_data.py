@@ -20,18 +20,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-import dist_train.data as data
-from dist_train.data import (
-    AugmentConfig,
-    build_eval_loader,
-    build_train_loader,
-    load_info,
-    normalize,
-    shard_urls,
-    split_info,
-    train_batches_per_epoch,
-)
+import dist_train.data.transforms as data
+from dist_train.data.device import normalize
+from dist_train.data.loaders import build_eval_loader, build_train_loader
+from dist_train.data.readers import train_batches_per_epoch
+from dist_train.data.transforms import AugmentConfig
 from dist_train.errors import UserError
+from dist_train.shardset.format import load_info, shard_urls, split_info
 
 LENGTHS7 = [5, 9, 3, 12, 7, 4, 8]  # 48 samples in 7 uneven shards
 AUG = AugmentConfig(img_size=16, crop_pct=0.875)
@@ -141,6 +136,52 @@ def test_train_batches_per_epoch_formula():
     assert train_batches_per_epoch(48, 5, 0, 1) == 10  # 48 -> 50
     assert train_batches_per_epoch(48, 4, 2, 3) == 2 * 2  # 8 per reader -> 2 batches, 2 readers per rank
     assert train_batches_per_epoch(10, 4, 4, 2) == 4 * 1
+
+
+def test_train_quota_rounds_up_not_down():
+    """Sizes where floor and ceil part: a reader's share is ceil(N / readers) samples, rounded
+    up to whole batches (numbers worked out by hand)."""
+    assert train_batches_per_epoch(47, 4, 0, 1) == 12  # 47 -> 48 samples (floor: 11 batches)
+    assert train_batches_per_epoch(10, 3, 0, 2) == 2  # 5 per reader -> 6 (floor: 1)
+    assert train_batches_per_epoch(11, 2, 2, 2) == 4  # 4 readers x 3 -> 2 batches each, 2 per rank
+    assert train_batches_per_epoch(9, 1, 0, 2) == 5  # 2 readers x 5 (floor: 4)
+    assert train_batches_per_epoch(11, 5, 2, 1) == 4  # 2 readers x 6 -> 2 batches each (floor: 2 in all)
+    assert train_batches_per_epoch(13, 3, 3, 1) == 6  # 3 readers x 5 -> 2 batches each (floor: 3 in all)
+
+
+@pytest.fixture(scope="module")
+def odd_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """11-sample splits: 3 uneven shards, and 4 shards of which no 2 hold more than 6."""
+    return write_set(tmp_path_factory.mktemp("odd"), {"odd": [5, 4, 2], "even": [3, 3, 3, 2]})
+
+
+@pytest.mark.parametrize(
+    "split,world,workers,batch,per_rank",
+    [
+        ("odd", 1, 0, 4, 3),  # 1 reader: 11 -> 12 samples
+        ("odd", 2, 2, 2, 4),  # 4 readers > 3 shards: strided shares of 3, 3, 3, 2 -> 2 batches each
+        ("odd", 3, 2, 1, 4),  # 6 readers: shares of 2 (one of 1) -> 2 batches each
+        ("even", 1, 2, 5, 4),  # 2 readers of 2 shards (6 or 5 samples) -> 2 batches of 5 each
+        ("even", 2, 0, 5, 2),  # the same 2 readers on 2 ranks
+        ("even", 2, 2, 1, 6),  # 4 readers, one shard each (<= 3 samples) -> 3 batches each
+    ],
+)
+def test_one_epoch_sees_every_sample_of_an_odd_sized_split(odd_shards, split, world, workers, batch, per_rank):
+    """The quota is rounded up: within ONE epoch every sample is seen over all ranks and workers
+    (each reader's share fits its quota here), and every rank runs the same literal step count."""
+    seen: list[int] = []
+    for rank in range(world):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fewer shards than readers
+            loader = train_loader(odd_shards, split, batch_size=batch, workers=workers, world_size=world, rank=rank)
+        assert len(loader) == per_rank
+        batches = epoch_batches(loader, 0)
+        assert len(batches) == per_rank
+        for _, targets in batches:
+            assert targets.shape == (batch,)
+            seen += targets.tolist()
+    assert len(seen) == world * per_rank * batch
+    assert sorted(set(seen)) == list(range(11))
 
 
 @pytest.mark.parametrize(
@@ -424,7 +465,7 @@ def test_copied_shard_set_gives_identical_batches(tmp_path, shards):
 
 
 def mask_target(meta: dict, cls: int | None, bins: tuple[int, int]) -> int:
-    from dist_train.labels import label_from_meta
+    from dist_train.tasks.mask.labels import label_from_meta
 
     return label_from_meta(meta, bins)
 
@@ -465,12 +506,12 @@ def test_train_transform_equals_torchvision_crop_resize_flip(interpolation):
     from torchvision.transforms.v2 import functional as TF
 
     aug = AugmentConfig(img_size=24, scale=(0.3, 1.0), hflip=0.5, interpolation=interpolation)
-    transform = data._Transform(aug, train=True)
+    transform = data.Transform(aug, train=True)
     flips = 0
     for seed in range(40):
         img = _decoded(37 + seed % 5, 51 - seed % 7, seed)
         rng = random.Random(seed)
-        top, left, h, w = data._crop_params(rng, img.shape[1], img.shape[2], aug.scale, aug.ratio)
+        top, left, h, w = data.crop_params(rng, img.shape[1], img.shape[2], aug.scale, aug.ratio)
         flip = rng.random() < aug.hflip
         flips += flip
         chw = img.contiguous()  # torchvision's usual CHW input
@@ -490,7 +531,7 @@ def test_eval_transform_equals_torchvision_resize_center_crop():
         aug = AugmentConfig(img_size=20, crop_pct=0.8, interpolation=interpolation)
         ref = v2.Compose([v2.Resize(25, interpolation=v2.InterpolationMode(interpolation), antialias=True),
                           v2.CenterCrop(20)])
-        transform = data._Transform(aug, train=False)
+        transform = data.Transform(aug, train=False)
         for seed, (h, w) in enumerate([(40, 30), (30, 41), (25, 25), (90, 26)]):
             img = _decoded(h, w, seed)
             assert torch.equal(transform(img), ref(img.contiguous())), (interpolation, h, w)
@@ -501,14 +542,14 @@ def test_crop_params_follow_scale_ratio_and_torchvision_fallback():
 
     scale, ratio = (0.3, 0.9), (3 / 4, 4 / 3)
     for seed in range(300):
-        top, left, h, w = data._crop_params(random.Random(seed), 60, 80, scale, ratio)
+        top, left, h, w = data.crop_params(random.Random(seed), 60, 80, scale, ratio)
         assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 80
         assert scale[0] - 0.05 <= h * w / (60 * 80) <= scale[1] + 0.05
         assert ratio[0] - 0.05 <= w / h <= ratio[1] + 0.05
     # no draw fits a 10x1000 strip: the central crop at the nearest ratio, as torchvision does
     for shape in ((10, 1000), (1000, 10)):
         expected = RandomResizedCrop.get_params(torch.zeros(1, *shape), [0.5, 1.0], list(ratio))
-        assert data._crop_params(random.Random(0), *shape, (0.5, 1.0), ratio) == tuple(expected)
+        assert data.crop_params(random.Random(0), *shape, (0.5, 1.0), ratio) == tuple(expected)
 
 
 def test_batches_are_channels_last_and_normalize_restores_the_layout(shards):
@@ -529,5 +570,5 @@ def test_sixteen_bit_png_is_scaled_to_eight_bits():
     assert img.dtype == torch.uint8 and img.shape == (3, 32, 32)
     expected = torch.from_numpy((arr >> 8).astype(np.uint8))
     assert (img[0].int() - expected.int()).abs().max() <= 1 and torch.equal(img[0], img[2])
-    out = data._Transform(AugmentConfig(img_size=16), train=True)(img, 0)
+    out = data.Transform(AugmentConfig(img_size=16), train=True)(img, 0)
     assert out.dtype == torch.uint8 and out.float().mean() > 60  # a mid-grey ramp, not wrapped noise

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_train import ensemble, predict
+from dist_train import ensemble
+from dist_train.infer import files as predict  # the prediction files
 from test_predict import eval_shards, read_rows, run_predict, trained_run  # noqa: F401 (fixtures)
 
 

@@ -12,8 +12,8 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from dist_train import evaluate
-from dist_train import labels as L
-from dist_train.data import load_info
+from dist_train.shardset.format import load_info
+from dist_train.tasks.mask import labels as L
 from dist_train.report import contact_sheet
 from test_predict import eval_shards, read_rows, run_predict, trained_run  # noqa: F401 (fixtures)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dist_train import labels as L
+from dist_train.tasks.mask import labels as L
 
 
 @pytest.mark.parametrize(

@@ -13,15 +13,11 @@ import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from dist_train import labels as L
-from dist_train.metrics import (
-    class_weights_from_counts,
-    confusion_matrix,
-    f1_loss,
-    focal_loss,
-    save_confusion,
-    summarize,
-)
+from dist_train.infer.metrics import confusion_matrix, save_confusion, summarize
+from dist_train.tasks import CLASSIFY
+from dist_train.tasks.losses import class_weights_from_counts, f1_loss, focal_loss
+from dist_train.tasks.mask import TASK as MASK
+from dist_train.tasks.mask import labels as L
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -32,7 +28,7 @@ def test_summarize_equals_sklearn(seed: int) -> None:
     # classes missing from targets, from predictions, or from both
     targets = rng.choice([0, 1, 2, 5, 7, 11, 12], size=n)
     preds = np.where(rng.random(n) < 0.5, targets, rng.choice([0, 3, 5, 9, 12, 17], size=n))
-    stats = summarize(preds, targets, k, mask_tasks=True)
+    stats = {**summarize(preds, targets, k), **MASK.extra_metrics(preds, targets)}
     assert stats["macro_f1"] == pytest.approx(f1_score(targets, preds, average="macro", zero_division=0), abs=1e-12)
     assert stats["macro_f1"] == pytest.approx(f1_score(targets, preds, average="macro"), abs=1e-12)
     assert stats["acc"] == pytest.approx(float((preds == targets).mean()))
@@ -55,9 +51,9 @@ def test_summarize_hand_values() -> None:
     assert stats["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
     assert stats["acc"] == 0.5 and stats["num_samples"] == 4
     assert [c["name"] for c in stats["per_class"]] == ["a", "b", "c", "d"]
-    assert "mask_acc" not in stats
+    assert "mask_acc" not in stats and CLASSIFY.extra_metrics(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1])) == {}
     # mask tasks: 0 = wear/male/<30, 17 = not_wear/female/>=60, 3 = wear/female/<30
-    t = summarize([3, 17], [0, 17], 18, mask_tasks=True)
+    t = MASK.extra_metrics(np.array([3, 17]), np.array([0, 17]))
     assert (t["mask_acc"], t["gender_acc"], t["age_acc"]) == (1.0, 0.5, 1.0)
 
 

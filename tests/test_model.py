@@ -13,16 +13,12 @@ import safetensors.torch
 import timm
 import torch
 
-from dist_train import labels as L
 from dist_train.errors import UserError
-from dist_train.model import (
-    MultiHeadModel,
-    create_model,
-    data_config,
-    load_trained,
-    multi_head_loss,
-    save_for_timm,
-)
+from dist_train.model.build import data_config
+from dist_train.model.export import load_trained, save_for_timm
+from dist_train.tasks import build_model as create_model  # timm models, and the heads tasks add
+from dist_train.tasks.mask import labels as L
+from dist_train.tasks.mask.model import MultiHeadModel, multi_head_loss
 
 NAMES = [f"c{i}" for i in range(18)]
 

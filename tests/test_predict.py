@@ -18,12 +18,14 @@ import yaml
 from PIL import Image
 
 from conftest import launch
-from dist_train import labels as L
 from dist_train import predict
-from dist_train.data import load_info
-from dist_train.model import create_model, data_config, save_for_timm
-from dist_train.report import iter_samples
-from dist_train.shard import write_shards
+from dist_train.infer import files
+from dist_train.model.build import data_config
+from dist_train.model.export import save_for_timm
+from dist_train.shardset.format import iter_samples, load_info
+from dist_train.shardset.writer import write_shards
+from dist_train.tasks import build_model as create_model
+from dist_train.tasks.mask import labels as L
 
 HISTORY = [
     {"epoch": 0, "step": 5, "train_loss": 2.9, "val_loss": 2.8, "val_acc": 0.1, "val_macro_f1": 0.05},
@@ -103,7 +105,7 @@ def test_mask_eval_submission_in_info_csv_order(trained_run, eval_shards, raw_ma
     assert header == info_header == ["ImageID", "ans"]
     assert [r[0] for r in rows] == [r[0] for r in info_rows]
     assert all(0 <= int(r[1]) < L.NUM_CLASSES for r in rows)
-    probs = predict.load_probs(predict.probs_path(out))
+    probs = files.load_probs(files.probs_path(out))
     assert probs.ids == [r[0] for r in rows] and probs.id_column == "ImageID"
     assert probs.prob.shape == (len(rows), L.NUM_CLASSES)
     np.testing.assert_allclose(probs.prob.sum(axis=1), 1.0, atol=1e-5)
@@ -135,7 +137,7 @@ def test_tta_hflip(tmp_path, trained_run, mask_shards):
     def probs(run_dir: Path, data: Path, name: str, *tta: str) -> np.ndarray:
         out = run_predict("--run", str(run_dir), "--data", str(data), "--out", str(tmp_path / name), "--save-probs",
                           *tta)
-        return predict.load_probs(predict.probs_path(out)).prob
+        return files.load_probs(files.probs_path(out)).prob
 
     np.testing.assert_allclose(probs(run, sym, "a.csv"), probs(run, sym, "b.csv", "--tta", "hflip"), atol=1e-5)
     # On ordinary (asymmetric) images the flip does change the probabilities: TTA really runs.

@@ -1,31 +1,11 @@
-"""The competition recipe as options: multi-head, age bins and relabelling at load time, losses, mixup."""
+"""The competition recipe's label options: age bins and relabelling at load time (the options' effect in
+training: tests/test_trainer.py::test_recipe_option_trains)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from dist_train import labels as L
-from test_train import BASE, run_py
-
-
-@pytest.mark.parametrize("extra", [
-    ["--head", "multi"],
-    ["--age-bins", "30,58"],
-    ["--loss", "focal", "--class-weights", "auto"],
-    ["--loss", "f1"],
-    ["--mixup", "0.2", "--cutmix", "1.0"],
-    ["--crop", "center", "--reprob", "0.25", "--aa", "rand-m9-mstd0.5"],
-    ["--grad-accum-steps", "2", "--clip-grad", "1.0", "--opt", "sgd", "--sched", "step"],
-])
-def test_recipe_option_trains(mask_shards, tmp_path, extra):
-    out = tmp_path / "run"
-    p = run_py(["--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "1", "--workers", "0",
-                "--max-steps", "3", "--eval-every", "3", *extra])
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 3 and rows[-1]["train_loss"] == rows[-1]["train_loss"]  # not NaN
+from dist_train.tasks.mask import labels as L
 
 
 def test_relabel_and_age_bins_at_load_time(tmp_path):

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, free_port, launch
+from conftest import ROOT, free_port, launch, run_main
 
 BASE = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--lr", "0.01", "--seed", "0",
         "--warmup-epochs", "0", "--val-split", "none"]
@@ -34,10 +35,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OF
 STEPS_PER_EPOCH = 11  # 168 train samples / (8 x 2 ranks), rounded up (the DDP runs below)
 
 
-def run_py(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
-    """One process of dist_train/run.py."""
-    return subprocess.run([sys.executable, "dist_train/run.py", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+def run_py(args: list[str]) -> subprocess.CompletedProcess:
+    """One process of dist_train/run.py, in this process (conftest.run_main)."""
+    return run_main(args)
 
 
 def launch_cmd(args: list[str], nproc: int = 2) -> list[str]:
@@ -125,6 +125,38 @@ def error_line(stderr: str, marker: str) -> str:
     return lines[0]
 
 
+def final_checkpoint(out: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(name, weights) of the newest complete checkpoint of a run."""
+    done = sorted(p for p in (out / "checkpoints").iterdir() if p.name.startswith("step-") and (p / "progress.json").is_file())
+    return done[-1].name, load_file(done[-1] / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mask_shards, tmp_path_factory) -> dict:
+    """One uninterrupted 2-rank run of the resume tests' arguments (--epochs 2 --checkpoint-every 2):
+    its last checkpoint's weights and summary.json. --workers 0 or 1 (one reader per rank either
+    way) and --dist-timeout give bit-identical weights, so the three resume cases share it."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    launch(["dist_train/run.py", "--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "2",
+            "--workers", "0", "--checkpoint-every", "2"], timeout=120)
+    name, weights = final_checkpoint(out)
+    s = summary(out)
+    assert name == f"step-{2 * STEPS_PER_EPOCH:08d}" and s["finished"] is True
+    return {"name": name, "weights": weights, "summary": s}
+
+
+def assert_same_weights_as_uninterrupted(out: Path, ref: dict) -> None:
+    """The resumed run ends where the uninterrupted one does: same last checkpoint, same weights
+    (every parameter and buffer), same parameter hashes in summary.json."""
+    name, weights = final_checkpoint(out)
+    assert name == ref["name"]
+    assert weights.keys() == ref["weights"].keys()
+    for k in weights:
+        torch.testing.assert_close(weights[k], ref["weights"][k], atol=1e-6, rtol=0,
+                                   msg=lambda m, k=k: f"{k} differs from the uninterrupted run: {m}")
+    assert summary(out)["param_hash_per_rank"] == ref["summary"]["param_hash_per_rank"]
+
+
 # ----------------------------------------------------------------------------- preemption
 @pytest.mark.parametrize("target, sig, workers", [
     # SLURM preemption: every process of the job, DataLoader workers included; torchrun's agent
@@ -133,7 +165,7 @@ def error_line(stderr: str, marker: str) -> str:
     # SLURM's --signal=USR1@300 warning as one rank sees it first: the others must follow.
     ("rank1", signal.SIGUSR1, 0),
 ], ids=["group-SIGTERM", "rank1-SIGUSR1"])
-def test_signal_checkpoints_and_resume_continues(start, mask_shards, tmp_path, target, sig, workers):
+def test_signal_checkpoints_and_resume_continues(start, mask_shards, uninterrupted, tmp_path, target, sig, workers):
     out = tmp_path / "run"
     args = ["--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "2", "--workers", str(workers),
             "--checkpoint-every", "2"]
@@ -164,9 +196,10 @@ def test_signal_checkpoints_and_resume_continues(start, mask_shards, tmp_path, t
     s = summary(out)
     assert s["finished"] is True and s["steps_per_rank"] == [2 * STEPS_PER_EPOCH] * 2
     assert s["batches_per_rank"] == [2 * STEPS_PER_EPOCH - step] * 2  # the resumed launch only ran the rest
+    assert_same_weights_as_uninterrupted(out, uninterrupted)  # same data order, optimizer state, schedule
 
 
-def test_dead_rank_others_exit_within_timeout_and_restart_resumes(start, mask_shards, tmp_path):
+def test_dead_rank_others_exit_within_timeout_and_restart_resumes(start, mask_shards, uninterrupted, tmp_path):
     """Rank 1 freezes (SIGSTOP: a lost node or a hung NCCL peer, no connection reset to notice),
     then is SIGKILLed. Rank 0 must give up after --dist-timeout, not hang."""
     timeout = 10
@@ -195,6 +228,7 @@ def test_dead_rank_others_exit_within_timeout_and_restart_resumes(start, mask_sh
     assert f"resumed from {newest}" in p.stdout
     s = summary(out)
     assert s["finished"] is True and s["steps_per_rank"] == [2 * STEPS_PER_EPOCH] * 2
+    assert_same_weights_as_uninterrupted(out, uninterrupted)
 
 
 # ----------------------------------------------------------------------------- bad data and numbers
@@ -256,6 +290,31 @@ def test_non_finite_losses_skip_steps_then_stop(mask_shards, tmp_path):
     assert all(json.loads((c / "progress.json").read_text())["updates"] == 1 for c in ckpts)
 
 
+def test_non_finite_loss_on_one_rank_is_skipped_on_every_rank(mask_shards, tmp_path):
+    """Rank 1 alone sees non-finite losses from step 3: both ranks skip steps 3, 4, 5 (the
+    decision is all-reduced), both stop themselves at step 5 with exit 1 and one error line from
+    the main process, and the checkpoints written during the streak hold the pre-streak weights."""
+    out = tmp_path / "run"
+    p = launch(["tests/scripts/nonfinite_on_one_rank.py", "--data", str(mask_shards), "--output", str(out), *BASE,
+                "--epochs", "1", "--workers", "0", "--checkpoint-every", "1", "--max-bad-steps", "3",
+                "--keep-checkpoints", "10"], env={"NAN_RANK": "1", "NAN_FROM": "3"}, check=False, timeout=120)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert not rank_errors(p.stderr), "a rank failed:\n" + "\n".join(rank_errors(p.stderr))
+    assert "Traceback" not in p.stderr.split("torch/distributed/elastic")[0]  # the ranks' part, before the launcher's
+    assert "non-finite losses in a row" in error_line(p.stderr, "--max-bad-steps 3")
+    assert re.findall(r"non-finite loss at step (\d+): step skipped", p.stdout) == ["3", "4", "5"]
+    stops = [json.loads((out / f"stopped-rank{r}.json").read_text()) for r in (0, 1)]
+    assert stops == [{"rank": 0, "step": 5}, {"rank": 1, "step": 5}]
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert [c.name for c in ckpts] == [f"step-{s:08d}" for s in range(1, 6)]
+    pre = load_file(ckpts[2] / "model.safetensors")  # after step 3, the last good one
+    assert any(not t.equal(load_file(ckpts[1] / "model.safetensors")[k]) for k, t in pre.items())
+    for c in ckpts[3:]:
+        w = load_file(c / "model.safetensors")
+        changed = [k for k, t in w.items() if not t.equal(pre[k])]
+        assert not changed, f"{c.name}: {changed[:4]} changed in a skipped step"
+
+
 # ----------------------------------------------------------------------------- remote shards
 @pytest.fixture
 def http_shards(mask_shards):
@@ -288,24 +347,6 @@ def test_http_shards_train_ddp_secure(http_shards, mask_shards, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input matrix
-@pytest.fixture(scope="module")
-def few_class_shards(tmp_path_factory) -> Path:
-    """A folder-layout shard set with 3 classes (the mask set has 18)."""
-    from PIL import Image
-
-    from dist_train.shard import write_shards
-
-    src = tmp_path_factory.mktemp("folder") / "animals"
-    for c, color in enumerate(["red", "green", "blue"]):
-        (src / f"class{c}").mkdir(parents=True)
-        for i in range(10):
-            Image.new("RGB", (32, 32), color).save(src / f"class{c}" / f"{i:03d}.png")
-    out = src.parent / "shards"
-    info = write_shards(src, out, layout="folder", samples_per_shard=10, workers=1, progress=False)
-    assert len(info["classes"]) == 3
-    return out
-
-
 # Refused before any process group exists: checked in-process through run.py's main (the same
 # cli_main wrapper), which saves ~4 s of imports per case. (case, flags after `--data
 # MASK_SHARDS` ({tmp}: the test's folder, {shards}: MASK_SHARDS), text of the error line)
@@ -355,10 +396,10 @@ def test_global_batch_larger_than_split(mask_shards, tmp_path):
     _assert_one_line_exit_2(p.returncode, p.stderr, "global batch 180")
 
 
-def test_resume_from_other_class_count_refused(mask_shards, few_class_shards, tmp_path):
+def test_resume_from_other_class_count_refused(mask_shards, folder_shards, tmp_path):
     out = tmp_path / "run"
     common = [*BASE, "--epochs", "1", "--workers", "0", "--output", str(out)]
-    p = run_py(["--data", str(few_class_shards), *common, "--max-steps", "1"])
+    p = run_py(["--data", str(folder_shards), *common, "--max-steps", "1"])
     assert p.returncode == 0, p.stderr[-3000:]
     p = run_py(["--data", str(mask_shards), *common, "--resume", "auto"])
     _assert_one_line_exit_2(p.returncode, p.stderr, "with 3 classes")

@@ -13,9 +13,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from dist_train import shard
-from dist_train.labels import label_from_meta
-from dist_train.shard import inspect, main, shard_sizes, write_shards
+from dist_train.errors import UserError
+from dist_train.shard import main
+from dist_train.shardset import writer as shard
+from dist_train.shardset.writer import inspect, shard_sizes, write_shards
+from dist_train.tasks.mask.labels import label_from_meta
 from test_sources import demo_persons, image_bytes, make_eval_set, make_mask_set, person_folder
 
 
@@ -43,7 +45,9 @@ def raw(tmp_path) -> Path:
 
 
 def run(src: Path, out: Path, **kw) -> dict:
-    return write_shards(src, out, workers=1, progress=False, **kw)
+    """write_shards on one worker; `age_bins=` is the mask layouts' option."""
+    options = {"age_bins": kw.pop("age_bins")} if "age_bins" in kw else None
+    return write_shards(src, out, workers=1, progress=False, options=options, **kw)
 
 
 def test_round_trip_bytes_labels_metadata(raw, tmp_path):
@@ -341,3 +345,56 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     resized = stored(16)  # both re-encoded as 8-bit JPEG
     assert set(resized) == {"a/png16.jpg", "a/tif16.jpg"}
     assert all(100 < grey(d) < 155 for d in resized.values())
+
+
+# Every argument recorded in _info.json "params" (layout aside: it is also part of the source
+# fingerprint), with a base that sets --resize so that --quality matters.
+REFUSAL_BASE = dict(resize=16, quality=80, samples_per_shard=10, seed=0, val_fraction=0.2, age_bins="30,60")
+CHANGED_ARGS = [
+    ({"resize": 24}, "resize 16 -> 24"),
+    ({"resize": None}, "resize 16 -> None"),
+    ({"quality": 81}, "quality 80 -> 81"),
+    ({"seed": 1}, "seed 0 -> 1"),
+    ({"val_fraction": 0.25}, "val_fraction 0.2 -> 0.25"),
+    ({"samples_per_shard": 11}, "samples_per_shard 10 -> 11"),
+    ({"samples_per_shard": None}, "samples_per_shard 10 -> None"),
+    ({"as_split": "test"}, "as_split None -> 'test'"),
+    ({"age_bins": "30,61"}, "age_bins [30, 60] -> [30, 61]"),
+]
+
+
+@pytest.fixture(scope="module")
+def small_raw(tmp_path_factory) -> Path:
+    """6 persons, 42 images of 32x32 px: enough for a train and a validation split."""
+    return make_mask_set(tmp_path_factory.mktemp("small") / "train", demo_persons(6))
+
+
+def snapshot(out: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file of OUT with its mtime, size and content hash."""
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(out.iterdir())}
+
+
+def test_rerun_with_the_recorded_arguments_is_up_to_date(small_raw, tmp_path, capsys):
+    out = tmp_path / "out"
+    info = run(small_raw, out, **REFUSAL_BASE)
+    assert info["params"] == {"layout": "mask", "val_fraction": 0.2, "seed": 0, "resize": 16, "quality": 80,
+                              "samples_per_shard": 10, "as_split": None, "age_bins": [30, 60]}
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run(small_raw, out, **REFUSAL_BASE) == info
+    assert "up to date" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("change, named", CHANGED_ARGS, ids=[c[1].split(" ")[0] + "=" + str(list(c[0].values())[0])
+                                                         for c in CHANGED_ARGS])
+def test_rerun_with_any_other_recorded_argument_is_refused(small_raw, tmp_path, change, named):
+    """Not "up to date": the refusal names exactly the changed argument and nothing is written."""
+    out = tmp_path / "out"
+    run(small_raw, out, **REFUSAL_BASE)
+    before = snapshot(out)
+    with pytest.raises(UserError) as e:
+        run(small_raw, out, **{**REFUSAL_BASE, **change})
+    assert str(e.value) == f"{out}: holds a shard set made differently ({named}); pass --overwrite to replace it"
+    assert snapshot(out) == before

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from dist_train.errors import UserError
-from dist_train.labels import MASK_STEMS, encode
-from dist_train.sources import detect_layout, load_source, make_key, split_records
+from dist_train.shardset.sources import detect_layout, load_source, make_key, split_records
+from dist_train.tasks.mask.labels import MASK_STEMS, encode
 
 STEMS = list(MASK_STEMS)
 
@@ -87,7 +87,7 @@ def test_mask_layout_counts_every_quirk(tmp_path):
 
 def test_mask_parent_folder_and_age_bins(tmp_path):
     make_mask_set(tmp_path / "data" / "train", [("000001", "female", 58)])
-    src = load_source(tmp_path / "data", age_bins=(30, 58))
+    src = load_source(tmp_path / "data", options={"age_bins": (30, 58)})
     assert src.layout == "mask" and src.root == tmp_path / "data" / "train"
     assert {r.label for r in src.records} == {encode(m, 1, 2) for m in (0, 1, 2)}
     assert {r.label for r in load_source(tmp_path / "data").records} == {encode(m, 1, 1) for m in (0, 1, 2)}

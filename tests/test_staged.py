@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, launch
+from conftest import ROOT, launch, run_main
 
 BASE = ["--img-size", "32", "--seed", "0", "--warmup-epochs", "0"]
 RESNET = ["--model", "test_resnet", "--batch-size", "8", "--lr", "0.01", *BASE]
@@ -28,17 +27,16 @@ FAMILY_RECIPES = {
 }
 
 
-def run_py(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "dist_train/run.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                "HF_HUB_OFFLINE": "1"})
+def run_py(args: list[str]) -> subprocess.CompletedProcess:
+    """dist_train/run.py in this process (conftest.run_main); it must succeed."""
+    proc = run_main(args)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
 def initial_weights(tmp_path: Path, name: str) -> tuple[Path, dict[str, torch.Tensor], torch.nn.Module]:
     """A seeded random model saved as the 'pretrained' weights the run loads with --pretrained-path."""
-    from dist_train.model import create_model
+    from dist_train.model.build import create_model
 
     torch.manual_seed(123)
     model = create_model(name, 18, img_size=32)
@@ -100,7 +98,7 @@ def test_ddp_head_then_all_stays_in_sync(mask_shards, tmp_path, val_split):
 
     With --val-split none the last training forward is the last forward: no evaluation forward
     broadcasts rank 0's BatchNorm statistics after it, so the trainer itself must equalise them."""
-    from dist_train.unfreeze import count_params, trainable_names
+    from dist_train.model.stages import count_params, trainable_names
 
     init_path, init, model = initial_weights(tmp_path, "test_resnet")
     params = {n for n, _ in model.named_parameters()}
@@ -141,7 +139,7 @@ def test_ddp_head_then_all_stays_in_sync(mask_shards, tmp_path, val_split):
 
 
 def test_train_bn_moves_frozen_bn_only(mask_shards, tmp_path):
-    from dist_train.unfreeze import trainable_names
+    from dist_train.model.stages import trainable_names
 
     init_path, init, model = initial_weights(tmp_path, "test_resnet")
     head = trainable_names(model, "head")
@@ -207,7 +205,7 @@ def test_resume_inside_stage_two_equals_uninterrupted_ddp(mask_shards, tmp_path)
 
 # ----------------------------------------------------------------------------- LR per group
 def _layer_of(model: torch.nn.Module) -> tuple[dict[str, int], int]:
-    from dist_train.unfreeze import layer_groups
+    from dist_train.model.stages import layer_groups
 
     groups = layer_groups(model)
     return {n: i for i, g in enumerate(groups) for n in g}, len(groups) - 1
@@ -233,7 +231,7 @@ def test_unfreeze_warmup_ramps_new_groups_from_zero(mask_shards, tmp_path):
     """With AdamW and no weight decay, a parameter's first update is lr * g/(|g| + eps): its size
     shows the LR the step used. A group unfrozen with --unfreeze-warmup 4 must not take that first
     step at more than a quarter of the LR."""
-    from dist_train.unfreeze import trainable_names
+    from dist_train.model.stages import trainable_names
 
     _, _, model = initial_weights(tmp_path, "test_resnet")
     fresh = {n for n, _ in model.named_parameters()} - trainable_names(model, "head")
@@ -260,7 +258,7 @@ def test_unfreeze_warmup_ramps_new_groups_from_zero(mask_shards, tmp_path):
 def test_schedule_on_four_families(mask_shards, tmp_path, name):
     """head -> last1 -> all on each family, starting from that family's recipe: each stage moves
     exactly its groups, leaves everything below bit-identical, and keeps one model per checkpoint."""
-    from dist_train.unfreeze import count_params, trainable_names
+    from dist_train.model.stages import count_params, trainable_names
 
     init_path, init, model = initial_weights(tmp_path, name)
     params = {n for n, _ in model.named_parameters()}
@@ -293,15 +291,15 @@ def test_recipes_load_and_validate():
     import timm
 
     from dist_train.config import load_yaml, parse_config
-    from dist_train.unfreeze import parse_schedule, stage_epochs
+    from dist_train.model.stages import parse_schedule, stage_epochs
 
     files = sorted(RECIPES.glob("*.yaml"))
     assert set(FAMILY_RECIPES.values()) <= {f.name for f in files}
     for f in files:
         assert load_yaml(str(f))
         cfg = parse_config(["--config", str(f), "--data", "x"])
-        assert timm.is_model(cfg.model), f.name
-        stage_epochs(parse_schedule(cfg.unfreeze), cfg.epochs)  # the schedule fits the epochs
+        assert timm.is_model(cfg.model.model), f.name
+        stage_epochs(parse_schedule(cfg.stages.unfreeze), cfg.optim.epochs)  # the schedule fits the epochs
     for name in FAMILY_RECIPES.values():  # each says when to pick it
         text = (RECIPES / name).read_text()
         assert text.startswith("#") and "Pick it when" in text, name

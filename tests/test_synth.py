@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from dist_train import labels as L
 from dist_train.errors import UserError
-from dist_train.synth import make_dataset
+from dist_train.tasks.mask import labels as L
+from dist_train.tasks.mask.synth import make_dataset
 
 SEVEN = {"mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"}
 REPO = Path(__file__).resolve().parents[1]

@@ -11,13 +11,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch
+from conftest import ROOT, launch, run_main
 
 BASE = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--lr", "0.01", "--seed", "0",
         "--warmup-epochs", "0"]
 
 
-def run_py(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def run_py(args: list[str]) -> subprocess.CompletedProcess:
+    """dist_train/run.py in this process (conftest.run_main): the same exit code and output."""
+    return run_main(args)
+
+
+def run_script(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python dist_train/run.py ARGS` as its own process."""
     return subprocess.run([sys.executable, "dist_train/run.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
                                                 "HF_HUB_OFFLINE": "1"})
@@ -93,7 +99,7 @@ def test_existing_checkpoints_need_resume_flag(mask_shards, tmp_path):
 
 
 def test_debug_mode(mask_shards):
-    p = run_py(["--debug", "--data", str(mask_shards), *BASE, "--debug-steps", "2"])
+    p = run_script(["--debug", "--data", str(mask_shards), *BASE, "--debug-steps", "2"])  # the README's command
     assert p.returncode == 0, p.stderr[-3000:]
     assert "debug: images (8, 3, 32, 32)" in p.stdout and "label histogram" in p.stdout
     assert "world size 1" in p.stdout
@@ -145,7 +151,8 @@ def test_yaml_values_and_flag_override(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model: resnet50\nlr: 0.5\nscale: [0.3, 0.9]\nunfreeze: head:1,all\n")
     cfg = parse_config(["--config", str(cfg_file), "--data", "x", "--lr", "0.1"])
-    assert (cfg.model, cfg.lr, cfg.scale, cfg.unfreeze) == ("resnet50", 0.1, [0.3, 0.9], "head:1,all")
+    assert (cfg.model.model, cfg.optim.lr, cfg.augment.scale, cfg.stages.unfreeze) == ("resnet50", 0.1, [0.3, 0.9],
+                                                                                      "head:1,all")
 
 
 def test_resume_other_model_refused(mask_shards, tmp_path):

@@ -9,8 +9,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from dist_train.errors import UserError
-from dist_train.model import create_model
-from dist_train.unfreeze import (
+from dist_train.model.stages import (
     Stage,
     apply_trainable,
     count_params,
@@ -23,6 +22,7 @@ from dist_train.unfreeze import (
     stage_start_epoch,
     trainable_names,
 )
+from dist_train.tasks import build_model as create_model  # timm models, and the heads tasks add
 
 FAMILIES = {
     "resnet18": ("conv1.weight", {"fc.weight", "fc.bias"}),
@@ -250,13 +250,14 @@ def test_count_params() -> None:
 
 @pytest.mark.parametrize("opt_name,fused", [("adamw", True), ("sgd", True), ("lamb", None)])
 def test_trainer_optimizer_uses_fused_kernels_where_torch_has_them(opt_name, fused):
-    """engine.build_optimizer: torch's fused kernels on CPU as on CUDA (50 -> 6.6 ms per resnet18
+    """train.optim.build_optimizer: torch's fused kernels on CPU as on CUDA (50 -> 6.6 ms per resnet18
     AdamW step on one CPU thread); timm's own optimizers (lamb) get no `fused` argument."""
     from dist_train.config import Config
-    from dist_train.engine import build_optimizer
+    from dist_train.train.optim import build_optimizer
 
     model = create_model("test_resnet", 4)
-    opt = build_optimizer(Config(data="unused", model="test_resnet", opt=opt_name), model)
+    cfg = Config.from_flat(dict(data="unused", model="test_resnet", opt=opt_name))
+    opt = build_optimizer(cfg.optim, cfg.stages, model)
     assert opt.defaults.get("fused") is fused
     sum(p.sum() for p in model.parameters()).backward()
     before = [p.detach().clone() for p in model.parameters()]

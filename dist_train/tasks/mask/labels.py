@@ -114,7 +114,7 @@ def load_relabel(path: str) -> dict[str, dict]:
     """
     import csv
 
-    from .errors import UserError
+    from dist_train.errors import UserError
 
     try:
         with open(path, newline="") as f:

@@ -1,6 +1,6 @@
-"""Classification metrics and the class-imbalance losses.
+"""Classification metrics and the confusion-matrix picture.
 
-Metrics are plain numpy so every entry point (training, evaluate, predict) computes them the
+Plain numpy so every entry point (training's evaluation, evaluate, predict) computes them the
 same way without scikit-learn at runtime; macro F1 follows `sklearn.metrics.f1_score(
 average='macro')` exactly: averaged over the labels present in targets or predictions, with
 0 where precision or recall is undefined.
@@ -11,14 +11,11 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from . import labels as L
-from .errors import atomic_write_bytes, atomic_write_text
+from dist_train.errors import atomic_write_bytes, atomic_write_text
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -37,9 +34,8 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def summarize(preds: Sequence[int], targets: Sequence[int], num_classes: int,
-              class_names: Sequence[str] | None = None, mask_tasks: bool = False) -> dict:
-    """acc, macro_f1, per_class (precision/recall/f1/support), confusion; with mask_tasks also
-    mask_acc, gender_acc and age_acc (each task's part of the class, per labels.decode)."""
+              class_names: Sequence[str] | None = None) -> dict:
+    """acc, macro_f1, per_class (precision/recall/f1/support), confusion."""
     p, t = np.asarray(preds, dtype=np.int64).ravel(), np.asarray(targets, dtype=np.int64).ravel()
     if t.size == 0:
         raise ValueError("summarize: no samples")
@@ -63,11 +59,6 @@ def summarize(preds: Sequence[int], targets: Sequence[int], num_classes: int,
         ],
         "confusion": cm,
     }
-    if mask_tasks:
-        pd = np.array([L.decode(int(c)) for c in p]).reshape(-1, 3)
-        td = np.array([L.decode(int(c)) for c in t]).reshape(-1, 3)
-        for i, task in enumerate(("mask", "gender", "age")):
-            out[f"{task}_acc"] = float((pd[:, i] == td[:, i]).mean())
     return out
 
 
@@ -114,59 +105,3 @@ def save_confusion(cm: np.ndarray, class_names: Sequence[str], csv_path: str | P
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     atomic_write_bytes(png_path, png.getvalue())
-
-
-# ----------------------------------------------------------------------------- losses
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, weight: torch.Tensor | None = None,
-               smoothing: float = 0.0) -> torch.Tensor:
-    """Focal loss: cross-entropy with each class's log-probability scaled by (1 - p)^gamma.
-
-    Reduction, class weights, label smoothing and soft (N, C) targets follow
-    `F.cross_entropy` term for term, so gamma=0 gives exactly cross-entropy.
-    """
-    logp = F.log_softmax(logits.float(), dim=1)
-    flp = (1.0 - logp.exp()).pow(gamma) * logp
-    num_classes = logits.shape[1]
-    w = torch.ones(num_classes, device=logits.device) if weight is None else weight.to(logits.device).float()
-    if targets.ndim == 2:  # probabilities (e.g. from Mixup): weighted sum per sample, mean over the batch
-        q = targets.float() * (1.0 - smoothing) + smoothing / num_classes
-        return -(q * flp * w).sum(dim=1).mean()
-    nll = F.nll_loss(flp, targets, weight=w)
-    if smoothing == 0.0:
-        return nll
-    smooth = -(flp * w).sum(dim=1).sum() / num_classes / w[targets].sum()
-    return (1.0 - smoothing) * nll + smoothing * smooth
-
-
-def f1_loss(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, eps: float = 1e-7) -> torch.Tensor:
-    """1 - soft macro F1 of the batch (softmax probabilities as fractional counts).
-
-    Per class: tp = sum p*y, fp = sum p*(1-y), fn = sum (1-p)*y; precision and recall from them,
-    F1 = 2PR / (P + R + eps) clamped to [eps, 1 - eps]; mean over all classes — the form this
-    competition's top solutions used alongside cross-entropy.
-    """
-    y = targets.float() if targets.ndim == 2 else F.one_hot(targets, num_classes).float()
-    p = F.softmax(logits.float(), dim=1)
-    tp = (y * p).sum(dim=0)
-    fp = ((1 - y) * p).sum(dim=0)
-    fn = (y * (1 - p)).sum(dim=0)
-    precision = tp / (tp + fp + eps)
-    recall = tp / (tp + fn + eps)
-    f1 = (2 * precision * recall / (precision + recall + eps)).clamp(min=eps, max=1 - eps)
-    return 1 - f1.mean()
-
-
-def class_weights_from_counts(counts: Mapping[str | int, int] | Sequence[int], num_classes: int) -> torch.Tensor:
-    """Inverse-frequency class weights normalised to mean 1 (`_info.json` label_counts has string keys).
-
-    A class with no samples is weighted as if it had one, so its weight stays finite.
-    """
-    n = np.zeros(num_classes, dtype=np.float64)
-    items = counts.items() if isinstance(counts, Mapping) else enumerate(counts)
-    for k, v in items:
-        c = int(k)
-        if not 0 <= c < num_classes:
-            raise ValueError(f"label count for class {k} outside 0..{num_classes - 1}")
-        n[c] = float(v)
-    inv = 1.0 / np.maximum(n, 1.0)
-    return torch.tensor(inv / inv.mean(), dtype=torch.float32)

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 from timm.models import group_parameters
 
-from .errors import UserError
+from dist_train.errors import UserError
 
 _SPEC = re.compile(r"^(head|all|last([1-9][0-9]*))$")
 

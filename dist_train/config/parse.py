@@ -1,0 +1,150 @@
+"""Flags and YAML -> a validated Config; the resolved config back to YAML."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from dist_train.errors import ArgParser, UserError, atomic_write_text
+
+from .sections import SECTION_OF, SECTIONS, Config
+
+CHOICES = {"mixed_precision": (None, "no", "bf16", "fp16"), "loss": ("ce", "focal", "f1"),
+           "class_weights": (None, "auto"), "crop": ("random", "center")}
+POSITIVE = ("img_size", "batch_size", "epochs", "grad_accum_steps", "keep_checkpoints", "log_every",
+            "dist_timeout", "max_bad_steps", "debug_steps")
+POSITIVE_OR_NONE = ("max_steps", "eval_every", "checkpoint_every")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _none_or(typ: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else typ(text)
+
+    parse.__name__ = typ.__name__
+    return parse
+
+
+def _add_field(group: Any, f: dataclasses.Field) -> None:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    kw: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {default})", "dest": f.name}
+    if f.type in ("bool",) or f.type is bool:
+        group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        return
+    if "nargs" in f.metadata:
+        kw.update(nargs=f.metadata["nargs"], type=f.metadata["type"], metavar=("MIN", "MAX"))
+    elif f.name == "unfreeze":
+        kw.update(type=str, metavar="STAGES")
+    else:
+        base = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        kw.update(type=_none_or(base) if "None" in str(f.type) else base)
+    group.add_argument(_flag(f.name), **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every field becomes a flag, grouped by section; defaults are left unset so YAML can fill them."""
+    p = ArgParser(
+        prog="dist_train/run.py",
+        description="Train a timm model on dist_train shards (DDP through `accelerate launch`).",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", help="YAML file of config values; flags override it")
+    for name, section in SECTIONS.items():
+        group = p.add_argument_group(name)
+        for f in fields(section):
+            _add_field(group, f)
+    return p
+
+
+def load_yaml(path: str) -> dict:
+    """A YAML mapping of flat config keys (`lr: 0.01`; '-' or '_' in names)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"--config {path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"--config {path}:{where} not valid YAML") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of config keys")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in SECTION_OF:
+            raise UserError(f"--config {path}: unknown key '{key}' (see dist_train/run.py --help)")
+        out[name] = value
+    return out
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """defaults < YAML < flags, then validated."""
+    args = vars(build_parser().parse_args(argv))
+    values = load_yaml(args.pop("config")) if "config" in args else {}
+    values.update(args)
+    try:
+        cfg = Config.from_flat(values)
+    except TypeError as e:
+        raise UserError(f"config: {e}") from None
+    return validate(cfg)
+
+
+def _check_numbers(v: dict) -> None:
+    for name in POSITIVE:
+        if not isinstance(v[name], (int, float)) or v[name] <= 0:
+            raise UserError(f"{_flag(name)} {v[name]}: expected a positive integer")
+    for name in POSITIVE_OR_NONE:
+        if v[name] is not None and v[name] <= 0:
+            raise UserError(f"{_flag(name)} {v[name]}: expected a positive integer")
+    if not 0 <= v["max_bad_fraction"] <= 1:
+        raise UserError(f"--max-bad-fraction {v['max_bad_fraction']}: expected 0..1")
+    if v["workers"] < 0:
+        raise UserError(f"--workers {v['workers']}: expected 0 or more")
+    if v["lr"] <= 0:
+        raise UserError(f"--lr {v['lr']}: expected a positive number")
+    if v["overfit_batches"] < 0:
+        raise UserError(f"--overfit-batches {v['overfit_batches']}: expected 0 or more")
+
+
+def _check_augment(v: dict) -> None:
+    lo, hi = v["scale"]
+    if not 0 < lo <= hi <= 1:
+        raise UserError(f"--scale {lo} {hi}: expected 0 < MIN <= MAX <= 1")
+    if not 0 < v["ratio"][0] <= v["ratio"][1]:
+        raise UserError(f"--ratio {v['ratio'][0]} {v['ratio'][1]}: expected 0 < MIN <= MAX")
+    if not 0 <= v["hflip"] <= 1 or not 0 <= v["reprob"] <= 1:
+        raise UserError("--hflip and --reprob are probabilities: expected 0..1")
+    if v["crop_pct"] is not None and not 0 < v["crop_pct"] <= 1:
+        raise UserError(f"--crop-pct {v['crop_pct']}: expected 0 < x <= 1")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject values no run could use, with one line each; returns `cfg` unchanged."""
+    v = cfg.flat()
+    if not v["data"]:
+        raise UserError("--data is required: a shard folder written by `python -m dist_train.shard`")
+    _check_numbers(v)
+    for name, allowed in CHOICES.items():
+        if v[name] not in allowed:
+            raise UserError(f"{_flag(name)} {v[name]}: expected {', '.join(str(a) for a in allowed if a)}")
+    if v["secure"] and str(v["data"]).startswith("pipe:"):
+        raise UserError(f"--data {v['data']}: pipe: URLs run shell commands and are refused with --secure")
+    _check_augment(v)
+    if v["resume"] not in ("auto", "none") and not Path(v["resume"]).is_dir():
+        raise UserError(f"--resume {v['resume']}: expected auto, none or a checkpoint folder")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(cfg.flat(), sort_keys=False))

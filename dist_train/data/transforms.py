@@ -1,0 +1,188 @@
+"""Image transforms of the fast data path: timm's train and eval steps on uint8 tensors.
+
+Images are decoded to uint8 tensors (`torchvision.io.decode_image`) and cropped, resized
+(torchvision's antialiased resize) and flipped in channels-last memory, the decoder's own
+layout and the one torch's vectorised uint8 resize wants. Every random choice comes from a
+per-sample `random.Random(seed)`, so a sample's augmentation depends on its seed alone (an
+epoch is reproducible and resumable) and never moves a global RNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+from timm.data.transforms import str_to_pil_interp
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from dist_train.errors import UserError
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation options with timm train.py's names and meaning."""
+
+    img_size: int = 224
+    scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop; faces must stay in the crop
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    aa: str | None = None  # timm auto-augment string, e.g. 'rand-m9-mstd0.5-inc1'
+    crop_pct: float = 0.875  # eval (and train_crop="center"): resize to img_size/crop_pct, center crop
+    train_crop: str = "random"  # "random" (RandomResizedCrop) or "center" (face-centred data)
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN  # auto-augment fill colour, as in timm
+
+
+def check_augment(aug: AugmentConfig) -> None:
+    if aug.img_size <= 0:
+        raise UserError(f"image size {aug.img_size}: expected a positive integer")
+    lo, hi = aug.scale
+    if not 0 < lo <= hi <= 1:
+        raise UserError(f"scale {aug.scale}: expected 0 < MIN <= MAX <= 1")
+    if not 0 < aug.ratio[0] <= aug.ratio[1]:
+        raise UserError(f"ratio {aug.ratio}: expected 0 < MIN <= MAX")
+    if not 0 <= aug.hflip <= 1:
+        raise UserError(f"hflip {aug.hflip}: expected a probability in [0, 1]")
+    if not 0 < aug.crop_pct <= 1:
+        raise UserError(f"crop pct {aug.crop_pct}: expected 0 < crop_pct <= 1")
+    if aug.train_crop not in ("random", "center"):
+        raise UserError(f"train crop {aug.train_crop!r}: expected 'random' or 'center'")
+    if aug.interpolation not in INTERPOLATIONS:
+        raise UserError(f"interpolation {aug.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}")
+
+
+def _auto_augment(aug: AugmentConfig) -> Callable:
+    """timm's auto-augment transform for `aug.aa`, with the hparams timm's transforms_factory uses."""
+    hparams: dict[str, Any] = dict(
+        translate_const=int(aug.img_size * 0.45),
+        img_mean=tuple(min(255, round(255 * x)) for x in aug.mean),
+        interpolation=str_to_pil_interp(aug.interpolation),
+    )
+    try:
+        if aug.aa.startswith("rand"):
+            return rand_augment_transform(aug.aa, hparams)
+        if aug.aa.startswith("augmix"):
+            return augment_and_mix_transform(aug.aa, dict(hparams, translate_pct=0.3))
+        return auto_augment_transform(aug.aa, hparams)
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        raise UserError(
+            f"auto-augment {aug.aa!r}: not a timm policy string ({e!r}); e.g. 'rand-m9-mstd0.5-inc1', "
+            "'augmix-m5-w4-d2', 'original'"
+        ) from None
+
+
+def crop_params(
+    rng: random.Random, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random resized crop: torchvision's `RandomResizedCrop.get_params`
+    with draws from a per-sample `random.Random` (~2 us) instead of torch's global RNG (~30 us
+    of scalar tensor ops plus saving and restoring the generator's state)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height  # fallback: the central crop closest to the ratio range
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class Transform:
+    """uint8 [3, H, W] -> uint8 [3, S, S]: timm's train steps (random resized crop, flip,
+    auto-augment) or eval steps (resize to S / crop_pct, center crop), with torchvision's resize.
+
+    Why not a `transforms.v2.Compose`: the decoder's output is HWC in memory, and torch's
+    vectorised uint8 antialiased resize wants exactly that (channels-last); v2 reads the
+    cropped view as CHW and resizes at half the speed. Here the crop is copied once into
+    channels-last memory and resized there, and crop/flip draws come from `random.Random(seed)`,
+    so a sample's augmentation depends on its seed alone, never on a global RNG.
+    """
+
+    def __init__(self, aug: AugmentConfig, train: bool):
+        check_augment(aug)
+        self.aug = aug
+        self.random_crop = train and aug.train_crop == "random"
+        self.hflip = aug.hflip if train else 0.0
+        self.interpolation = InterpolationMode(aug.interpolation)
+        # torch's nearest-neighbour uint8 resize is the one mode faster on CHW memory
+        self.memory_format = torch.contiguous_format if aug.interpolation == "nearest" else torch.channels_last
+        # timm's auto-augment works on PIL images and draws from `random` and `np.random`.
+        self.auto_augment = _auto_augment(aug) if train and aug.aa else None
+        self.draws = self.random_crop or self.hflip > 0 or self.auto_augment is not None
+
+    def __call__(self, img: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """`seed` fixes the random choices (None: fresh entropy); the result is channels-last
+        in memory except with nearest-neighbour interpolation."""
+        # No generator for the deterministic eval steps: seeding one from OS entropy costs ~11 us.
+        rng = random.Random(seed) if self.draws else None
+        size = self.aug.img_size
+        if self.random_crop:
+            top, left, h, w = crop_params(rng, img.shape[-2], img.shape[-1], self.aug.scale, self.aug.ratio)
+            crop = img[None, :, top : top + h, left : left + w]
+            # Flip the crop, not the result: the copy the resize needs anyway, and the same
+            # pixels with bilinear/bicubic (mirror-symmetric kernels; tested against v2's order).
+            if self.hflip > 0 and rng.random() < self.hflip:
+                crop = crop.flip(-1)
+            crop = crop.contiguous(memory_format=self.memory_format)
+            img = TF.resize(crop, [size, size], interpolation=self.interpolation, antialias=True)[0]
+        else:
+            short = math.floor(size / self.aug.crop_pct)
+            img = img[None].contiguous(memory_format=self.memory_format)
+            img = TF.center_crop(TF.resize(img, [short], interpolation=self.interpolation, antialias=True), [size])[0]
+            if self.hflip > 0 and rng.random() < self.hflip:
+                img = TF.horizontal_flip(img)
+        if self.auto_augment is not None:
+            pil = TF.to_pil_image(img)
+            img = TF.pil_to_tensor(seeded_call(self.auto_augment, pil, rng.getrandbits(63)))
+        return img
+
+
+def mix_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple, stable across processes and Python versions."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seeded_call(fn: Callable, arg: Any, seed: int) -> Any:
+    """fn(arg) with `random` and `np.random` seeded by `seed`, restoring them afterwards so the
+    caller's streams never move (resume needs that with workers=0, where this runs in the
+    training process)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        return fn(arg)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def decode_rgb(data: bytes | torch.Tensor) -> torch.Tensor:
+    """JPEG/PNG bytes -> uint8 [3, H, W] (HWC in memory, as the decoder writes it). 16-bit PNGs
+    decode to uint16 and are scaled to 8 bits here: copied into a uint8 batch as they are, their
+    values would wrap around."""
+    if not isinstance(data, torch.Tensor):
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    img = decode_image(data, mode=ImageReadMode.RGB)
+    return img if img.dtype == torch.uint8 else TF.to_dtype(img, torch.uint8, scale=True)
+

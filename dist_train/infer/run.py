@@ -1,0 +1,55 @@
+"""One trained model over one whole split: the results predict and evaluate write out."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from dist_train.data.device import BatchPrep
+from dist_train.data.loaders import build_eval_loader
+from dist_train.data.transforms import AugmentConfig
+from dist_train.errors import UserError
+from dist_train.shardset.format import class_names, split_info
+
+from .accel import make_accelerator
+from .gather import infer
+from .load import Loaded
+
+
+def default_split(info: dict) -> str:
+    """`test` when the shard set has one (the data to predict), else `validation`."""
+    splits = info.get("splits", {})
+    for name in ("test", "validation"):
+        if name in splits:
+            return name
+    raise UserError(f"shard set has neither a 'test' nor a 'validation' split (has: {', '.join(splits)}); "
+                    "pass --split")
+
+
+def run_inference(loaded: Loaded, data: str, info: dict, split: str, *, batch_size: int, workers: int,
+                  tta: bool, mixed_precision: str | None) -> tuple[Accelerator, dict]:
+    """Gathered results of `infer` over the whole split on every rank, plus `prob`.
+
+    Refuses a result that is not exactly the split's samples, once each: a file with rows
+    missing would be silently wrong.
+    """
+    s = split_info(info, split)
+    n_classes = len(class_names(info))
+    if n_classes and n_classes != loaded.info["num_classes"]:
+        raise UserError(f"the model predicts {loaded.info['num_classes']} classes, the shard set {data} has "
+                        f"{n_classes}")
+    acc = make_accelerator(mixed_precision)
+    model = loaded.model.to(acc.device)
+    aug = AugmentConfig(img_size=int(loaded.info["input_size"][-1]), crop_pct=float(loaded.info["crop_pct"]))
+    loader = build_eval_loader(data, info, split, aug=aug, batch_size=batch_size, workers=workers,
+                               world_size=acc.num_processes, rank=acc.process_index,
+                               pin_memory=acc.device.type == "cuda")
+    res = infer(model, loader, acc, BatchPrep(acc.device, loaded.info["mean"], loaded.info["std"]), tta=tta)
+    n, expected = len(res["key"]), s.num_samples
+    if n != expected:
+        raise UserError(f"split {split!r} of {data}: {n} of {expected} samples could be read (see the warnings "
+                        "above); refusing to write an incomplete result")
+    if len(set(res["key"])) != n:
+        raise RuntimeError(f"split {split!r}: gathered keys are not unique ({n - len(set(res['key']))} repeats)")
+    res["prob"] = torch.softmax(torch.from_numpy(res["logits"]).double(), dim=1).numpy()
+    return acc, res

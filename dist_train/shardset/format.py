@@ -1,0 +1,183 @@
+"""The shard-set format (shards/README.md): the one reader and writer of `_info.json`.
+
+Everything that knows where a shard set's files are, or what `_info.json` holds, lives here:
+the writer writes the info through `write_info`, the loaders, predict, evaluate and the
+pictures read it through `load_info` / `split_info` / `shard_urls` / `iter_samples`. A shard
+set is a local folder or a URL (http(s)://, s3://, gs://, file://, or a webdataset `pipe:`
+command with `{}` for the file name); remote files are read through webdataset's gopen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import webdataset as wds
+from webdataset.gopen import Pipe
+
+from dist_train.errors import UserError, atomic_write_json
+
+INFO_NAME = "_info.json"
+REJECTED_NAME = "_rejected.jsonl"
+SHARD_HINT = "expected a shard set written by python -m dist_train.shard"
+IMAGE_KEYS = ("jpg", "png")  # the image member of a sample: one of these
+SHARD_RE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
+SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192) -> Pipe:
+    """s3:// through the AWS CLI, the way webdataset's docs stream S3 shards."""
+    if mode[0] != "r":
+        raise ValueError(f"{url}: s3 shards are read-only here")
+    return Pipe(["aws", "s3", "cp", url, "-"], mode=mode, bufsize=bufsize, ignore_status=[141, 23])
+
+
+# webdataset 1.0 has no s3 handler; a user-registered one wins.
+wds.gopen_schemes.setdefault("s3", _gopen_s3)
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split of `_info.json`: its shard files and their sample counts, checked consistent."""
+
+    name: str
+    filenames: tuple[str, ...]
+    shard_lengths: tuple[int, ...]
+    num_samples: int
+
+
+def is_url(root: str) -> bool:
+    """http(s)://, s3://, gs://, file://, pipe:... (a one-letter scheme would be a drive)."""
+    return len(urlparse(str(root)).scheme) > 1
+
+
+def join_url(root: str, name: str) -> str:
+    """A file of the shard set: path join for folders, '/' for URLs; in a `pipe:` root, `{}`
+    stands for the file name (e.g. `pipe:aws s3 cp s3://b/shards/{} -`)."""
+    root = str(root)
+    if not is_url(root):
+        return os.path.join(root, name)
+    if root.startswith("pipe:") and "{}" in root:
+        return root.replace("{}", name)
+    return root.rstrip("/") + "/" + name
+
+
+def load_info(root: str) -> dict:
+    """Read `_info.json` of a local or remote shard set (through webdataset's gopen)."""
+    root = str(root)
+    if not is_url(root):
+        if not os.path.isdir(root):
+            raise UserError(f"{root}: no such folder: {SHARD_HINT}")
+        if not os.path.isfile(os.path.join(root, INFO_NAME)):
+            raise UserError(f"{root}: no {INFO_NAME} (incomplete or not a shard set): {SHARD_HINT}")
+    url = join_url(root, INFO_NAME)
+    try:
+        with wds.gopen(url) as f:
+            info = json.load(f)
+    except Exception as e:  # remote errors come as many types (IOError from curl, ValueError, ...)
+        raise UserError(f"{url}: cannot read shard info ({e}): {SHARD_HINT}") from None
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
+        raise UserError(f"{url}: no 'splits' in the shard info: {SHARD_HINT}")
+    return info
+
+
+def read_local_info(out: Path) -> dict | None:
+    """OUT's `_info.json` for the writer (None if absent); unreadable is a UserError."""
+    path = Path(out) / INFO_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); pass --overwrite to replace the shard set") from None
+
+
+def write_info(out: Path, info: dict) -> None:
+    """Written last and atomically: its presence is what marks a shard set complete."""
+    atomic_write_json(Path(out) / INFO_NAME, info)
+
+
+def split_info(info: dict, split: str) -> SplitInfo:
+    """The `splits[split]` entry, checked for the keys the loaders rely on."""
+    splits = info.get("splits", {})
+    if split not in splits:
+        available = ", ".join(sorted(splits)) or "none"
+        raise UserError(f"split {split!r} is not in the shard set (available: {available})")
+    s = splits[split]
+    try:
+        names, lengths, n = tuple(s["filenames"]), tuple(int(x) for x in s["shard_lengths"]), int(s["num_samples"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"split {split!r}: bad entry in {INFO_NAME} ({e!r}): {SHARD_HINT}") from None
+    if len(names) != len(lengths) or sum(lengths) != n:
+        raise UserError(
+            f"split {split!r}: {len(names)} filenames, {len(lengths)} shard_lengths summing to "
+            f"{sum(lengths)}, num_samples {n}: inconsistent {INFO_NAME}: {SHARD_HINT}"
+        )
+    return SplitInfo(split, names, lengths, n)
+
+
+def class_names(info: dict) -> list[str]:
+    return list(info.get("classes") or [])
+
+
+def label_counts(info: dict, split: str) -> dict[str, int] | None:
+    """Per-class sample counts of a labeled split (string class keys), None if unlabeled."""
+    return info.get("label_counts", {}).get(split)
+
+
+def is_labeled(info: dict, split: str) -> bool:
+    return split in info.get("label_counts", {})
+
+
+def num_images(info: dict) -> int:
+    return sum(s["num_samples"] for s in info.get("splits", {}).values())
+
+
+def shard_urls(root: str, info: dict, split: str) -> list[str]:
+    return [join_url(root, name) for name in split_info(info, split).filenames]
+
+
+def iter_samples(root: str, info: dict, split: str) -> Iterator[dict]:
+    """Undecoded samples of a split in shard order: `__key__`, image bytes (`jpg`/`png`), `cls`, `json`.
+
+    A generator: stop iterating as soon as you have what you need and the rest is never read.
+    """
+    urls = shard_urls(root, info, split)
+    yield from wds.tarfile_samples([dict(url=u) for u in urls], handler=wds.warn_and_continue)
+
+
+def read_meta(root: str, info: dict, split: str) -> dict[str, dict]:
+    """key -> the sample's json metadata, for every sample of the split."""
+    return {s["__key__"]: json.loads(s["json"]) for s in iter_samples(root, info, split) if "json" in s}
+
+
+def image_bytes(sample: dict) -> bytes | None:
+    """The sample's image member (jpg or png), None if it has none."""
+    return next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+
+
+def summary(out: Path | str, info: dict) -> str:
+    """Human summary of a shard set: images per split and class, shards, rejected, ignored."""
+    splits = info["splits"]
+    lines = [f"{out}: {info['layout']} layout, {num_images(info)} images, "
+             f"{sum(len(s['filenames']) for s in splits.values())} shards"]
+    width = max(len(n) for n in splits)
+    for name, s in splits.items():
+        lines.append(f"  {name:<{width}}  {s['num_samples']:>8} images  {len(s['filenames']):>5} shards")
+    counts = info.get("label_counts", {})
+    if counts:
+        names = list(counts)
+        cw = max(len(c) for c in info["classes"])
+        lines.append("  " + " " * cw + "".join(f"  {n:>10}" for n in names))
+        for i, cls in enumerate(info["classes"]):
+            lines.append(f"  {cls:<{cw}}" + "".join(f"  {counts[n].get(str(i), 0):>10}" for n in names))
+    rej = info.get("rejected", 0)
+    lines.append(f"  rejected: {rej}" + (f" (see {Path(out) / REJECTED_NAME})" if rej else ""))
+    ignored = info.get("ignored", {})
+    lines.append("  ignored: " + ", ".join(f"{k} {v}" for k, v in ignored.items()))
+    return "\n".join(lines)

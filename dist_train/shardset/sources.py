@@ -1,0 +1,312 @@
+"""Raw image layouts -> one list of records, and the train/validation split.
+
+A layout is a `Layout`: how to recognise it in a folder, how to read it into `Record`s, and
+which options it records in the shard set. `folder` (one subfolder per class, classes sorted by
+name, torchvision's ImageFolder convention) is built in; tasks register their own layouts with
+`register_layout` when `dist_train.plugins` loads them.
+Detection tries the registered layouts first, then `folder`.
+
+Junk that real image sets carry (macOS `._*` AppleDouble files, other dot-files, Jupyter's
+`.ipynb_checkpoints`, stray files) is skipped but counted by reason in `Source.ignored`, so the
+user sees it instead of it silently vanishing or failing at decode time. Structural problems
+(missing folders, duplicated stems, unparseable csv values, key clashes) raise `UserError`
+naming the offenders: they mean the labels cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from dist_train import plugins
+from dist_train.errors import UserError
+
+# The extensions torchvision's ImageFolder accepts: common formats every PIL build decodes.
+FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Every ignore reason, always reported (zero included) so summaries have a fixed shape.
+IGNORE_REASONS = ("appledouble", "dotfiles", "checkpoints", "unknown_stem", "not_image", "unlisted")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One source image.
+
+    key: sample key per the shard contract (path below the image root, no extension, '.' -> '_').
+    path: the file on disk.  rel: its posix path below the image root (fingerprint, metadata).
+    label: class index, None when unlabeled.  meta: the sample's json metadata.
+    group: the unit that must not straddle splits (e.g. a person; the key when samples stand alone).
+    stratum: what the split balances (e.g. the class name).
+    """
+
+    key: str
+    path: Path
+    rel: str
+    label: int | None
+    meta: dict = field(hash=False)
+    group: str
+    stratum: str
+
+
+@dataclass
+class Source:
+    """A loaded raw image set.
+
+    root: the resolved layout folder.  image_root: where `Record.rel` starts.
+    index_file: the csv read, part of the fingerprint.  classes: index -> name.
+    ignored: skipped entries counted by reason (see IGNORE_REASONS).
+    labeled: False for a set that only gets predicted (all of it becomes the `test` split).
+    options: the layout's resolved options, recorded in the shard set's params.
+    """
+
+    layout: str
+    root: Path
+    image_root: Path
+    index_file: Path | None
+    records: list[Record]
+    classes: list[str]
+    ignored: dict[str, int]
+    labeled: bool = True
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A raw layout the shard writer reads.
+
+    detect(src): whether SRC holds this layout (may raise UserError for a near miss).
+    load(src, options): the records. options(raw): the options this layout records in
+    `_info.json` params, validated and with defaults (raw: what the command line gave).
+    hint: what the layout looks like, for errors. named_by_layout: the default output folder is
+    shards/<layout> (else shards/<folder name>).
+    """
+
+    name: str
+    detect: Callable[[Path], bool]
+    load: Callable[[Path, dict], Source]
+    hint: str
+    options: Callable[[dict], dict] = lambda raw: {}
+    named_by_layout: bool = False
+
+
+_LAYOUTS: dict[str, Layout] = {}
+
+
+def register_layout(layout: Layout) -> None:
+    """Make a layout known to the writer (and to `--layout`); registering a name again replaces it."""
+    _LAYOUTS[layout.name] = layout
+
+
+def layouts() -> list[Layout]:
+    """Registered layouts in detection order, `folder` last (the plug-ins loaded first)."""
+    plugins.load()
+    return [*_LAYOUTS.values(), FOLDER]
+
+
+def get_layout(name: str) -> Layout:
+    found = {lay.name: lay for lay in layouts()}
+    if name not in found:
+        raise UserError(f"layout {name!r}: expected one of {', '.join(found)}")
+    return found[name]
+
+
+def make_key(rel: str) -> str:
+    """'person_7/photo.1.jpg' -> 'person_7/photo_1' (contract key rule)."""
+    stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+    return stem.replace(".", "_")
+
+
+def offenders(items: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def junk_reason(p: Path) -> str | None:
+    """Why an entry is skipped regardless of layout, or None if it is a candidate."""
+    name = p.name
+    if name.startswith("._"):
+        return "appledouble"
+    if name == ".ipynb_checkpoints" and p.is_dir():
+        return "checkpoints"
+    if name.startswith("."):
+        return "dotfiles"
+    return None
+
+
+def new_ignored() -> dict[str, int]:
+    return {r: 0 for r in IGNORE_REASONS}
+
+
+def find_dir(src: Path, name: str, sub: str) -> Path | None:
+    """The folder holding file `name`: SRC itself or SRC/sub (a dataset's parent folder)."""
+    for d in (src, src / sub):
+        if (d / name).is_file():
+            return d
+    return None
+
+
+def resolve_dir(src: Path, name: str, sub: str) -> Path:
+    """SRC or SRC/sub, whichever holds `name` (else the one that looks intended, for the error)."""
+    found = find_dir(src, name, sub)
+    if found:
+        return found
+    return src / sub if (src / sub).is_dir() and not (src / "images").is_dir() else src
+
+
+def read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
+    """Rows as str dicts (ids keep their leading zeros); UserError on a missing file or column."""
+    if not path.is_file():
+        raise UserError(f"{path}: not found; expected a csv with columns {','.join(columns)}")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{path}: missing column(s) {','.join(missing)}; expected {','.join(columns)}")
+        rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    return rows
+
+
+def count_top_junk(image_root: Path, listed: set[str], ignored: dict[str, int]) -> None:
+    """Count what sits in an image folder but is not named by the index csv."""
+    for p in image_root.iterdir():
+        if p.name in listed:
+            continue
+        ignored[junk_reason(p) or "unlisted"] += 1
+
+
+def _expected() -> str:
+    hints = [f"{lay.hint} ({lay.name})" for lay in layouts()]
+    return ", ".join(hints[:-1]) + " or " + hints[-1] if len(hints) > 1 else hints[0]
+
+
+def detect_layout(src: str | Path) -> str:
+    """Tell the layout from what SRC holds; UserError when it matches none."""
+    src = Path(src)
+    if not src.is_dir():
+        raise UserError(f"{src}: not a folder; expected a raw image set: {_expected()}")
+    for lay in layouts():
+        if lay.detect(src):
+            return lay.name
+    raise UserError(f"{src}: empty or unrecognised; expected {_expected()}")
+
+
+def load_source(src: str | Path, layout: str | None = None, options: dict | None = None) -> Source:
+    """Read SRC in `layout` (auto-detected when None) with the layout's resolved `options`."""
+    src = Path(src)
+    lay = get_layout(layout) if layout is not None else None
+    if not src.is_dir():
+        raise UserError(f"{src}: not a folder; expected a raw image set")
+    lay = lay or get_layout(detect_layout(src))
+    resolved = lay.options(options or {})
+    source = lay.load(src, resolved)
+    source.options = resolved
+    if not source.records:
+        raise UserError(f"{source.root}: no images found ({lay.name} layout)")
+    _check_unique_keys(source.records)
+    return source
+
+
+# ----------------------------------------------------------------------------- folder
+def _walk_images(folder: Path, ignored: dict[str, int]) -> Iterable[Path]:
+    """Image files below `folder` in sorted order, junk counted and skipped."""
+    for p in sorted(folder.iterdir()):
+        reason = junk_reason(p)
+        if reason is None and p.is_dir():
+            yield from _walk_images(p, ignored)
+            continue
+        if reason is None and p.suffix.lower() not in FOLDER_EXTENSIONS:
+            reason = "not_image"
+        if reason:
+            ignored[reason] += 1
+            continue
+        yield p
+
+
+def _detect_folder(src: Path) -> bool:
+    return any(p.is_dir() and junk_reason(p) is None for p in src.iterdir())
+
+
+def _load_folder(src: Path, options: dict) -> Source:
+    ignored = new_ignored()
+    class_dirs = []
+    for p in sorted(src.iterdir()):
+        reason = junk_reason(p)
+        if reason is None and p.is_dir():
+            class_dirs.append(p)
+        else:
+            ignored[reason or "unlisted"] += 1
+    if not class_dirs:
+        raise UserError(f"{src}: no class subfolders; the folder layout expects one subfolder per class")
+    classes = [d.name for d in class_dirs]
+    records, empty = [], []
+    for idx, d in enumerate(class_dirs):
+        files = list(_walk_images(d, ignored))
+        if not files:
+            empty.append(d.name)
+        for p in files:
+            rel = p.relative_to(src).as_posix()
+            key = make_key(rel)
+            records.append(
+                Record(key=key, path=p, rel=rel, label=idx,
+                       meta={"path": rel, "class_name": d.name}, group=key, stratum=d.name)
+            )
+    if empty:
+        raise UserError(
+            f"{src}: class folders with no images (expected {'/'.join(FOLDER_EXTENSIONS)}): {offenders(empty)}"
+        )
+    return Source("folder", src, src, None, records, classes, ignored)
+
+
+FOLDER = Layout("folder", _detect_folder, _load_folder, "one subfolder per class")
+
+
+def _check_unique_keys(records: Sequence[Record]) -> None:
+    seen: dict[str, str] = {}
+    clashes = []
+    for r in records:
+        if r.key in seen:
+            clashes.append(f"{seen[r.key]} vs {r.rel} -> {r.key}")
+        else:
+            seen[r.key] = r.rel
+    if clashes:
+        raise UserError(f"sample keys clash (path without extension, '.' -> '_'): {offenders(clashes)}")
+
+
+# ----------------------------------------------------------------------------- split
+def split_records(source: Source, val_fraction: float, seed: int) -> dict[str, list[Record]]:
+    """Split into `train`/`validation` by group, stratified, deterministic from `seed`.
+
+    Whole groups move together and every stratum with at least two groups gets at least one
+    validation group; a stratum of one group stays in train, where it is worth more. An
+    unlabeled source is all `test`. Each split keeps the source order; `val_fraction` 0 gives
+    train only.
+    """
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val fraction {val_fraction}: expected 0 <= fraction < 1")
+    if not source.labeled:
+        return {"test": list(source.records)}
+    if val_fraction == 0:
+        return {"train": list(source.records)}
+    strata: dict[str, list[str]] = defaultdict(list)
+    seen: set[str] = set()
+    for r in source.records:
+        if r.group not in seen:
+            seen.add(r.group)
+            strata[r.stratum].append(r.group)
+    rng = random.Random(seed)
+    val: set[str] = set()
+    for stratum in sorted(strata):
+        groups = sorted(strata[stratum])
+        rng.shuffle(groups)
+        n = len(groups)
+        k = min(max(int(n * val_fraction + 0.5), 1), n - 1) if n >= 2 else 0
+        val.update(groups[:k])
+    return {
+        "train": [r for r in source.records if r.group not in val],
+        "validation": [r for r in source.records if r.group in val],
+    }

@@ -1,0 +1,365 @@
+"""Shard a raw image set once into WebDataset tars: `python -m dist_train.shard --src SRC --out OUT`.
+
+The format is the contract in shards/README.md. Design choices that matter to users:
+
+- Safe to rerun: the same source (file list, sizes, mtimes, csv bytes) and arguments print
+  "up to date" and write nothing; anything else is refused unless `--overwrite`, which always
+  rebuilds (also the way to repair a set that `--inspect` found damaged).
+- Never half-finished: `_info.json` is what readers look for, so an existing one is deleted
+  before any shard is touched and the new one is written last; every tar goes to a temporary
+  name and is renamed when complete. Shard-named files in OUT that the new set does not
+  list (the previous set's, or a killed run's) are removed once the new shards are in place.
+- Deterministic: tar headers carry fixed mtime/owner/mode and members go in a fixed order, so
+  the same input gives byte-identical shards (checked by sha256 in `_info.json`).
+- Every image is decoded once before anything is written, so a corrupt file is skipped and
+  listed in `_rejected.jsonl` (or, with `--strict`, stops the run before it writes anything)
+  instead of failing a training job hours later.
+- Default shard count per split: max(min(64, n), ceil(n / 1000)) shards of near-equal length,
+  so the train split has >= 64 shards once it has >= 64 images (8 GPUs x 8 loader workers each
+  read their own) and no shard holds more than 1000 images. `--samples-per-shard S` instead
+  gives ceil(n / S) near-equal shards of at most S images.
+- The `train` split is shuffled (from `--seed`) at write time so each shard mixes classes and
+  groups; other splits keep the source order (an unlabeled set's `test`: its index order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import random
+import re
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from tqdm import tqdm
+
+from dist_train import __version__
+from dist_train.errors import UserError, atomic_write_text
+from dist_train.system import usable_cpus
+
+from .format import (
+    INFO_NAME,
+    REJECTED_NAME,
+    SHARD_RE,
+    SPLIT_RE,
+    num_images,
+    read_local_info,
+    summary,
+    write_info,
+)
+from .images import check_image, encode_image
+from .sources import Record, Source, get_layout, load_source, split_records
+
+DEFAULT_OUT = Path("shards")
+DEFAULT_SHARDS = 64
+MAX_DEFAULT_SHARD = 1000
+# Temporary names of this module's files (tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")).
+TMP_RE = re.compile(r"^\.([A-Za-z0-9_]+-\d{6}\.tar|_info\.json|_rejected\.jsonl)\..+\.tmp$")
+# Fixed tar header fields: determinism must not depend on who ran the job, or when.
+TAR_MTIME = 0
+TAR_MODE = 0o444
+
+
+def _pool_map(fn: Any, items: Sequence[Any], workers: int, desc: str, progress: bool) -> Iterator[Any]:
+    """Ordered map over `items` in `workers` processes (in-process for 1), with a progress bar."""
+    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress, file=sys.stderr)
+    try:
+        if workers <= 1:
+            for item in items:
+                yield fn(item)
+                bar.update()
+            return
+        chunk = max(1, min(64, len(items) // (workers * 8)))
+        with multiprocessing.Pool(workers) as pool:
+            for result in pool.imap(fn, items, chunksize=chunk):
+                yield result
+                bar.update()
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------- layout of the shard set
+
+
+def shard_sizes(n: int, samples_per_shard: int | None) -> list[int]:
+    """Near-equal shard lengths for n samples (rule in the module docstring)."""
+    if n == 0:
+        return []
+    if samples_per_shard is None:
+        k = max(min(DEFAULT_SHARDS, n), math.ceil(n / MAX_DEFAULT_SHARD))
+    else:
+        k = math.ceil(n / samples_per_shard)
+    base, extra = divmod(n, k)
+    return [base + (i < extra) for i in range(k)]
+
+
+def source_fingerprint(source: Source) -> str:
+    """sha256 of the layout, the index csv's bytes and (path, size, mtime_ns) of every used file.
+
+    Stat data rather than content hashes keep the up-to-date check instant on large sets.
+    """
+    h = hashlib.sha256(source.layout.encode())
+    if source.index_file is not None:
+        h.update(source.index_file.read_bytes())
+    for rel, path in sorted((r.rel, r.path) for r in source.records):
+        st = path.stat()
+        h.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = TAR_MTIME
+    info.mode = TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _differences(old: dict, params: dict, fingerprint: str, out: Path) -> list[str]:
+    old_params = old.get("params", {})
+    diffs = [f"{k} {old_params.get(k)!r} -> {v!r}" for k, v in params.items() if old_params.get(k) != v]
+    if old.get("source_fingerprint") != fingerprint:
+        diffs.append("source files changed")
+    missing = [f for f in old.get("sha256", {}) if not (out / f).is_file()]
+    if missing:
+        diffs.append(f"shards missing: {', '.join(missing[:3])}")
+    return diffs
+
+
+def _validate(val_fraction: float, resize: int | None, quality: int, samples_per_shard: int | None,
+              workers: int | None, as_split: str | None) -> None:
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction {val_fraction}: expected 0 <= fraction < 1")
+    if resize is not None and resize < 1:
+        raise UserError(f"--resize {resize}: expected a positive side length in pixels")
+    if not 1 <= quality <= 100:
+        raise UserError(f"--quality {quality}: expected 1..100")
+    if samples_per_shard is not None and samples_per_shard < 1:
+        raise UserError(f"--samples-per-shard {samples_per_shard}: expected a positive integer")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: expected a positive integer")
+    if as_split is not None and not SPLIT_RE.match(as_split):
+        raise UserError(f"--as-split {as_split!r}: expected a name of letters, digits and '_' (e.g. test)")
+
+
+def default_out(source: Source) -> Path:
+    """shards/<layout> for layouts named so (the competition's train and eval side by side), else
+    shards/<folder name>."""
+    name = source.layout if get_layout(source.layout).named_by_layout else source.root.name
+    return DEFAULT_OUT / name
+
+
+# ---------------------------------------------------------------- writer
+
+
+def write_shards(
+    src: str | Path,
+    out: str | Path | None = None,
+    *,
+    layout: str | None = None,
+    options: dict | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    resize: int | None = None,
+    quality: int = 95,
+    samples_per_shard: int | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    strict: bool = False,
+    as_split: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Shard SRC into OUT (default: see `default_out`); returns the `_info.json` dict.
+
+    `options` are the layout's own (e.g. a label cut), resolved by the layout and recorded in the params.
+    When OUT already holds the same set, prints "up to date" and returns its info unchanged.
+    """
+    start = time.perf_counter()
+    _validate(val_fraction, resize, quality, samples_per_shard, workers, as_split)
+    source = load_source(src, layout, options)
+    out = Path(out) if out is not None else default_out(source)
+    params = {
+        "layout": source.layout, "val_fraction": val_fraction, "seed": seed, "resize": resize,
+        "quality": quality, "samples_per_shard": samples_per_shard, "as_split": as_split, **source.options,
+    }
+    fingerprint = source_fingerprint(source)
+    old = None if overwrite else read_local_info(out)
+    if old is not None:
+        diffs = _differences(old, params, fingerprint, out)
+        if not diffs:
+            print(f"{out}: up to date ({num_images(old)} images, {len(old.get('sha256', {}))} shards)")
+            return old
+        raise UserError(f"{out}: holds a shard set made differently ({'; '.join(diffs)}); pass --overwrite to replace it")
+
+    workers = workers or usable_cpus()
+    splits = {as_split: list(source.records)} if as_split else split_records(source, val_fraction, seed)
+    splits, rejected = _drop_unreadable(source, splits, workers, strict, progress)
+    if "train" in splits:
+        random.Random(seed).shuffle(splits["train"])
+    plan = [(name, f"{name}-{i:06d}.tar", recs[pos:pos + size])
+            for name, recs in splits.items()
+            for i, (pos, size) in enumerate(_offsets(shard_sizes(len(recs), samples_per_shard)))]
+    sha, nbytes = _replace_shards(out, plan, rejected, resize, quality, workers, progress)
+    info = _make_info(out, source, splits, plan, sha, params, fingerprint, len(rejected))
+    write_info(out, info)
+    elapsed = time.perf_counter() - start
+    print(summary(out, info))
+    images = sum(len(r) for r in splits.values()) + len(rejected)
+    print(f"{nbytes / 1e6:.1f} MB written in {elapsed:.1f}s, {images / max(elapsed, 1e-9):.0f} images/s")
+    return info
+
+
+def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, length) of consecutive shards of the given lengths."""
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    return list(zip(starts, sizes))
+
+
+def _drop_unreadable(source: Source, splits: dict[str, list[Record]], workers: int, strict: bool,
+                     progress: bool) -> tuple[dict[str, list[Record]], list[dict]]:
+    """Decode every image once; the unreadable ones leave the splits (or, strict, stop everything)."""
+    everything = [r for recs in splits.values() for r in recs]
+    reasons = list(_pool_map(check_image, [str(r.path) for r in everything], workers, "checking", progress))
+    rejected = [{"key": r.key, "path": r.rel, "reason": why} for r, why in zip(everything, reasons) if why]
+    if rejected and strict:
+        lines = [f"{x['path']} ({x['reason']})" for x in rejected[:5]]
+        more = f" and {len(rejected) - 5} more" if len(rejected) > 5 else ""
+        raise UserError(f"{source.image_root}: {len(rejected)} unreadable image(s): {', '.join(lines)}{more}; "
+                        "nothing written (--strict)")
+    bad = {x["key"] for x in rejected}
+    kept = {name: [r for r in recs if r.key not in bad] for name, recs in splits.items()}
+    kept = {name: recs for name, recs in kept.items() if recs}
+    if not kept:
+        raise UserError(f"{source.image_root}: no readable images")
+    return kept, rejected
+
+
+def _replace_shards(out: Path, plan: list[tuple[str, str, list[Record]]], rejected: list[dict],
+                    resize: int | None, quality: int, workers: int, progress: bool) -> tuple[dict[str, str], int]:
+    """Write the new shards into OUT, which holds no finished set until the new _info.json lands;
+    then remove the files of the previous set. Returns (sha256 per shard, bytes written)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INFO_NAME).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if TMP_RE.match(p.name):  # left by a killed run
+            p.unlink()
+    sha, nbytes = _write_plan(out, plan, resize, quality, workers, progress)
+    for p in out.iterdir():
+        if SHARD_RE.match(p.name) and p.name not in sha:
+            p.unlink()
+    if rejected:
+        atomic_write_text(out / REJECTED_NAME, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rejected))
+    else:
+        (out / REJECTED_NAME).unlink(missing_ok=True)
+    return sha, nbytes
+
+
+def _write_plan(out: Path, plan: list[tuple[str, str, list[Record]]], resize: int | None, quality: int,
+                workers: int, progress: bool) -> tuple[dict[str, str], int]:
+    """Write every shard (temp name -> rename); returns sha256 per file and total bytes."""
+    tasks = [(str(r.path), resize, quality) for _, _, recs in plan for r in recs]
+    results = _pool_map(encode_image, tasks, workers, "writing", progress)
+    sha: dict[str, str] = {}
+    total = 0
+    try:
+        for _, filename, recs in plan:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=out)
+            tmp = Path(tmp_name)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                        for r in recs:
+                            ext, data = next(results)
+                            _tar_member(tar, f"{r.key}.{ext}", data)
+                            if r.label is not None:
+                                _tar_member(tar, f"{r.key}.cls", str(r.label).encode())
+                            _tar_member(tar, f"{r.key}.json", json.dumps(r.meta, ensure_ascii=False).encode())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, out / filename)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            sha[filename] = _sha256(out / filename)
+            total += (out / filename).stat().st_size
+    finally:
+        results.close()  # stops the worker pool, also when a write failed
+    return sha, total
+
+
+def _make_info(out: Path, source: Source, splits: dict[str, list[Record]], plan: list[tuple[str, str, list[Record]]],
+               sha: dict[str, str], params: dict, fingerprint: str, n_rejected: int) -> dict:
+    split_info = {}
+    for name in splits:
+        files = [(f, len(recs)) for s, f, recs in plan if s == name]
+        split_info[name] = {
+            "name": name, "num_samples": sum(n for _, n in files),
+            "filenames": [f for f, _ in files], "shard_lengths": [n for _, n in files],
+        }
+    label_counts = {}
+    for name, recs in splits.items():
+        if recs[0].label is not None:
+            c = Counter(r.label for r in recs)
+            label_counts[name] = {str(i): c.get(i, 0) for i in range(len(source.classes))}
+    return {
+        "name": out.resolve().name,
+        "version": __version__,
+        "layout": source.layout,
+        "classes": source.classes,
+        "splits": split_info,
+        "label_counts": label_counts,
+        "sha256": sha,
+        "params": params,
+        "source_fingerprint": fingerprint,
+        "rejected": n_rejected,
+        "ignored": source.ignored,
+    }
+
+
+# ---------------------------------------------------------------- reading back
+
+
+def inspect(out: str | Path) -> tuple[dict, bool]:
+    """Print the summary of the shard set in OUT and verify every shard's sha256.
+
+    Returns (info, all shards present and matching).
+    """
+    out = Path(out)
+    info = read_local_info(out)
+    if info is None:
+        raise UserError(f"{out}: no {INFO_NAME}; not a finished shard set (run python -m dist_train.shard --src ... --out {out})")
+    print(summary(out, info))
+    total, ok = 0, True
+    for filename, expected in info.get("sha256", {}).items():
+        path = out / filename
+        if not path.is_file():
+            print(f"  MISSING  {filename}")
+            ok = False
+            continue
+        total += path.stat().st_size
+        if _sha256(path) != expected:
+            print(f"  MISMATCH {filename}: sha256 differs from {INFO_NAME}")
+            ok = False
+    print(f"  {total / 1e6:.1f} MB; checksums " + ("ok" if ok else "FAILED"))
+    return info, ok

@@ -1,0 +1,123 @@
+"""The Task interface: what a shard set's labels mean, and everything that follows from it.
+
+The generic packages (shard set, data, trainer, inference) know images, class indices and
+sample keys. A Task adds the rest, as timm's `task/` and Lightning's LightningModule do: which
+raw layouts it shards, which training labels it derives from a sample's metadata, which model
+heads it offers, its loss, the metrics beyond accuracy and F1, and the rows of a prediction
+file. `Task` itself is plain classification (the `folder` layout); a task for a particular
+dataset subclasses it and overrides what differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
+
+from dist_train.errors import UserError
+from dist_train.model.build import create_model
+from dist_train.shardset.format import label_counts
+from dist_train.shardset.sources import Layout
+
+from .losses import class_weights_from_counts, f1_loss, focal_loss
+
+if TYPE_CHECKING:
+    from dist_train.config import TaskSection
+
+TargetFn = Callable[[dict, "int | None"], int]  # (sample json metadata, stored class) -> training class
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model output, targets) -> loss
+
+
+@dataclass(frozen=True)
+class RowIds:
+    """How a prediction file names and orders its rows.
+
+    column: the id column's header ("key": the sample keys, with class names and labels beside
+    them; any other name: a submission file of `column,ans` only). ids: one per row.
+    order: the inference results' indices in row order.
+    """
+
+    column: str
+    ids: list[str]
+    order: np.ndarray
+
+
+class Task:
+    """Plain N-class classification: labels as stored, one linear head, ce / focal / soft-F1."""
+
+    name = "classify"
+    layouts: tuple[Layout, ...] = ()  # raw layouts this task adds to the shard writer
+    heads: tuple[str, ...] = ("single",)
+    # TaskSection fields beyond the generic ones that this task understands (see `check`)
+    options: frozenset[str] = frozenset()
+    description = "any labeled image set"
+
+    def claims(self, info: dict) -> bool:
+        """Whether this task handles the shard set described by `info` (`_info.json`)."""
+        return True
+
+    # ------------------------------------------------------------------ shard writer
+    def add_shard_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Flags of `python -m dist_train.shard` for this task's layouts."""
+
+    def shard_options(self, args: argparse.Namespace) -> dict:
+        """The layout options (recorded in `_info.json`) from those flags."""
+        return {}
+
+    # ------------------------------------------------------------------ training
+    def check(self, cfg: "TaskSection", info: dict) -> None:
+        """Refuse a task-specific option (a TaskSection field marked `task_option`) this task does
+        not take, with one line naming it; `head` must be one of this task's heads."""
+        where = f"task {self.name}, {info.get('layout')} layout, {len(info.get('classes') or [])} classes"
+        if cfg.head not in self.heads:
+            raise UserError(f"--head {cfg.head}: expected {' or '.join(self.heads)} for this shard set ({where})")
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.name == "head" or not f.metadata.get("task_option") or value == f.default or f.name in self.options:
+                continue
+            raise UserError(f"--{f.name.replace('_', '-')} {value}: not available for this shard set ({where})")
+
+    def target_fn(self, cfg: "TaskSection", info: dict) -> TargetFn | None:
+        """Training labels recomputed from each sample's metadata at load time; None: as stored."""
+        return None
+
+    def create_model(self, name: str, num_classes: int, head: str = "single", **kwargs: Any) -> torch.nn.Module:
+        """The model for `head` (`model.build.create_model` options in kwargs)."""
+        if head not in self.heads:
+            raise UserError(f"--head {head!r}: task {self.name} offers {', '.join(self.heads)}")
+        return create_model(name, num_classes, **kwargs)
+
+    def criterion(self, cfg: "TaskSection", info: dict, split: str, num_classes: int, device: torch.device,
+                  soft_targets: bool) -> Criterion:
+        """Loss for (model output, targets); `soft_targets`: Mixup/CutMix gives (N, C) probabilities."""
+        weight = None
+        if cfg.class_weights == "auto":
+            counts = label_counts(info, split)
+            if not counts:
+                raise UserError(f"--class-weights auto: _info.json has no label_counts for split '{split}'")
+            weight = class_weights_from_counts(counts, num_classes).to(device)
+        if soft_targets:
+            if cfg.loss != "ce":
+                raise UserError("--mixup/--cutmix work with --loss ce and --head single only")
+            soft = SoftTargetCrossEntropy()
+            return lambda out, y: soft(out, y)
+        if cfg.loss == "focal":
+            return lambda out, y: focal_loss(out, y, weight=weight, smoothing=cfg.smoothing)
+        if cfg.loss == "f1":
+            return lambda out, y: f1_loss(out, y, num_classes)
+        return lambda out, y: F.cross_entropy(out, y, weight=weight, label_smoothing=cfg.smoothing)
+
+    # ------------------------------------------------------------------ evaluation and prediction
+    def extra_metrics(self, preds: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        """Metrics beyond accuracy and macro F1 (logged with a `val_` prefix in training)."""
+        return {}
+
+    def row_ids(self, keys: Sequence[str], data: str, info: dict, split: str) -> RowIds:
+        """Rows of a prediction file: by default one per sample key, in the split's source order."""
+        return RowIds("key", list(keys), np.arange(len(keys)))

@@ -1,0 +1,68 @@
+"""Losses for imbalanced classes: focal, soft macro-F1, inverse-frequency class weights.
+
+Each takes hard (N,) class targets or soft (N, C) probabilities (Mixup/CutMix, label smoothing
+already applied), so every loss works with every augmentation.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, weight: torch.Tensor | None = None,
+               smoothing: float = 0.0) -> torch.Tensor:
+    """Focal loss: cross-entropy with each class's log-probability scaled by (1 - p)^gamma.
+
+    Reduction, class weights, label smoothing and soft (N, C) targets follow
+    `F.cross_entropy` term for term, so gamma=0 gives exactly cross-entropy.
+    """
+    logp = F.log_softmax(logits.float(), dim=1)
+    flp = (1.0 - logp.exp()).pow(gamma) * logp
+    num_classes = logits.shape[1]
+    w = torch.ones(num_classes, device=logits.device) if weight is None else weight.to(logits.device).float()
+    if targets.ndim == 2:  # probabilities (e.g. from Mixup): weighted sum per sample, mean over the batch
+        q = targets.float() * (1.0 - smoothing) + smoothing / num_classes
+        return -(q * flp * w).sum(dim=1).mean()
+    nll = F.nll_loss(flp, targets, weight=w)
+    if smoothing == 0.0:
+        return nll
+    smooth = -(flp * w).sum(dim=1).sum() / num_classes / w[targets].sum()
+    return (1.0 - smoothing) * nll + smoothing * smooth
+
+
+def f1_loss(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, eps: float = 1e-7) -> torch.Tensor:
+    """1 - soft macro F1 of the batch (softmax probabilities as fractional counts).
+
+    Per class: tp = sum p*y, fp = sum p*(1-y), fn = sum (1-p)*y; precision and recall from them,
+    F1 = 2PR / (P + R + eps) clamped to [eps, 1 - eps]; mean over all classes — the form this
+    competition's top solutions used alongside cross-entropy.
+    """
+    y = targets.float() if targets.ndim == 2 else F.one_hot(targets, num_classes).float()
+    p = F.softmax(logits.float(), dim=1)
+    tp = (y * p).sum(dim=0)
+    fp = ((1 - y) * p).sum(dim=0)
+    fn = (y * (1 - p)).sum(dim=0)
+    precision = tp / (tp + fp + eps)
+    recall = tp / (tp + fn + eps)
+    f1 = (2 * precision * recall / (precision + recall + eps)).clamp(min=eps, max=1 - eps)
+    return 1 - f1.mean()
+
+
+def class_weights_from_counts(counts: Mapping[str | int, int] | Sequence[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights normalised to mean 1 (`_info.json` label_counts has string keys).
+
+    A class with no samples is weighted as if it had one, so its weight stays finite.
+    """
+    n = np.zeros(num_classes, dtype=np.float64)
+    items = counts.items() if isinstance(counts, Mapping) else enumerate(counts)
+    for k, v in items:
+        c = int(k)
+        if not 0 <= c < num_classes:
+            raise ValueError(f"label count for class {k} outside 0..{num_classes - 1}")
+        n[c] = float(v)
+    inv = 1.0 / np.maximum(n, 1.0)
+    return torch.tensor(inv / inv.mean(), dtype=torch.float32)

@@ -1,0 +1,67 @@
+"""Validation during training: when to evaluate, the metrics, confusion files and `best/`.
+
+The Evaluator owns its timing (`should_evaluate`: every `every` steps and at each epoch end)
+and its outputs: val_* metrics through the shared inference package (every validation sample
+exactly once over all ranks), the task's extra metrics, RUN/confusion.csv/png, and RUN/best/
+(timm format) whenever val macro F1 improves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from dist_train.data.device import BatchPrep
+from dist_train.infer.gather import infer
+from dist_train.infer.metrics import save_confusion, summarize
+from dist_train.model.export import save_for_timm
+from dist_train.tasks import Task
+
+from .checkpoint import Progress
+
+
+class Evaluator:
+    """`loader` None (no validation split): the timing still drives the metrics lines."""
+
+    def __init__(self, loader: Any, *, every: int | None, task: Task, class_names: list[str], out: Path,
+                 prep: BatchPrep, export: dict, meta: dict, limit: int | None = None) -> None:
+        self.loader, self.every, self.task = loader, every, task
+        self.class_names, self.out, self.prep = class_names, Path(out), prep
+        self.export = export  # save_for_timm's model description: model_name, img_size, crop_pct, mean, std
+        self.meta = meta  # recorded beside the metrics in best/metrics.json (the task options)
+        self.limit = limit
+
+    def should_evaluate(self, step: int, end_of_epoch: bool) -> bool:
+        return end_of_epoch or bool(self.every and step % self.every == 0)
+
+    def validate(self, model: torch.nn.Module, acc: Accelerator, progress: Progress) -> dict:
+        """val_* metrics over the whole split ({} without one); best/ written when F1 improves."""
+        if self.loader is None:
+            return {}
+        m = self.metrics(model, acc)
+        if acc.is_main_process and m["val_macro_f1"] > progress.best_f1:
+            progress.best_f1 = m["val_macro_f1"]
+            save_for_timm(acc.unwrap_model(model), self.out / "best", label_names=self.class_names,
+                          num_classes=len(self.class_names), **self.export, extra={**m, **self.meta})
+        progress.best_f1 = float(acc.reduce(torch.tensor(progress.best_f1, device=acc.device), "max").item())
+        return m
+
+    def metrics(self, model: torch.nn.Module, acc: Accelerator) -> dict:
+        """Loss, accuracy, macro F1, sample count and the task's metrics; confusion files on the main process."""
+        res = infer(model, self.loader, acc, self.prep, limit=self.limit)
+        logits, target = torch.from_numpy(res["logits"]), torch.from_numpy(res["target"])
+        labeled = target >= 0
+        val_loss = F.cross_entropy(logits[labeled], target[labeled]).item() if labeled.any() else float("nan")
+        preds = logits.argmax(1).numpy()
+        y_pred, y_true = preds[labeled.numpy()], res["target"][labeled.numpy()]
+        stats = summarize(y_pred, y_true, len(self.class_names), self.class_names)
+        if acc.is_main_process:
+            save_confusion(stats["confusion"], self.class_names, self.out / "confusion.csv", self.out / "confusion.png")
+        m = {"val_loss": val_loss, "val_acc": stats["acc"], "val_macro_f1": stats["macro_f1"],
+             "val_samples": int(len(preds))}
+        m.update({f"val_{k}": v for k, v in self.task.extra_metrics(y_pred, y_true).items()})
+        return m

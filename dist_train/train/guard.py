@@ -1,0 +1,71 @@
+"""What all ranks must agree on before each optimizer step, and the limits that stop a run.
+
+- A non-finite loss on any rank: every rank skips the step (gradients dropped, BatchNorm
+  statistics restored to before it); `max_bad_steps` in a row stop the run, leaving the last
+  good checkpoint as it was.
+- SIGTERM/SIGUSR1 (as SLURM sends before preemption) on any rank: every rank finishes the
+  same step, checkpoints and exits 0. Ranks are signalled at different moments, hence the
+  agreement, in one all-reduce per step.
+- Too many undecodable samples in an epoch (`max_bad_fraction`): the run stops.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from dist_train.errors import RunFailed
+
+
+class StepGuard:
+    def __init__(self, max_bad_steps: int, max_bad_fraction: float) -> None:
+        self.max_bad_steps = max_bad_steps
+        self.max_bad_fraction = max_bad_fraction
+        self.bad_in_row = 0
+        self.signalled = False
+        self._buffers: list[torch.Tensor] = []
+        self._snapshot: list[torch.Tensor] = []
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+
+    def watch(self, model: torch.nn.Module) -> None:
+        """The buffers a skipped step restores (BatchNorm must not keep a skipped step's forwards)."""
+        self._buffers = list(model.buffers())
+        self._snapshot = [b.detach().clone() for b in self._buffers]
+
+    def snapshot(self) -> None:
+        if self._buffers:
+            torch._foreach_copy_(self._snapshot, self._buffers)
+
+    def restore(self) -> None:
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, self._snapshot)
+
+    def check(self, acc: Accelerator, nonfinite: torch.Tensor, step: int) -> tuple[bool, bool]:
+        """-> (skip this step, stop after it), the same on every rank."""
+        flags = torch.stack([nonfinite.float(), torch.tensor(float(self.signalled), device=nonfinite.device)])
+        if acc.num_processes > 1:
+            flags = acc.reduce(flags, reduction="sum")
+        skip, stop = (flags > 0).tolist()
+        self.bad_in_row = self.bad_in_row + 1 if skip else 0
+        if skip and acc.is_main_process:
+            tqdm.write(f"dist_train: non-finite loss at step {step}: step skipped ({self.bad_in_row} in a row)")
+        if self.bad_in_row >= self.max_bad_steps:
+            raise RunFailed(f"{self.bad_in_row} non-finite losses in a row (--max-bad-steps {self.max_bad_steps}) at "
+                            f"step {step}: stopped; the newest checkpoint is the last good one (lower --lr or use --clip-grad)",
+                            all_ranks=True)
+        return skip, stop
+
+    def check_bad_samples(self, bad: int, seen: int, epoch: int) -> None:
+        """`bad` undecodable samples (all ranks) among `seen` delivered this epoch."""
+        if bad > self.max_bad_fraction * max(seen, 1):
+            raise RunFailed(f"{bad} undecodable samples in epoch {epoch} exceed --max-bad-fraction "
+                            f"{self.max_bad_fraction}: check the shards with `python -m dist_train.shard --inspect`",
+                            all_ranks=True)

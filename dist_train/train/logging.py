@@ -1,0 +1,125 @@
+"""What a run reports: the progress bar, metrics.jsonl and the trackers, the start summary, and
+summary.json (per-rank step counts and parameter hashes, so divergence cannot go unnoticed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from dist_train.errors import atomic_write_json
+
+from .checkpoint import Progress
+
+
+class Meter:
+    """Training loss and throughput since the last evaluation (kept on the device: no sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.n, self.images, self.t0 = 0, 0, time.time()
+
+    def add(self, loss: torch.Tensor, finite: torch.Tensor, images: int) -> None:
+        self.loss_sum += torch.where(finite, loss, 0.0)
+        self.n += 1
+        self.images += images
+
+    def images_per_s(self, world: int) -> float:
+        return self.images * world / max(time.time() - self.t0, 1e-9)
+
+    def train_loss(self, acc: Accelerator) -> float:
+        return acc.reduce(self.loss_sum, reduction="mean").item() / max(self.n, 1)
+
+
+class ProgressBar:
+    """tqdm on the main process; the postfix (loss, lr, images/s) every `every` steps, the only
+    moments the loss leaves the device."""
+
+    def __init__(self, acc: Accelerator, total: int, initial: int, every: int) -> None:
+        self.bar = tqdm(total=total, initial=initial, disable=not acc.is_main_process, dynamic_ncols=True)
+        self.every = every
+
+    def step(self, step: int, loss: torch.Tensor, lr: float, images_per_s: float) -> None:
+        self.bar.update(1)
+        if step % self.every == 0:
+            self.bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class MetricsLog:
+    """One line per evaluation: `metrics.jsonl` and the console (main process), the trackers."""
+
+    def __init__(self, acc: Accelerator, out: Path) -> None:
+        self.acc, self.path = acc, Path(out) / "metrics.jsonl"
+
+    def write(self, m: dict, step: int) -> None:
+        if self.acc.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        self.acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
+
+
+def state_hash(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (names and bytes)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_summary(acc: Accelerator, model: torch.nn.Module, progress: Progress, batches_seen: int, out: Path,
+                  finished: bool) -> None:
+    """`summary.json`: per-rank step and batch counts and a hash of every parameter and buffer.
+
+    Under DDP all of them must agree; a difference means ranks diverged, which would otherwise
+    go unnoticed until someone compares the weights.
+    """
+    raw = acc.unwrap_model(model)
+    if acc.num_processes > 1:
+        # DDP broadcasts rank 0's buffers at the start of each forward, so after the last training
+        # step every rank still holds BatchNorm statistics of its own last batch. Adopt rank 0's, as
+        # the next forward would; parameters are left alone: a difference there is real divergence.
+        for b in raw.buffers():
+            torch.distributed.broadcast(b.data, src=0)
+    mine = [{"step": progress.step, "batches": batches_seen, "hash": state_hash(raw)}]
+    everyone = gather_object(mine) if acc.num_processes > 1 else mine
+    if acc.is_main_process:
+        summary = {"finished": finished, "world_size": acc.num_processes, "epoch": progress.epoch, "step": progress.step,
+                   "best_val_macro_f1": progress.best_f1,
+                   "steps_per_rank": [r["step"] for r in everyone],
+                   "batches_per_rank": [r["batches"] for r in everyone],
+                   "param_hash_per_rank": [r["hash"] for r in everyone]}
+        if len(set(summary["param_hash_per_rank"])) > 1:
+            print("dist_train: WARNING: parameters differ across ranks", file=sys.stderr)
+        atomic_write_json(out / "summary.json", summary)
+
+
+def start_lines(acc: Accelerator, facts: dict[str, Any]) -> str:
+    """The start summary: world size first, so a launch that did not form a group shows at once."""
+    f = facts
+    text = (f"dist_train: world size {acc.num_processes} ({acc.distributed_type.value}), device {acc.device}, "
+            f"precision {acc.mixed_precision}\n"
+            f"  model {f['model']}: {f['params']:,} params, {f['trainable']:,} trainable\n"
+            f"  global batch {f['global_batch']}, {f['batches']} batches / {f['steps_per_epoch']} steps per epoch, "
+            f"{f['train_samples']} train samples, {f['shards']} shards, "
+            f"{f['shards_per_rank']} per rank ({acc.num_processes} ranks x {f['workers']} workers)\n"
+            f"  output {f['output']}")
+    if f.get("resumed_from"):
+        text += f"\n  resumed from {f['resumed_from']}"
+    return text

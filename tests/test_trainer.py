@@ -1,0 +1,253 @@
+"""The Trainer in-process: built from injected tiny parts, each option's effect, components that
+decide their own timing, and a config that stays as it was given. (The DDP invariants are the
+2-process tests in test_train, test_staged and test_robust.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.scheduler.step_lr import StepLRScheduler
+
+from conftest import run_main
+from dist_train.config import Config, validate
+from dist_train.data.loaders import build_train_loader
+from dist_train.shardset.format import label_counts, load_info
+from dist_train.tasks.losses import class_weights_from_counts, f1_loss, focal_loss
+from dist_train.tasks.mask.model import MultiHeadModel, multi_head_loss
+from dist_train.train.checkpoint import Checkpointer, Progress
+from dist_train.train.evaluator import Evaluator
+from dist_train.train.trainer import Trainer
+
+BASE = dict(model="test_resnet", img_size=32, batch_size=8, lr=0.01, seed=0, warmup_epochs=0.0, epochs=1, workers=0)
+
+
+def make_cfg(shards: Path, out: Path | None, **kw) -> Config:
+    return validate(Config.from_flat({**BASE, "data": str(shards), "output": None if out is None else str(out), **kw}))
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def a_batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    trainer.train_loader.set_epoch(0)
+    images, targets = next(iter(trainer.train_loader))
+    return images, targets
+
+
+def epoch_targets(loader) -> list[int]:
+    loader.set_epoch(0)
+    return [t for _, targets in loader for t in targets.tolist()]
+
+
+# ----------------------------------------------------------------------------- injected parts
+class ListLoader:
+    """A stand-in TrainLoader: the same random uint8 batches every epoch; records set_epoch calls."""
+
+    def __init__(self, batches: int, batch_size: int = 4, size: int = 32, classes: int = 18) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.data = [(torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g),
+                      torch.randint(0, classes, (batch_size,), generator=g)) for _ in range(batches)]
+        self.calls: list[tuple[int, int]] = []
+        self.bad_samples, self.shards_per_rank = 0, 1
+        self._skip = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.calls.append((epoch, skip_batches))
+        self._skip = skip_batches
+
+    def __iter__(self):
+        return iter(self.data[self._skip:])
+
+
+def test_trainer_runs_from_injected_parts(mask_shards, tmp_path):
+    """Model, loader and loss injected: every batch of every epoch is one step, each component
+    acts on its own schedule (metrics line and checkpoint at each epoch end), and a resume
+    continues the epoch where the checkpoint left it."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=18)
+    loader, calls = ListLoader(batches=5), []
+
+    def criterion(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(out.shape))
+        return F.cross_entropy(out, y)
+
+    out = tmp_path / "run"
+    cfg = make_cfg(mask_shards, out, epochs=2, val_split="none", keep_checkpoints=10)
+    result = Trainer(cfg, model=model, train_loader=loader, criterion=criterion).train()
+    assert result["step"] == 10 and calls == [(4, 18)] * 10
+    assert loader.calls == [(0, 0), (1, 0)]
+    assert [(r["epoch"], r["step"]) for r in rows(out)] == [(0, 5), (1, 10)]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] and summary["steps_per_rank"] == [10] and summary["batches_per_rank"] == [10]
+
+    part = tmp_path / "part"
+    Trainer(make_cfg(mask_shards, part, epochs=2, val_split="none", max_steps=7),
+            model=timm.create_model("test_resnet", num_classes=18), train_loader=ListLoader(5),
+            criterion=criterion).train()
+    again = ListLoader(5)
+    r = Trainer(make_cfg(mask_shards, part, epochs=2, val_split="none", resume="auto"),
+                model=timm.create_model("test_resnet", num_classes=18), train_loader=again, criterion=criterion).train()
+    assert again.calls == [(1, 2)] and r["step"] == 10  # epoch 1, after its first 2 batches
+
+
+# ----------------------------------------------------------------------------- options take effect
+def run(mask_shards: Path, out: Path, **kw) -> Trainer:
+    """3 steps with an evaluation at step 3 (what test_recipe_option_trains ran as a process)."""
+    trainer = Trainer(make_cfg(mask_shards, out, max_steps=3, eval_every=3, **kw))
+    trainer.train()
+    last = rows(out)[-1]
+    assert last["step"] == 3 and last["train_loss"] == last["train_loss"]  # not NaN
+    return trainer
+
+
+def effect_head_multi(t: Trainer, mask_shards: Path) -> None:
+    assert isinstance(t.acc.unwrap_model(t.model), MultiHeadModel)
+    out = torch.randn(4, 18).log_softmax(1)
+    y = torch.tensor([0, 5, 11, 17])
+    assert torch.equal(t.criterion(out, y), multi_head_loss(out, y, smoothing=0.1))
+    assert json.loads((t.out / "best" / "config.json").read_text())["dist_train"]["head"] == "multi"
+
+
+def effect_age_bins(t: Trainer, mask_shards: Path) -> None:
+    """30,58: persons aged 58-59 move from age group 1 to 2; nothing else changes."""
+    info = load_info(str(mask_shards))
+    plain = build_train_loader(str(mask_shards), info, "train", aug=t.aug, batch_size=8, workers=0, world_size=1,
+                               rank=0, seed=0)
+    new, old = np.array(epoch_targets(t.train_loader)), np.array(epoch_targets(plain))
+    changed = new != old
+    assert changed.any() and (old[changed] % 3 == 1).all() and (new[changed] == old[changed] + 1).all()
+
+
+def effect_focal_weights(t: Trainer, mask_shards: Path) -> None:
+    info = load_info(str(mask_shards))
+    weight = class_weights_from_counts(label_counts(info, "train"), 18)
+    out, y = torch.randn(6, 18), torch.tensor([0, 1, 5, 5, 17, 3])
+    torch.testing.assert_close(t.criterion(out, y), focal_loss(out, y, weight=weight, smoothing=0.1))
+    assert not torch.allclose(t.criterion(out, y), focal_loss(out, y, smoothing=0.1))  # the weights matter
+
+
+def effect_f1(t: Trainer, mask_shards: Path) -> None:
+    out, y = torch.randn(6, 18), torch.tensor([0, 1, 5, 5, 17, 3])
+    torch.testing.assert_close(t.criterion(out, y), f1_loss(out, y, 18))
+
+
+def effect_mixup(t: Trainer, mask_shards: Path) -> None:
+    assert isinstance(t.prep.mixup, Mixup)
+    assert (t.prep.mixup.mixup_alpha, t.prep.mixup.cutmix_alpha) == (0.2, 1.0)
+    x, y = t.prep.train(*a_batch(t))
+    assert y.shape == (8, 18) and torch.allclose(y.sum(1), torch.ones(8)) and (y.max(1).values < 1).all()
+
+
+def effect_crop_erase_aa(t: Trainer, mask_shards: Path) -> None:
+    tf = t.train_loader.transform
+    assert not tf.random_crop and tf.auto_augment is not None
+    assert isinstance(t.prep.erase, RandomErasing) and t.prep.erase.probability == 0.25
+    images, targets = a_batch(t)
+    t.prep.erase.probability = 1.0  # then every image gets a patch: prep.train must apply it
+    erased, _ = t.prep.train(images, targets)
+    assert not torch.equal(erased, t.prep.images(images))
+
+
+def effect_accum_clip_sgd_step(t: Trainer, mask_shards: Path) -> None:
+    assert isinstance(t.optimizer.optimizer, torch.optim.SGD) and isinstance(t.scheduler, StepLRScheduler)
+    assert t.progress.batch == 6 and t.batches_seen == 6  # 3 steps of 2 micro-batches
+    assert t.steps_per_epoch == math.ceil(21 / 2)
+    assert t.clipped == 3
+
+
+RECIPE_OPTIONS = [
+    (["head", "multi"], effect_head_multi),
+    (["age_bins", "30,58"], effect_age_bins),
+    (["loss", "focal", "class_weights", "auto"], effect_focal_weights),
+    (["loss", "f1"], effect_f1),
+    (["mixup", 0.2, "cutmix", 1.0], effect_mixup),
+    (["crop", "center", "reprob", 0.25, "aa", "rand-m9-mstd0.5"], effect_crop_erase_aa),
+    (["grad_accum_steps", 2, "clip_grad", 1.0, "opt", "sgd", "sched", "step"], effect_accum_clip_sgd_step),
+]
+
+
+@pytest.mark.parametrize("option, effect", RECIPE_OPTIONS, ids=[str(o[0][0]) for o in RECIPE_OPTIONS])
+def test_recipe_option_trains(mask_shards, tmp_path, monkeypatch, option, effect):
+    """Each competition-recipe option trains 3 steps, and does what it says."""
+    kw = dict(zip(option[::2], option[1::2]))
+    if "clip_grad" in kw:  # count the clipping calls on the accelerator the trainer will use
+        acc = Accelerator(cpu=True)
+        real = acc.clip_grad_norm_
+        counter = {"n": 0}
+
+        def spy(*args, **kwargs):
+            counter["n"] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(acc, "clip_grad_norm_", spy)
+        trainer = Trainer(make_cfg(mask_shards, tmp_path / "run", max_steps=3, eval_every=3, **kw), accelerator=acc)
+        trainer.train()
+        trainer.clipped = counter["n"]
+        last = rows(tmp_path / "run")[-1]
+        assert last["step"] == 3 and last["train_loss"] == last["train_loss"]  # not NaN
+    else:
+        trainer = run(mask_shards, tmp_path / "run", **kw)
+    effect(trainer, mask_shards)
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--head", "multi"], "--head multi: expected single for this shard set (task classify, folder layout"),
+    (["--age-bins", "30,58"], "--age-bins 30,58: not available for this shard set (task classify"),
+    (["--relabel", "fixes.csv"], "--relabel fixes.csv: not available for this shard set"),
+])
+def test_task_options_of_another_task_are_refused(folder_shards, tmp_path, option, message):
+    """A plain class-folder set has no person metadata and no multi-head model: one line, exit 2."""
+    p = run_main(["--data", str(folder_shards), "--output", str(tmp_path / "o"), "--model", "test_resnet",
+                  "--workers", "0", *option])
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and message in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- timing and config
+def test_checkpointer_and_evaluator_decide_their_own_timing(tmp_path):
+    acc = Accelerator(cpu=True)
+    ck = Checkpointer(tmp_path / "run", keep=10, every=2)
+    saved = [s for s in range(1, 6) if ck.save(acc, Progress(step=s)) is not None]
+    assert saved == [2, 4]
+    assert ck.save(acc, Progress(step=5), force=True) is not None
+    assert [p.name for p in ck.complete()] == ["step-00000002", "step-00000004", "step-00000005"]
+    assert Checkpointer(tmp_path / "r2", keep=1).save(acc, Progress(step=3)) is None  # no --checkpoint-every
+    ev = Evaluator(None, every=3, task=None, class_names=[], out=tmp_path, prep=None, export={}, meta={})
+    assert [s for s in range(1, 10) if ev.should_evaluate(s, end_of_epoch=False)] == [3, 6, 9]
+    assert ev.should_evaluate(4, end_of_epoch=True) and ev.validate(None, acc, Progress()) == {}
+
+
+def test_the_config_given_is_never_changed(mask_shards, tmp_path):
+    cfg = make_cfg(mask_shards, None, debug=True, debug_steps=2, workers=3)
+    before = cfg.flat()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.workers = 0  # type: ignore[misc]
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert cfg.flat() == before  # debug's overrides went to the trainer's own copy
+    assert (trainer.cfg.data.workers, trainer.cfg.runtime.mixed_precision) == (0, "no")
+    assert trainer.cfg.checkpoint.output and Path(trainer.cfg.checkpoint.output).is_dir()
+    assert trainer.batches == 2
+
+    from dist_train.train.overfit import overfit
+
+    ocfg = make_cfg(mask_shards, None, overfit_batches=1, max_steps=2)
+    before = ocfg.flat()
+    assert overfit(ocfg)["is_main"] and ocfg.flat() == before
