@@ -136,11 +136,12 @@ def test_gpu_decode_train_batches_equal_the_cpu_path(mask_shards, workers):
     normal, device = loaders(mask_shards, workers=workers)
     a, b = epoch(normal, 1), epoch(device, 1)
     assert len(a) == len(b) == len(device) > 0
-    for (ia, ta), (ib, tb) in zip(a, b):
+    for (ia, ta, ka), (ib, tb, kb) in zip(a, b):
+        assert ka == kb
         assert ib.shape == ia.shape == (5, 3, 24, 24) and ib.dtype == ia.dtype == torch.uint8
         assert ib.device.type == "cpu" and ib.is_contiguous()
         assert torch.equal(ia, ib) and torch.equal(ta, tb)
-    assert int(torch.stack([x for x, _ in b]).float().std()) > 0  # real pixels, not a constant fill
+    assert int(torch.stack([x for x, _, _ in b]).float().std()) > 0  # real pixels, not a constant fill
 
 
 def test_gpu_decode_is_deterministic_and_resumable(mask_shards):

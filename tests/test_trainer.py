@@ -21,6 +21,7 @@ from timm.scheduler.step_lr import StepLRScheduler
 from conftest import run_main
 from dist_train.config import Config, validate
 from dist_train.data.loaders import build_train_loader
+from dist_train.data.plan import Plan
 from dist_train.shardset.format import label_counts, load_info
 from dist_train.tasks.losses import class_weights_from_counts, f1_loss, focal_loss
 from dist_train.tasks.mask.model import MultiHeadModel, multi_head_loss
@@ -41,31 +42,37 @@ def rows(out: Path) -> list[dict]:
 
 def a_batch(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
     trainer.train_loader.set_epoch(0)
-    images, targets = next(iter(trainer.train_loader))
+    images, targets, _ = next(iter(trainer.train_loader))
     return images, targets
 
 
 def epoch_targets(loader) -> list[int]:
     loader.set_epoch(0)
-    return [t for _, targets in loader for t in targets.tolist()]
+    return [t for _, targets, _ in loader for t in targets.tolist()]
 
 
 # ----------------------------------------------------------------------------- injected parts
 class ListLoader:
-    """A stand-in TrainLoader: the same random uint8 batches every epoch; records set_epoch calls."""
+    """A stand-in TrainLoader: the same random uint8 batches every epoch (one process, one
+    shard); records set_epoch calls."""
 
     def __init__(self, batches: int, batch_size: int = 4, size: int = 32, classes: int = 18) -> None:
         g = torch.Generator().manual_seed(0)
         self.data = [(torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g),
-                      torch.randint(0, classes, (batch_size,), generator=g)) for _ in range(batches)]
+                      torch.randint(0, classes, (batch_size,), generator=g),
+                      [f"b{b}/s{i}" for i in range(batch_size)]) for b in range(batches)]
         self.calls: list[tuple[int, int]] = []
         self.bad_samples, self.shards_per_rank = 0, 1
+        self.num_samples, self.batch_size = batches * batch_size, batch_size
         self._skip = 0
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+    def plan(self, epoch: int, done=None) -> Plan:
+        return Plan(0, epoch, (self.num_samples,), 1, 1, self.batch_size, done=done)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0, done=None) -> None:
         self.calls.append((epoch, skip_batches))
         self._skip = skip_batches
 

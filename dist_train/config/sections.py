@@ -103,6 +103,7 @@ class RuntimeSection:
     max_steps: int | None = _f(None, "stop after this many optimizer steps (saves a checkpoint)")
     eval_every: int | None = _f(None, "evaluate every N optimizer steps (always at epoch end)")
     log_every: int = _f(10, "update the progress bar every N steps")
+    log_samples: str | None = _f(None, "append one JSON line per optimizer step and rank: epoch, step, rank, lr, keys")
     dist_timeout: int = _f(600, "seconds a rank waits for the others (a dead rank ends the run after this)")
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of an epoch's samples is undecodable")
     max_bad_steps: int = _f(5, "stop after this many non-finite losses in a row (each such step is skipped)")

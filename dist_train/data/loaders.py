@@ -14,6 +14,7 @@ import signal
 import warnings
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -21,6 +22,7 @@ from dist_train.errors import UserError
 from dist_train.shardset.format import is_labeled, shard_urls, split_info
 
 from .device import check_gpu_augment, decode_device, decode_on_device
+from .plan import Plan
 from .readers import EvalReader, TargetFn, TrainReader, unpack
 from .transforms import AugmentConfig, Transform
 
@@ -68,10 +70,12 @@ def _data_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> Da
 
 
 class TrainLoader:
-    """Equal batches per epoch on every rank; `set_epoch` before iterating each epoch.
+    """Equal batches per epoch on every rank, as (uint8 images, targets, keys); `set_epoch`
+    before iterating each epoch.
 
-    Persistent workers read the epoch and skip count from shared values when their iterator
-    is re-created, so the DataLoader is built once.
+    Persistent workers read the epoch's plan (epoch, skip count, positions delivered under an
+    earlier layout) from shared memory when their iterator is re-created, so the DataLoader is
+    built once.
     """
 
     def __init__(self, reader: TrainReader, loader: DataLoader, shards_per_rank: int,
@@ -82,21 +86,28 @@ class TrainLoader:
         self.shards_per_rank = shards_per_rank
         self.batch_size = reader.batch_size
         self.num_samples = reader.num_samples
+        self.workers = reader.workers
+        self.world_size = reader.world_size
 
     def __len__(self) -> int:
-        return self._reader.batches_per_reader * self._reader.workers
+        return self._reader.current_plan().batches_per_rank
 
     @property
     def transform(self) -> Transform:
         """The per-sample augmentation the workers apply."""
         return self._reader.transform
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Select the epoch; skip_batches=k continues after the first k batches of that epoch."""
-        if not 0 <= skip_batches <= len(self):
-            raise ValueError(f"skip_batches {skip_batches} outside 0..{len(self)}")
-        self._reader.epoch.value = epoch
-        self._reader.skip.value = skip_batches
+    def plan(self, epoch: int, done: np.ndarray | None = None) -> Plan:
+        """The layout of `epoch` (its positions not in `done`) this loader reads."""
+        return self._reader.plan(epoch, done)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0, done: np.ndarray | None = None) -> None:
+        """Select the epoch; skip_batches=k continues after the first k batches of its plan;
+        `done` (bool per position) leaves out what an earlier layout delivered."""
+        batches = self._reader.plan(epoch, done).batches_per_rank
+        if not 0 <= skip_batches <= batches:
+            raise ValueError(f"skip_batches {skip_batches} outside 0..{batches}")
+        self._reader.set_plan(epoch, skip_batches, done)
         with self._reader.bad.get_lock():
             self._reader.bad.value = 0
 
@@ -105,18 +116,18 @@ class TrainLoader:
         """Bad samples and tar errors skipped so far this epoch, over all workers of this rank."""
         return self._reader.bad.value
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         batches = iter(self._loader)
         return batches if self._device is None else self._decoded(batches)
 
-    def _decoded(self, batches: Iterator[tuple[torch.Tensor, ...]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _decoded(self, batches: Iterator[tuple]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         """gpu_decode: images decoded and augmented on the device; a batch loses the rare image
         that fails there (counted in bad_samples) instead of being refilled as on the CPU path."""
-        for flat, lengths, targets, seeds in batches:
+        for flat, lengths, targets, seeds, keys in batches:
             images, ok = decode_on_device(unpack(flat, lengths), self._reader.transform, self._device, seeds.tolist())
             if not ok.all():
                 self._reader.count_undecoded(ok)
-            yield images, targets[ok]
+            yield images, targets[ok], [k for k, keep in zip(keys, ok.tolist()) if keep]
 
 
 class EvalLoader:
@@ -204,21 +215,21 @@ def build_train_loader(
 
 
 def _shards_per_rank(reader: TrainReader, split: str) -> int:
-    """How many shards this rank's readers read; with fewer shards than readers (every reader
-    then reads them all, keeping every R-th sample) rank 0 warns once."""
+    """How many shards this rank's readers touch in the first epoch; with fewer shards than
+    readers (several readers then read parts of the same shards) rank 0 warns once."""
+    plan = reader.plan(0)
+    positions = np.concatenate([plan.reader_positions(reader.rank, w)[0] for w in range(reader.workers)])
+    touched = len(set(plan.locate(positions)[0].tolist()))
     num_shards = len(reader.urls)
-    if not reader.stride:
-        per_rank = range(reader.rank * reader.workers, (reader.rank + 1) * reader.workers)
-        return sum(len(range(r, num_shards, reader.readers)) for r in per_rank)
-    if reader.rank == 0:
+    if num_shards < reader.readers and reader.rank == 0:
         warnings.warn(
             f"split {split!r} has {num_shards} shards for {reader.readers} readers "
-            f"({reader.world_size} processes x {reader.workers} workers): every reader reads all shards and "
-            f"keeps 1 sample in {reader.stride}; write more, smaller shards (python -m dist_train.shard "
-            "--samples-per-shard) or use fewer workers",
+            f"({reader.world_size} processes x {reader.workers} workers): several readers read the same shards "
+            "(each up to its part); write more, smaller shards (python -m dist_train.shard --samples-per-shard) "
+            "or use fewer workers",
             stacklevel=3,
         )
-    return num_shards
+    return touched
 
 
 def build_eval_loader(

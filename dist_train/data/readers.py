@@ -20,17 +20,18 @@ import itertools
 import json
 import math
 import multiprocessing as mp
-import random
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dist_train.shardset.format import image_bytes
 
-from .transforms import Transform, decode_rgb, mix_seed
+from .plan import Plan, mix_seed, shard_groups
+from .transforms import Transform, decode_rgb
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,13 +39,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TargetFn = Callable[[dict, "int | None"], int]  # (sample json metadata, stored class) -> class
 
 
-def train_batches_per_epoch(num_samples: int, batch_size: int, workers: int, world_size: int) -> int:
-    """Batches per epoch on every rank: each reader's ceil(N / readers) samples, rounded up to
-    whole batches, times the readers of one rank."""
-    per_rank_readers = max(1, workers)
-    per_reader = math.ceil(num_samples / (world_size * per_rank_readers))
-    return per_rank_readers * math.ceil(per_reader / batch_size)
-
+def train_batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Batches per epoch on every rank: the split padded to whole global batches (batch x world)."""
+    return math.ceil(num_samples / (batch_size * world_size))
 
 
 class ShardReader(IterableDataset):
@@ -129,7 +126,12 @@ class ShardReader(IterableDataset):
 
 
 class TrainReader(ShardReader):
-    """Infinite, per-epoch reshuffled shard cycle per reader, cut to an equal batch quota."""
+    """One (rank, worker) reader of an epoch's Plan (data.plan): whole batches of its piece, each
+    shuffle window read in canonical order (a few tar passes) and delivered permuted.
+
+    A sample that does not decode is replaced by another of its window, so every batch is full
+    and which positions were delivered stays exactly what the plan says.
+    """
 
     needs_label = True  # a sample cut short by a truncated tar may lack its cls/json member
 
@@ -139,99 +141,106 @@ class TrainReader(ShardReader):
         self.readers = self.world_size * self.workers
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
-        self.batches_per_reader = train_batches_per_epoch(
-            self.num_samples, self.batch_size, workers, self.world_size
-        ) // self.workers
-        # Fewer shards than readers: every reader reads all shards and keeps every stride-th sample.
-        self.stride = min(self.readers, self.num_samples) if len(self.urls) < self.readers else 0
         self.epoch = mp.Value("q", 0, lock=False)
         self.skip = mp.Value("q", 0, lock=False)
+        self.has_done = mp.Value("b", 0, lock=False)
+        self.done_bits = mp.RawArray("B", self.num_samples)  # positions delivered under an earlier plan
 
-    def _cycle_length(self, reader: int, first_cycle: list[int]) -> int:
-        if self.stride:
-            keep = reader % self.stride
-            return (self.num_samples - keep + self.stride - 1) // self.stride
-        return sum(self.lengths[s] for s in first_cycle)
+    def plan(self, epoch: int, done: np.ndarray | None = None) -> Plan:
+        return Plan(self.seed, epoch, tuple(self.lengths), self.world_size, self.workers, self.batch_size,
+                    max(1, self.shuffle_buffer), done)
 
-    def _first_cycle(self, epoch: int, reader: int) -> list[int]:
-        """This reader's shards for the epoch's first pass: a slice of the shard order all
-        ranks share, or (fewer shards than readers) all shards in the reader's own order."""
-        order = list(range(len(self.urls)))
-        if self.stride:
-            random.Random(mix_seed(self.seed, epoch, reader, "shards")).shuffle(order)
-            return order
-        random.Random(mix_seed(self.seed, epoch)).shuffle(order)
-        return order[reader :: self.readers]
+    def set_plan(self, epoch: int, skip: int, done: np.ndarray | None) -> None:
+        """Shared with persistent workers: they read it when their iterator is created."""
+        self.epoch.value, self.skip.value = epoch, skip
+        self.has_done.value = int(done is not None)
+        if done is not None:
+            np.frombuffer(self.done_bits, dtype=np.uint8)[:] = done
 
-    def _raw_samples(self, epoch: int, reader: int, shards: list[int]) -> Iterator[dict]:
-        """Undecoded samples of `shards`, cycled without end. Each pass is shuffled on its own
-        (buffer drained at the pass end) so a quota >= the reader's share sees every sample
-        once, and the shard order is reshuffled between passes."""
-        shards = list(shards)
-        keep = reader % self.stride if self.stride else None
-        cycle_rng = random.Random(mix_seed(self.seed, epoch, reader, "cycles"))
-        buffer_rng = random.Random(mix_seed(self.seed, epoch, reader, "buffer"))
-        while True:
-            samples: Iterator[dict] = (
-                sample
-                for s in shards
-                for pos, sample in self._shard_samples(s)
-                if keep is None or pos % self.stride == keep
-            )
-            if self.shuffle_buffer > 1:
-                initial = max(1, self.shuffle_buffer // 10)
-                samples = wds.shuffle(self.shuffle_buffer, initial, rng=buffer_rng)(samples)
-            n = 0
-            for sample in samples:
-                n += 1
-                yield sample
-            if n == 0:
-                raise RuntimeError(f"no readable sample in shards {[self.urls[s] for s in shards]}")
-            cycle_rng.shuffle(shards)
+    def current_plan(self) -> Plan:
+        done = np.frombuffer(self.done_bits, dtype=np.uint8).astype(bool) if self.has_done.value else None
+        return self.plan(self.epoch.value, done)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        """(uint8 images, targets) batches; encoded mode: (bytes, lengths, targets, seeds)."""
+    def _samples_at(self, shard: int, indices: list[int]) -> dict[int, dict]:
+        """Raw samples at increasing `indices` of one shard; a tar pass goes on from the last
+        one when it can (consecutive windows read on in the same shard)."""
+        cursor = getattr(self, "_cursor", None)
+        if cursor is None or cursor[0] != shard or cursor[1] > indices[0]:
+            cursor = [shard, 0, iter(self._shard_samples(shard))]
+        out: dict[int, dict] = {}
+        for want in indices:
+            while cursor[1] <= want:
+                item = next(cursor[2], None)
+                if item is None:  # a truncated tar ends early: the rest counts as bad
+                    self._cursor = None
+                    return out
+                index = item[0] - self.offsets[shard]
+                cursor[1] = index + 1
+                if index == want:
+                    out[want] = item[1]
+        self._cursor = cursor
+        return out
+
+    def _read_window(self, plan: Plan, positions: np.ndarray) -> dict[int, dict]:
+        """position -> raw sample for a window's positions, read in canonical order."""
+        unique = np.unique(positions)
+        shards, indices = plan.locate(unique)
+        found: dict[int, dict] = {}
+        for shard, wanted in shard_groups(shards.tolist(), indices.tolist()):
+            start = int(plan._starts[shard])
+            found.update({start + i: sample for i, sample in self._samples_at(int(shard), wanted).items()})
+        return found
+
+    def _decoded(self, raw: dict, pos: int, copy: int, epoch: int) -> tuple[Any, int, str, int] | None:
+        seed = mix_seed(self.seed, epoch, pos, copy)
+        sample = raw.get(pos)
+        if sample is None:
+            self._count_bad(f"position {pos} of the epoch", ValueError("missing from its shard (truncated tar?)"))
+            return None
+        item = self._load(sample, seed)
+        return None if item is None else (item[0], item[1], sample["__key__"], seed)
+
+    def _window_items(self, plan: Plan, pos: np.ndarray, copy: np.ndarray, first: int) -> list[tuple]:
+        """Decoded (image, target, key, seed) per slot from `first` on; bad slots take a good
+        sample of the same window (the next one, cyclically)."""
+        raw = self._read_window(plan, pos)
+        items = [self._decoded(raw, int(p), int(c), plan.epoch) if q >= first else None
+                 for q, (p, c) in enumerate(zip(pos, copy))]
+        good = [q for q in range(first, len(pos)) if items[q] is not None]
+        if not good:
+            raise RuntimeError(f"{len(pos) - first} bad samples in a row on reader {self.rank * self.workers}: "
+                               "the shards look broken")
+        for q in range(first, len(pos)):
+            if items[q] is None:
+                items[q] = items[next((g for g in good if g > q), good[0])]
+        return items[first:]
+
+    def __iter__(self) -> Iterator[tuple]:
+        """(uint8 images, targets, keys) batches; encoded mode: (bytes, lengths, targets, seeds, keys)."""
         dl_worker, nworkers = self._worker()
         if nworkers != self.workers:
             raise RuntimeError(f"reader built for {self.workers} workers runs in {nworkers}")
-        epoch, skip = self.epoch.value, self.skip.value
+        plan, skip = self.current_plan(), self.skip.value
         # The DataLoader asks its workers round-robin from worker 0; after skipping `skip`
         # batches the next batch belongs to worker skip % W, so DataLoader worker j plays
         # worker (j + skip) % W and the resumed stream continues the full epoch's order.
         worker = (dl_worker + skip) % nworkers
-        reader = self.rank * nworkers + worker
-        skipped = max(0, -(-(skip - worker) // nworkers))  # batches i < skip with i % W == worker
-        first = self._first_cycle(epoch, reader)
-        cycle_len = self._cycle_length(reader, first)
-        samples = self._raw_samples(epoch, reader, first)
-        # Skipped samples are dropped undecoded; the sample index keeps their augmentation seeds.
-        indexed = itertools.islice(enumerate(samples), skipped * self.batch_size, None)
-        remaining = self.batches_per_reader - skipped
-        images: list[torch.Tensor] = []
-        targets: list[int] = []
-        seeds: list[int] = []
-        bad_run = 0
-        while remaining > 0:
-            index, sample = next(indexed)
-            seed = mix_seed(self.seed, epoch, reader, index)
-            item = self._load(sample, seed)
-            if item is None:
-                bad_run += 1
-                if bad_run >= max(1, cycle_len):
-                    raise RuntimeError(f"{bad_run} bad samples in a row on reader {reader}: the shards look broken")
-                continue
-            bad_run = 0
-            images.append(item[0])
-            targets.append(item[1])
-            seeds.append(seed)
-            if len(images) == self.batch_size:
-                target = torch.tensor(targets, dtype=torch.int64)
-                if self.encoded:
-                    yield (*pack(images), target, torch.tensor(seeds, dtype=torch.int64))
-                else:
-                    yield _stack(images), target
-                images, targets, seeds = [], [], []
-                remaining -= 1
+        skipped = len(range(worker, skip, nworkers)) * self.batch_size  # slots delivered already
+        pos, copy = plan.reader_positions(self.rank, worker)
+        self._cursor = None
+        for a, b in plan.windows(self.rank, worker):
+            if b <= skipped:
+                continue  # skipped without reading or decoding
+            items = self._window_items(plan, pos[a:b], copy[a:b], max(0, skipped - a))
+            for i in range(0, len(items), self.batch_size):
+                yield self._batch(items[i:i + self.batch_size])
+
+    def _batch(self, items: list[tuple]) -> tuple:
+        images, targets, keys, seeds = zip(*items)
+        target = torch.tensor(targets, dtype=torch.int64)
+        if self.encoded:
+            return (*pack(images), target, torch.tensor(seeds, dtype=torch.int64), list(keys))
+        return _stack(images), target, list(keys)
 
 
 class EvalReader(ShardReader):

@@ -9,7 +9,6 @@ epoch is reproducible and resumable) and never moves a global RNG.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -155,12 +154,6 @@ class Transform:
             pil = TF.to_pil_image(img)
             img = TF.pil_to_tensor(seeded_call(self.auto_augment, pil, rng.getrandbits(63)))
         return img
-
-
-def mix_seed(*parts: int | str) -> int:
-    """A 63-bit seed from a tuple, stable across processes and Python versions."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def seeded_call(fn: Callable, arg: Any, seed: int) -> Any:

@@ -28,9 +28,11 @@ class Progress:
     """Where the run is; saved as JSON in every checkpoint so a resume continues mid-epoch."""
 
     epoch: int = 0
-    batch: int = 0  # batches of `epoch` already consumed on each rank
+    batch: int = 0  # batches of the epoch's current plan already consumed on each rank
+    samples: int = 0  # samples of `epoch` delivered, over all ranks (padding aside): drives the LR
+    plan: dict | None = None  # the current plan's layout: world, workers, batch, done (data.plan)
     step: int = 0  # optimizer steps taken
-    updates: int = 0  # optimizer steps not skipped by the fp16 scaler (drive the LR schedule)
+    updates: int = 0  # optimizer steps not skipped by the fp16 scaler
     best_f1: float = -1.0
     stage: int = 0
     stage_start: int = 0  # step at which the current stage began (for --unfreeze-warmup)

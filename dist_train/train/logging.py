@@ -74,6 +74,20 @@ class MetricsLog:
         self.acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
 
 
+class SampleLog:
+    """`--log-samples FILE`: every rank appends one JSON line per optimizer step, the keys of
+    that step's samples on that rank and the LR the step used, so the data order can be checked.
+    Each line is one write to a file opened for appending, so ranks' lines do not interleave."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def write(self, epoch: int, step: int, rank: int, lr: float, keys: list[str]) -> None:
+        line = json.dumps({"epoch": epoch, "step": step, "rank": rank, "lr": lr, "keys": keys}) + "\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+
+
 def state_hash(model: torch.nn.Module) -> str:
     """sha256 over every parameter and buffer (names and bytes)."""
     h = hashlib.sha256()

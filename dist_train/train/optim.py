@@ -30,9 +30,20 @@ def build_optimizer(cfg: OptimSection, stages: StagesSection, model: torch.nn.Mo
     return create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **kw)
 
 
-def build_scheduler(cfg: OptimSection, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
-    """timm scheduler stepped per optimizer update (`step_update`)."""
+# The schedule's clock: epochs in units of 1/SCHEDULE_UNITS, from the samples delivered, so the
+# LR curve is the same whatever the world size, worker count or batch size (and a resume on
+# another one continues at the same point of it).
+SCHEDULE_UNITS = 100_000
+
+
+def build_scheduler(cfg: OptimSection, optimizer: torch.optim.Optimizer) -> Any:
+    """timm scheduler stepped with `step_update(schedule_time(...))`."""
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
                                        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
-                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+                                       step_on_epochs=False, updates_per_epoch=SCHEDULE_UNITS)
     return scheduler
+
+
+def schedule_time(epoch: int, samples: int, num_samples: int) -> int:
+    """Where the run is on the schedule's clock: `epoch` plus the fraction of it delivered."""
+    return round((epoch + samples / max(num_samples, 1)) * SCHEDULE_UNITS)

@@ -45,7 +45,7 @@ def overfit(cfg: Config) -> dict:
     losses = []
     model.train()
     for i in range(steps):
-        images, targets = fixed[i % len(fixed)]
+        images, targets, _ = fixed[i % len(fixed)]
         loss = criterion(model(prep.images(images)), targets.to(acc.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

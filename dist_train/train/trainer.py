@@ -30,6 +30,7 @@ from timm.data.random_erasing import RandomErasing
 from dist_train.config import Config, save_config
 from dist_train.data.device import BatchPrep
 from dist_train.data.loaders import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+from dist_train.data.plan import Plan, decode_done, encode_done
 from dist_train.data.transforms import AugmentConfig
 from dist_train.errors import UserError, atomic_write_json
 from dist_train.infer.accel import make_accelerator
@@ -42,8 +43,8 @@ from dist_train.tasks import Criterion, Task, task_for
 from .checkpoint import Checkpointer, Progress, check_resume_compatible, read_progress
 from .evaluator import Evaluator
 from .guard import StepGuard
-from .logging import Meter, MetricsLog, ProgressBar, start_lines, write_summary
-from .optim import build_optimizer, build_scheduler
+from .logging import Meter, MetricsLog, ProgressBar, SampleLog, start_lines, write_summary
+from .optim import build_optimizer, build_scheduler, schedule_time
 from .stager import Stager
 
 
@@ -141,10 +142,12 @@ class Trainer:
             self.progress = read_progress(self.resume_from)
             self._enter_stage(self.progress.stage)  # groups must match before loading
             acc.load_state(str(self.resume_from))
+            self._adopt_layout()
         else:
             self._enter_stage(self.stager.stage_at(0))
         self.guard = StepGuard(self.cfg.runtime.max_bad_steps, self.cfg.runtime.max_bad_fraction)
         self.meter, self.log = Meter(acc.device), MetricsLog(acc, self.out)
+        self.sample_log = SampleLog(self.cfg.runtime.log_samples) if self.cfg.runtime.log_samples else None
         if acc.is_main_process:
             self._print_start()
         total = self.cfg.optim.epochs * self.steps_per_epoch
@@ -202,10 +205,10 @@ class Trainer:
         self.aug = augment_config(cfg, dcfg)
         self.train_loader = self._part("train_loader")
         self.val_loader = self._part("val_loader")
-        full = len(self.train_loader)
-        self.batches = min(full, cfg.runtime.debug_steps) if cfg.runtime.debug else full  # per epoch, every rank
+        full = self.train_loader.plan(0).batches_per_rank  # a whole epoch's batches, every rank
+        self.batches = min(full, cfg.runtime.debug_steps) if cfg.runtime.debug else full
         self.steps_per_epoch = math.ceil(self.batches / cfg.optim.grad_accum_steps)
-        self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.steps_per_epoch)
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer)
         self.criterion = self._part("criterion")
         self.prep = self.build_prep(dcfg)
         export = dict(model_name=cfg.model.model, img_size=cfg.model.img_size, crop_pct=self.aug.crop_pct,
@@ -248,7 +251,7 @@ class Trainer:
                     if self.evaluator.should_evaluate(p.step, end_of_epoch):
                         metrics = self.evaluate()
                     if end_of_epoch:
-                        p.epoch, p.batch = p.epoch + 1, 0
+                        p.epoch, p.batch, p.samples, p.plan = p.epoch + 1, 0, 0, None
                     stop = self.stopped or self.finished()
                     self.checkpointer.save(self.acc, p, force=stop or end_of_epoch)
                     if stop or end_of_epoch:
@@ -257,10 +260,33 @@ class Trainer:
             self.bar.close()
         return self.end(metrics)
 
+    def _layout(self) -> dict:
+        return {"world": self.acc.num_processes, "workers": max(1, self.cfg.data.workers),
+                "batch": self.cfg.optim.batch_size}
+
+    def _adopt_layout(self) -> None:
+        """A resume on another world size, worker count or batch size: what the checkpoint's
+        layout had delivered of its epoch becomes `done`, and this epoch's rest is laid out anew."""
+        p, old = self.progress, self.progress.plan
+        if old is None or old == {**old, **self._layout()}:
+            return
+        n = self.train_loader.num_samples
+        plan = Plan(self.cfg.runtime.seed, p.epoch, self.train_loader.plan(0).lengths, old["world"], old["workers"],
+                    old["batch"], self.train_loader.plan(0).shuffle, decode_done(old.get("done"), n))
+        p.plan = {**self._layout(), "done": encode_done(plan.delivered(p.batch))}
+        p.batch = 0
+
     def begin_epoch(self) -> None:
         p = self.progress
         self._enter_stage(self.stager.stage_at(p.epoch))
-        self.train_loader.set_epoch(p.epoch, skip_batches=p.batch)
+        done = decode_done((p.plan or {}).get("done"), self.train_loader.num_samples)
+        self.train_loader.set_epoch(p.epoch, skip_batches=p.batch, done=done)
+        plan = self.train_loader.plan(p.epoch, done)
+        self._delivered_before = 0 if done is None else int(done.sum())
+        self._remaining = len(plan.remaining)
+        self.batches = min(plan.batches_per_rank, self.cfg.runtime.debug_steps) if self.cfg.runtime.debug \
+            else plan.batches_per_rank
+        p.plan = {**self._layout(), "done": encode_done(done)}
         self.stager.train_mode(self.model, self.acc)
         self.guard.watch(self.model)
 
@@ -282,7 +308,7 @@ class Trainer:
         acc, p, model = self.acc, self.progress, self.model
         self.guard.snapshot()
         nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
-        for i, (images, targets) in enumerate(batches):
+        for i, (images, targets, keys) in enumerate(batches):
             x, y = self.prep.train(images, targets)
             if i == 0 and p.step == 0 and p.batch == 0:
                 self._debug_first_batch(x, targets)
@@ -295,26 +321,34 @@ class Trainer:
             nonfinite |= ~finite
             self.meter.add(loss.detach(), finite, x.shape[0])
         p.batch += len(batches)
+        p.samples = self._delivered_before + min(p.batch * self.cfg.optim.batch_size * acc.num_processes,
+                                                 self._remaining)
         self.batches_seen += len(batches)
         skip, self.stopped = self.guard.check(acc, nonfinite, p.step)
+        lr = self.optimizer.param_groups[-1]["lr"]
         if skip:
             self.guard.restore()
         else:
-            self._optimizer_step()
+            lr = self._optimizer_step()
+        if self.sample_log is not None:
+            self.sample_log.write(p.epoch, p.step, acc.process_index, lr, [k for b in batches for k in b[2]])
         self.optimizer.zero_grad(set_to_none=True)
         p.step += 1
         self.bar.step(p.step, loss, self.optimizer.param_groups[-1]["lr"], self.meter.images_per_s(acc.num_processes))
         return loss.detach()
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> float:
+        """Clip, step, advance the schedule; returns the LR the step used (the head's group)."""
         acc, p = self.acc, self.progress
         if self.cfg.optim.clip_grad:
             acc.clip_grad_norm_([q for q in self.model.parameters() if q.requires_grad], self.cfg.optim.clip_grad)
         self.stager.set_warmup(self.optimizer, p)
+        lr = self.optimizer.param_groups[-1]["lr"]
         self.optimizer.step()
-        if not acc.optimizer_step_was_skipped:  # fp16 overflow: the schedule does not advance
+        if not acc.optimizer_step_was_skipped:  # fp16 overflow: no update was made
             p.updates += 1
-            self.scheduler.step_update(p.updates)
+        self.scheduler.step_update(schedule_time(p.epoch, p.samples, self.train_loader.num_samples))
+        return lr
 
     def _debug_first_batch(self, x: torch.Tensor, targets: torch.Tensor) -> None:
         if self.cfg.runtime.debug and self.acc.is_main_process:
