@@ -177,3 +177,15 @@ def test_torchrun_two_ranks(mask_shards, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["finished"]
     assert len(set(summary["steps_per_rank"])) == 1 and len(set(summary["param_hash_per_rank"])) == 1
+
+
+def test_ddp_model_ema_is_identical_on_every_rank(mask_shards, tmp_path):
+    """The EMA is updated after each step on every rank from the same weights (BatchNorm
+    statistics taken from rank 0, as DDP's next forward would) and follows the stage change."""
+    out = tmp_path / "run"
+    launch(["dist_train/run.py", "--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "2",
+            "--workers", "1", "--model-ema", "--model-ema-decay", "0.9", "--unfreeze", "head:1,all"])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["world_size"] == 2 and len(set(s["param_hash_per_rank"])) == 1
+    assert len(set(s["ema_hash_per_rank"])) == 1 and s["ema_hash_per_rank"][0] != s["param_hash_per_rank"][0]
+    assert all("val_macro_f1_ema" in r for r in metrics(out))

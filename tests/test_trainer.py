@@ -258,3 +258,94 @@ def test_the_config_given_is_never_changed(mask_shards, tmp_path):
     ocfg = make_cfg(mask_shards, None, overfit_batches=1, max_steps=2)
     before = ocfg.flat()
     assert overfit(ocfg)["is_main"] and ocfg.flat() == before
+
+
+# ----------------------------------------------------------------------------- early stopping, time budget
+def test_patience_stops_after_evaluations_without_improvement(mask_shards, tmp_path, capsys):
+    """Only the head trains, at LR 1e-12: val macro F1 never improves after the first evaluation,
+    so --patience 2 stops at the third, with a checkpoint, and summary.json says why."""
+    out = tmp_path / "run"
+    result = Trainer(make_cfg(mask_shards, out, epochs=3, eval_every=1, patience=2, lr=1e-12, unfreeze="head",
+                              val_split="validation")).train()
+    assert result["step"] == 3 and not result["stopped"]
+    assert [r["step"] for r in rows(out)] == [1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "patience" and summary["finished"] is True and summary["step"] == 3
+    assert (out / "checkpoints" / "step-00000003").is_dir()
+    assert "early stop at step 3: val macro F1 has not improved for 2 evaluations" in capsys.readouterr().out
+
+
+class FakeClock:
+    """Monotonic seconds that advance 10 s per reading: each training step 'takes' 10 s."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 10.0
+        return self.now
+
+
+def test_time_limit_stops_cleanly_and_resume_finishes(mask_shards, tmp_path, capsys):
+    """--time-limit 60s with 10 s steps: after the 4th step two more steps would not fit, so the
+    run checkpoints and stops (not finished: a requeue continues it); --resume auto ends the run."""
+    from dist_train.train.guard import StepGuard
+
+    class Timed(Trainer):
+        def build_guard(self) -> StepGuard:
+            return StepGuard(5, 0.01, time_limit=60.0, clock=FakeClock())
+
+    out = tmp_path / "run"
+    result = Timed(make_cfg(mask_shards, out, val_split="none", time_limit="60s")).train()
+    summary = json.loads((out / "summary.json").read_text())
+    assert result["stopped"] and summary["stopped_by"] == "time-limit" and summary["finished"] is False
+    assert summary["step"] == 4 and (out / "checkpoints" / "step-00000004").is_dir()
+    assert "stopped at step 4 to stay within --time-limit 60s" in capsys.readouterr().out
+    Trainer(make_cfg(mask_shards, out, val_split="none", resume="auto")).train()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] is True and summary["stopped_by"] is None and summary["step"] == 21
+
+
+@pytest.mark.parametrize("value, message", [("5d", "expected a duration"), ("0s", "positive")])
+def test_bad_time_limit_is_one_line(mask_shards, tmp_path, value, message):
+    p = run_main(["--data", str(mask_shards), "--output", str(tmp_path / "o"), "--time-limit", value])
+    assert p.returncode == 2 and f"--time-limit {value}" in p.stderr and message in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- model EMA
+def test_model_ema_is_evaluated_checkpointed_and_resumed_exactly(mask_shards, tmp_path):
+    """--model-ema: val_*_ema beside val_*, best/ says which weights won, frozen groups stay as
+    loaded in the EMA too, and a stopped and resumed run ends with the same EMA as an uninterrupted one."""
+    ema_args = dict(model_ema=True, model_ema_decay=0.9, epochs=2, unfreeze="head:1,all", keep_checkpoints=10)
+    full, part = tmp_path / "full", tmp_path / "part"
+    t = Trainer(make_cfg(mask_shards, full, **ema_args))
+    t.train()
+    last = rows(full)[-1]
+    assert {"val_loss_ema", "val_acc_ema", "val_macro_f1_ema"} <= set(last) and "val_samples_ema" not in last
+    best = json.loads((full / "best" / "metrics.json").read_text())
+    assert best["weights"] in ("ema", "model")
+    ema, raw = t.ema.module.state_dict(), t.acc.unwrap_model(t.model).state_dict()
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    assert list((full / "checkpoints" / "step-00000021").glob("custom_checkpoint_*"))  # the EMA is in the checkpoint
+
+    Trainer(make_cfg(mask_shards, part, max_steps=5, **ema_args)).train()
+    Trainer(make_cfg(mask_shards, part, resume="auto", **ema_args)).train()
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (full, part))
+    assert a["ema_hash_per_rank"] == b["ema_hash_per_rank"] and a["param_hash_per_rank"] == b["param_hash_per_rank"]
+    assert rows(part)[-1]["val_macro_f1_ema"] == last["val_macro_f1_ema"]
+
+
+def test_model_ema_of_frozen_groups_stays_exactly_as_loaded(mask_shards, tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=18)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    t = Trainer(make_cfg(mask_shards, tmp_path / "run", model_ema=True, unfreeze="head", max_steps=4,
+                         val_split="none"), model=model)
+    t.train()
+    head = t.stager.trainable
+    for k, v in t.ema.module.state_dict().items():
+        if k.rsplit(".", 1)[0] + ".weight" not in head and k not in head:
+            assert torch.equal(v, init[k]), f"frozen {k} moved in the EMA"

@@ -10,7 +10,7 @@ runs work on a copy. The resolved config is written flat into every run folder (
 
 from __future__ import annotations
 
-from .parse import build_parser, load_yaml, parse_config, save_config, validate
+from .parse import build_parser, load_yaml, parse_config, parse_duration, save_config, validate
 from .sections import (
     SECTIONS,
     AugmentSection,
@@ -26,6 +26,7 @@ from .sections import (
 
 __all__ = [
     "SECTIONS", "AugmentSection", "CheckpointSection", "Config", "DataSection", "ModelSection", "OptimSection",
-    "RuntimeSection", "StagesSection", "TaskSection", "build_parser", "load_yaml", "parse_config", "save_config",
+    "RuntimeSection", "StagesSection", "TaskSection", "build_parser", "load_yaml", "parse_config", "parse_duration",
+    "save_config",
     "validate",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +20,20 @@ CHOICES = {"mixed_precision": (None, "no", "bf16", "fp16"), "loss": ("ce", "foca
            "class_weights": (None, "auto"), "crop": ("random", "center")}
 POSITIVE = ("img_size", "batch_size", "epochs", "grad_accum_steps", "keep_checkpoints", "log_every",
             "dist_timeout", "max_bad_steps", "debug_steps")
-POSITIVE_OR_NONE = ("max_steps", "eval_every", "checkpoint_every")
+POSITIVE_OR_NONE = ("max_steps", "eval_every", "checkpoint_every", "patience")
+DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '45m', '2h', '1h30m', '600' -> seconds; UserError for anything else or zero."""
+    m = DURATION.match(str(text).strip().lower())
+    if not m or not any(m.groups()):
+        raise UserError(f"--time-limit {text}: expected a duration like 90s, 45m, 2h or 1h30m")
+    h, mins, secs = (float(g) if g else 0.0 for g in m.groups())
+    seconds = h * 3600 + mins * 60 + secs
+    if seconds <= 0:
+        raise UserError(f"--time-limit {text}: expected a positive duration")
+    return seconds
 
 
 def _flag(name: str) -> str:
@@ -111,6 +125,8 @@ def _check_numbers(v: dict) -> None:
         raise UserError(f"--max-bad-fraction {v['max_bad_fraction']}: expected 0..1")
     if v["workers"] < 0:
         raise UserError(f"--workers {v['workers']}: expected 0 or more")
+    if not 0 <= v["model_ema_decay"] < 1:
+        raise UserError(f"--model-ema-decay {v['model_ema_decay']}: expected 0 <= decay < 1")
     if v["lr"] <= 0:
         raise UserError(f"--lr {v['lr']}: expected a positive number")
     if v["overfit_batches"] < 0:
@@ -141,6 +157,8 @@ def validate(cfg: Config) -> Config:
     if v["secure"] and str(v["data"]).startswith("pipe:"):
         raise UserError(f"--data {v['data']}: pipe: URLs run shell commands and are refused with --secure")
     _check_augment(v)
+    if v["time_limit"] is not None:
+        parse_duration(v["time_limit"])
     if v["resume"] not in ("auto", "none") and not Path(v["resume"]).is_dir():
         raise UserError(f"--resume {v['resume']}: expected auto, none or a checkpoint folder")
     return cfg

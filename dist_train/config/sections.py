@@ -36,6 +36,9 @@ class ModelSection:
     drop_path: float | None = _f(None, "stochastic depth rate")
     channels_last: bool = _f(False, "use channels_last memory format")
     compile: bool = _f(False, "torch.compile the model (before DDP wraps it)")
+    model_ema: bool = _f(False, "keep an exponential moving average of the weights (timm ModelEmaV3), evaluated too")
+    model_ema_decay: float = _f(0.9998, "EMA decay per optimizer step")
+    model_ema_warmup: bool = _f(False, "ramp the EMA decay up from 0 (timm's warm-up) instead of starting at it")
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,9 @@ class RuntimeSection:
     dist_timeout: int = _f(600, "seconds a rank waits for the others (a dead rank ends the run after this)")
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of an epoch's samples is undecodable")
     max_bad_steps: int = _f(5, "stop after this many non-finite losses in a row (each such step is skipped)")
+    patience: int | None = _f(None, "stop after N evaluations without a better val macro F1 (with a checkpoint)")
+    time_limit: str | None = _f(None, "stop cleanly before this much time has passed (90s, 45m, 2h, 1h30m), with a "
+                                      "checkpoint that --resume auto continues")
     debug: bool = _f(False, "one process, workers 0, fp32, a few batches, anomaly detection")
     debug_steps: int = _f(5, "train and val batches in --debug")
     overfit_batches: int = _f(0, "train on N fixed batches and report whether the loss falls")

@@ -38,19 +38,27 @@ class Evaluator:
     def should_evaluate(self, step: int, end_of_epoch: bool) -> bool:
         return end_of_epoch or bool(self.every and step % self.every == 0)
 
-    def validate(self, model: torch.nn.Module, acc: Accelerator, progress: Progress) -> dict:
-        """val_* metrics over the whole split ({} without one); best/ written when F1 improves."""
+    def validate(self, model: torch.nn.Module, acc: Accelerator, progress: Progress,
+                 ema: torch.nn.Module | None = None) -> dict:
+        """val_* metrics over the whole split ({} without one), and val_*_ema for the EMA weights;
+        best/ gets whichever weights scored the better val macro F1 when it beats the best so far."""
         if self.loader is None:
             return {}
         m = self.metrics(model, acc)
-        if acc.is_main_process and m["val_macro_f1"] > progress.best_f1:
-            progress.best_f1 = m["val_macro_f1"]
-            save_for_timm(acc.unwrap_model(model), self.out / "best", label_names=self.class_names,
-                          num_classes=len(self.class_names), **self.export, extra={**m, **self.meta})
+        candidates = [("model", acc.unwrap_model(model), m["val_macro_f1"])]
+        if ema is not None:
+            m_ema = self.metrics(ema, acc, write_confusion=False)
+            m.update({f"{k}_ema": v for k, v in m_ema.items() if k != "val_samples"})
+            candidates.append(("ema", ema, m_ema["val_macro_f1"]))
+        which, weights, score = max(candidates, key=lambda c: c[2])  # the model's on a tie
+        if acc.is_main_process and score > progress.best_f1:
+            progress.best_f1 = score
+            save_for_timm(weights, self.out / "best", label_names=self.class_names, num_classes=len(self.class_names),
+                          **self.export, extra={**m, **self.meta, "weights": which})
         progress.best_f1 = float(acc.reduce(torch.tensor(progress.best_f1, device=acc.device), "max").item())
         return m
 
-    def metrics(self, model: torch.nn.Module, acc: Accelerator) -> dict:
+    def metrics(self, model: torch.nn.Module, acc: Accelerator, write_confusion: bool = True) -> dict:
         """Loss, accuracy, macro F1, sample count and the task's metrics; confusion files on the main process."""
         res = infer(model, self.loader, acc, self.prep, limit=self.limit)
         logits, target = torch.from_numpy(res["logits"]), torch.from_numpy(res["target"])
@@ -59,7 +67,7 @@ class Evaluator:
         preds = logits.argmax(1).numpy()
         y_pred, y_true = preds[labeled.numpy()], res["target"][labeled.numpy()]
         stats = summarize(y_pred, y_true, len(self.class_names), self.class_names)
-        if acc.is_main_process:
+        if acc.is_main_process and write_confusion:
             save_confusion(stats["confusion"], self.class_names, self.out / "confusion.csv", self.out / "confusion.png")
         m = {"val_loss": val_loss, "val_acc": stats["acc"], "val_macro_f1": stats["macro_f1"],
              "val_samples": int(len(preds))}

@@ -6,13 +6,16 @@
 - SIGTERM/SIGUSR1 (as SLURM sends before preemption) on any rank: every rank finishes the
   same step, checkpoints and exits 0. Ranks are signalled at different moments, hence the
   agreement, in one all-reduce per step.
+- `--time-limit`: when the next steps and a checkpoint would not fit before the deadline on
+  any rank, the same: a clean stop that `--resume auto` continues.
 - Too many undecodable samples in an epoch (`max_bad_fraction`): the run stops.
 """
 
 from __future__ import annotations
 
 import signal
-from typing import Any
+import time
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -22,11 +25,19 @@ from dist_train.errors import RunFailed
 
 
 class StepGuard:
-    def __init__(self, max_bad_steps: int, max_bad_fraction: float) -> None:
+    """`time_limit` (seconds from now, None: none) and `clock` (monotonic seconds) for the time budget."""
+
+    def __init__(self, max_bad_steps: int, max_bad_fraction: float, time_limit: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bad_steps = max_bad_steps
         self.max_bad_fraction = max_bad_fraction
         self.bad_in_row = 0
         self.signalled = False
+        self.clock = clock
+        self.deadline = None if time_limit is None else clock() + time_limit
+        self._last_check: float | None = None
+        self.step_s = 0.0  # the longest step seen: the next one may take as long
+        self.save_s = 0.0  # the longest checkpoint save seen
         self._buffers: list[torch.Tensor] = []
         self._snapshot: list[torch.Tensor] = []
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -48,12 +59,25 @@ class StepGuard:
         if self._buffers:
             torch._foreach_copy_(self._buffers, self._snapshot)
 
-    def check(self, acc: Accelerator, nonfinite: torch.Tensor, step: int) -> tuple[bool, bool]:
-        """-> (skip this step, stop after it), the same on every rank."""
-        flags = torch.stack([nonfinite.float(), torch.tensor(float(self.signalled), device=nonfinite.device)])
+    def note_save(self, seconds: float) -> None:
+        self.save_s = max(self.save_s, seconds)
+
+    def _out_of_time(self) -> bool:
+        """Whether two more steps and a checkpoint would pass the deadline."""
+        now = self.clock()
+        if self._last_check is not None:
+            self.step_s = max(self.step_s, now - self._last_check)
+        self._last_check = now
+        return self.deadline is not None and now + 2 * self.step_s + self.save_s >= self.deadline
+
+    def check(self, acc: Accelerator, nonfinite: torch.Tensor, step: int) -> tuple[bool, str | None]:
+        """-> (skip this step, why to stop after it: "signal", "time-limit" or None), the same on every rank."""
+        local = [nonfinite.float(), torch.tensor(float(self.signalled)), torch.tensor(float(self._out_of_time()))]
+        flags = torch.stack([f.to(nonfinite.device) for f in local])
         if acc.num_processes > 1:
             flags = acc.reduce(flags, reduction="sum")
-        skip, stop = (flags > 0).tolist()
+        skip, signalled, late = (flags > 0).tolist()
+        stop = "signal" if signalled else "time-limit" if late else None
         self.bad_in_row = self.bad_in_row + 1 if skip else 0
         if skip and acc.is_main_process:
             tqdm.write(f"dist_train: non-finite loss at step {step}: step skipped ({self.bad_in_row} in a row)")

@@ -97,28 +97,42 @@ def state_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers on every rank, in one collective (what DDP does before each forward)."""
+    buffers = [b for b in model.buffers() if b.numel()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in buffers])
+    torch.distributed.broadcast(flat, src=0)
+    for b, part in zip(buffers, torch.split(flat, [b.numel() for b in buffers])):
+        b.copy_(part.view_as(b).to(b.dtype))
+
+
 def write_summary(acc: Accelerator, model: torch.nn.Module, progress: Progress, batches_seen: int, out: Path,
-                  finished: bool) -> None:
+                  finished: bool, stopped_by: str | None = None, ema: torch.nn.Module | None = None) -> None:
     """`summary.json`: per-rank step and batch counts and a hash of every parameter and buffer.
 
     Under DDP all of them must agree; a difference means ranks diverged, which would otherwise
-    go unnoticed until someone compares the weights.
+    go unnoticed until someone compares the weights. `stopped_by`: why the run stopped early
+    (signal, time-limit, patience), None when it ran to its end.
     """
     raw = acc.unwrap_model(model)
     if acc.num_processes > 1:
         # DDP broadcasts rank 0's buffers at the start of each forward, so after the last training
         # step every rank still holds BatchNorm statistics of its own last batch. Adopt rank 0's, as
         # the next forward would; parameters are left alone: a difference there is real divergence.
-        for b in raw.buffers():
-            torch.distributed.broadcast(b.data, src=0)
-    mine = [{"step": progress.step, "batches": batches_seen, "hash": state_hash(raw)}]
+        broadcast_buffers(raw)
+    mine = [{"step": progress.step, "batches": batches_seen, "hash": state_hash(raw),
+             "ema": None if ema is None else state_hash(ema)}]
     everyone = gather_object(mine) if acc.num_processes > 1 else mine
     if acc.is_main_process:
-        summary = {"finished": finished, "world_size": acc.num_processes, "epoch": progress.epoch, "step": progress.step,
+        summary = {"finished": finished, "stopped_by": stopped_by, "world_size": acc.num_processes, "epoch": progress.epoch, "step": progress.step,
                    "best_val_macro_f1": progress.best_f1,
                    "steps_per_rank": [r["step"] for r in everyone],
                    "batches_per_rank": [r["batches"] for r in everyone],
                    "param_hash_per_rank": [r["hash"] for r in everyone]}
+        if ema is not None:
+            summary["ema_hash_per_rank"] = [r["ema"] for r in everyone]
         if len(set(summary["param_hash_per_rank"])) > 1:
             print("dist_train: WARNING: parameters differ across ranks", file=sys.stderr)
         atomic_write_json(out / "summary.json", summary)

@@ -18,7 +18,7 @@ from dist_train.shardset.format import class_names, load_info
 from dist_train.tasks import task_for
 
 from .optim import build_optimizer
-from .trainer import augment_config, create_run_model
+from .parts import augment_config, create_run_model
 
 
 def overfit(cfg: Config) -> dict:

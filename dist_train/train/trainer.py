@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,12 +26,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
+from timm.utils.model_ema import ModelEmaV3
 
-from dist_train.config import Config, save_config
+from dist_train.config import Config, parse_duration, save_config
 from dist_train.data.device import BatchPrep
 from dist_train.data.loaders import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from dist_train.data.plan import Plan, decode_done, encode_done
-from dist_train.data.transforms import AugmentConfig
 from dist_train.errors import UserError, atomic_write_json
 from dist_train.infer.accel import make_accelerator
 from dist_train.model.build import data_config
@@ -42,35 +42,20 @@ from dist_train.tasks import Criterion, Task, task_for
 
 from .checkpoint import Checkpointer, Progress, check_resume_compatible, read_progress
 from .evaluator import Evaluator
+from .parts import augment_config, create_run_model, run_config
 from .guard import StepGuard
-from .logging import Meter, MetricsLog, ProgressBar, SampleLog, start_lines, write_summary
+from .logging import Meter, MetricsLog, ProgressBar, SampleLog, broadcast_buffers, start_lines, write_summary
 from .optim import build_optimizer, build_scheduler, schedule_time
 from .stager import Stager
 
 
-def run_config(cfg: Config) -> Config:
-    """The config a run uses: --debug means one process's worth of everything (a copy; `cfg` stays)."""
-    if not cfg.runtime.debug:
-        if cfg.checkpoint.output is None:
-            raise UserError("--output is required (the run folder)")
-        return cfg
-    output = cfg.checkpoint.output or tempfile.mkdtemp(prefix="dist_train-debug-")
-    return cfg.replace(workers=0, output=output, mixed_precision="no")
-
-
-def augment_config(cfg: Config, dcfg: dict) -> AugmentConfig:
-    """The loaders' transforms from the flags, with the model's crop_pct and mean as defaults."""
-    a = cfg.augment
-    return AugmentConfig(img_size=cfg.model.img_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
-                         aa=a.aa, crop_pct=a.crop_pct or dcfg["crop_pct"], train_crop=a.crop, mean=tuple(dcfg["mean"]))
-
-
-def create_run_model(task: Task, cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The model the config asks for, with the head the task builds for `--head`."""
-    m = cfg.model
-    return task.create_model(m.model, num_classes, head=cfg.task.head, pretrained=m.pretrained and not m.pretrained_path,
-                             pretrained_path=m.pretrained_path, img_size=m.img_size, drop_rate=m.drop,
-                             drop_path_rate=m.drop_path)
+STOP_LINES = {
+    "signal": "dist_train: stopped by signal at step {step}; checkpoint saved, continue with --resume auto",
+    "time-limit": "dist_train: stopped at step {step} to stay within --time-limit {limit}; checkpoint saved, "
+                  "continue with --resume auto",
+    "patience": "dist_train: early stop at step {step}: val macro F1 has not improved for {stale} evaluations "
+                "(best {best:.4f}, --patience); checkpoint saved",
+}
 
 
 class Trainer:
@@ -81,7 +66,7 @@ class Trainer:
         self.cfg = run_config(cfg)
         self._given = dict(accelerator=accelerator, model=model, train_loader=train_loader, val_loader=val_loader,
                            criterion=criterion)
-        self.stopped = False
+        self.stop_reason: str | None = None  # signal, time-limit, patience
         self.batches_seen = 0
 
     # ------------------------------------------------------------------ building
@@ -120,6 +105,16 @@ class Trainer:
         erase = RandomErasing(a.reprob, mode="pixel", device=acc.device.type) if a.reprob > 0 else None
         return BatchPrep(acc.device, dcfg["mean"], dcfg["std"], self.cfg.model.channels_last, mixup, erase)
 
+    def build_ema(self, model: torch.nn.Module) -> ModelEmaV3 | None:
+        """timm's EMA of every parameter and buffer, outside DDP; None without --model-ema."""
+        m = self.cfg.model
+        return ModelEmaV3(model, decay=m.model_ema_decay, use_warmup=m.model_ema_warmup) if m.model_ema else None
+
+    def build_guard(self) -> StepGuard:
+        r = self.cfg.runtime
+        limit = parse_duration(r.time_limit) if r.time_limit else None
+        return StepGuard(r.max_bad_steps, r.max_bad_fraction, time_limit=limit)
+
     def _part(self, name: str) -> Any:
         given = self._given[name]
         return given if given is not None else getattr(self, f"build_{name}")()
@@ -127,6 +122,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         """Check the input, then build accelerator, model, optimizer, schedule and loaders; resume."""
+        self.guard = self.build_guard()  # first: the time budget starts now
         self._read_data()
         self.acc = acc = self._part("accelerator")
         self.checkpointer = Checkpointer(self.out, self.cfg.checkpoint.keep_checkpoints,
@@ -138,6 +134,8 @@ class Trainer:
         self._runtime_setup()
         self._build_model_and_data()
         self.progress = Progress()
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)  # a tensor state dict, loaded with weights_only
         if self.resume_from is not None:
             self.progress = read_progress(self.resume_from)
             self._enter_stage(self.progress.stage)  # groups must match before loading
@@ -145,7 +143,6 @@ class Trainer:
             self._adopt_layout()
         else:
             self._enter_stage(self.stager.stage_at(0))
-        self.guard = StepGuard(self.cfg.runtime.max_bad_steps, self.cfg.runtime.max_bad_fraction)
         self.meter, self.log = Meter(acc.device), MetricsLog(acc, self.out)
         self.sample_log = SampleLog(self.cfg.runtime.log_samples) if self.cfg.runtime.log_samples else None
         if acc.is_main_process:
@@ -200,6 +197,7 @@ class Trainer:
         if cfg.model.compile:
             model.compile()  # in place, before DDP wraps it; state_dict keys stay plain
         self.model = model
+        self.ema = self.build_ema(model)
         self.stager = Stager(cfg.stages, cfg.optim.epochs, model)
         self.optimizer = build_optimizer(cfg.optim, cfg.stages, model)
         self.aug = augment_config(cfg, dcfg)
@@ -243,7 +241,7 @@ class Trainer:
         self.setup()
         p, metrics = self.progress, {}
         try:  # closed on every way out, so that an error line starts its own line
-            while not self.finished() and not self.stopped:
+            while not self.finished() and self.stop_reason is None:
                 self.begin_epoch()
                 for batches in self.step_batches():
                     self.train_step(batches)
@@ -252,8 +250,8 @@ class Trainer:
                         metrics = self.evaluate()
                     if end_of_epoch:
                         p.epoch, p.batch, p.samples, p.plan = p.epoch + 1, 0, 0, None
-                    stop = self.stopped or self.finished()
-                    self.checkpointer.save(self.acc, p, force=stop or end_of_epoch)
+                    stop = self.stop_reason is not None or self.finished()
+                    self._save(force=stop or end_of_epoch)
                     if stop or end_of_epoch:
                         break
         finally:
@@ -324,7 +322,8 @@ class Trainer:
         p.samples = self._delivered_before + min(p.batch * self.cfg.optim.batch_size * acc.num_processes,
                                                  self._remaining)
         self.batches_seen += len(batches)
-        skip, self.stopped = self.guard.check(acc, nonfinite, p.step)
+        skip, reason = self.guard.check(acc, nonfinite, p.step)
+        self.stop_reason = self.stop_reason or reason
         lr = self.optimizer.param_groups[-1]["lr"]
         if skip:
             self.guard.restore()
@@ -347,6 +346,11 @@ class Trainer:
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:  # fp16 overflow: no update was made
             p.updates += 1
+            if self.ema is not None:
+                raw = acc.unwrap_model(self.model)
+                if acc.num_processes > 1:
+                    broadcast_buffers(raw)  # each rank's BatchNorm saw its own batch: average rank 0's
+                self.ema.update(raw, step=p.step + 1)
         self.scheduler.step_update(schedule_time(p.epoch, p.samples, self.train_loader.num_samples))
         return lr
 
@@ -364,19 +368,31 @@ class Trainer:
              "trainable_params": count_params(self.model, self.stager.trainable), "stage": self.stager.current,
              "bad_samples": bad}
         self.guard.check_bad_samples(bad, p.batch * self.cfg.optim.batch_size * world, p.epoch)
-        m.update(self.evaluator.validate(self.model, acc, p))
+        best = p.best_f1
+        m.update(self.evaluator.validate(self.model, acc, p, ema=None if self.ema is None else self.ema.module))
+        if "val_macro_f1" in m:
+            p.stale = 0 if p.best_f1 > best else p.stale + 1
+            if self.cfg.runtime.patience and p.stale >= self.cfg.runtime.patience:
+                self.stop_reason = "patience"
         self.log.write(m, p.step)
         self.meter.reset()
         self.stager.train_mode(self.model, acc)
         return m
 
+    def _save(self, force: bool) -> None:
+        started = time.monotonic()
+        if self.checkpointer.save(self.acc, self.progress, force=force) is not None:
+            self.guard.note_save(time.monotonic() - started)
+
     def end(self, metrics: dict) -> dict:
         """summary.json, the stop line, the trackers closed; the result `train` returns."""
-        acc, p = self.acc, self.progress
-        write_summary(acc, self.model, p, self.batches_seen, self.out, finished=self.finished() and not self.stopped)
-        if self.stopped and acc.is_main_process:
-            print(f"dist_train: stopped by signal at step {p.step}; checkpoint saved, continue with --resume auto",
-                  flush=True)
+        acc, p, why = self.acc, self.progress, self.stop_reason
+        finished = (self.finished() and why is None) or why == "patience"  # nothing left to resume
+        write_summary(acc, self.model, p, self.batches_seen, self.out, finished=finished, stopped_by=why,
+                      ema=None if self.ema is None else self.ema.module)
+        if why is not None and acc.is_main_process:
+            print(STOP_LINES[why].format(step=p.step, stale=p.stale, best=p.best_f1,
+                                         limit=self.cfg.runtime.time_limit), flush=True)
         acc.end_training()
-        return {**metrics, "step": p.step, "output": str(self.out), "stopped": self.stopped,
+        return {**metrics, "step": p.step, "output": str(self.out), "stopped": why in ("signal", "time-limit"),
                 "is_main": acc.is_main_process}

@@ -1,0 +1,38 @@
+"""Parts of a run that follow from the config alone: the run's own config copy, the loaders'
+augmentation, the model (shared by the Trainer and --overfit-batches)."""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from dist_train.config import Config
+from dist_train.data.transforms import AugmentConfig
+from dist_train.errors import UserError
+from dist_train.tasks import Task
+
+
+def run_config(cfg: Config) -> Config:
+    """The config a run uses: --debug means one process's worth of everything (a copy; `cfg` stays)."""
+    if not cfg.runtime.debug:
+        if cfg.checkpoint.output is None:
+            raise UserError("--output is required (the run folder)")
+        return cfg
+    output = cfg.checkpoint.output or tempfile.mkdtemp(prefix="dist_train-debug-")
+    return cfg.replace(workers=0, output=output, mixed_precision="no")
+
+
+def augment_config(cfg: Config, dcfg: dict) -> AugmentConfig:
+    """The loaders' transforms from the flags, with the model's crop_pct and mean as defaults."""
+    a = cfg.augment
+    return AugmentConfig(img_size=cfg.model.img_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
+                         aa=a.aa, crop_pct=a.crop_pct or dcfg["crop_pct"], train_crop=a.crop, mean=tuple(dcfg["mean"]))
+
+
+def create_run_model(task: Task, cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The model the config asks for, with the head the task builds for `--head`."""
+    m = cfg.model
+    return task.create_model(m.model, num_classes, head=cfg.task.head, pretrained=m.pretrained and not m.pretrained_path,
+                             pretrained_path=m.pretrained_path, img_size=m.img_size, drop_rate=m.drop,
+                             drop_path_rate=m.drop_path)
