@@ -349,3 +349,48 @@ def test_model_ema_of_frozen_groups_stays_exactly_as_loaded(mask_shards, tmp_pat
     for k, v in t.ema.module.state_dict().items():
         if k.rsplit(".", 1)[0] + ".weight" not in head and k not in head:
             assert torch.equal(v, init[k]), f"frozen {k} moved in the EMA"
+
+
+# ----------------------------------------------------------------------------- balanced sampling
+@pytest.fixture(scope="module")
+def skewed_shards(tmp_path_factory) -> Path:
+    """3 classes of 100, 30 and 10 images (10-fold apart), 16 px, in shards of 20."""
+    from PIL import Image
+
+    from dist_train.shardset.writer import write_shards
+
+    src = tmp_path_factory.mktemp("skewed") / "src"
+    rng = np.random.default_rng(0)
+    for c, n in enumerate((100, 30, 10)):
+        (src / f"c{c}").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(src / f"c{c}" / f"{i}.png")
+    out = src.parent / "shards"
+    write_shards(src, out, layout="folder", val_fraction=0.0, samples_per_shard=20, workers=1, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("sampler, low, high", [("none", 8, 12), ("sqrt", 2, 4.5), ("balanced", 1, 2)])
+def test_sampler_reweights_the_classes_the_trainer_consumes(skewed_shards, tmp_path, sampler, low, high):
+    """train_class_counts (all ranks, since the last metrics line) shows the re-weighting: the
+    natural 10:1, about sqrt(10):1, or under 2:1 for balanced; the steps per epoch stay the same."""
+    out = tmp_path / "run"
+    t = Trainer(make_cfg(skewed_shards, out, val_split="none", batch_size=10, epochs=3, img_size=16,
+                         sampler=sampler))
+    t.train()
+    counts = np.sum([r["train_class_counts"] for r in rows(out)], axis=0)
+    assert counts.sum() == 3 * 14 * 10 and t.steps_per_epoch == 14
+    assert low <= counts.max() / counts.min() < high, counts
+
+
+def test_sampler_under_ddp_keeps_equal_steps(skewed_shards, tmp_path):
+    from conftest import launch
+
+    out = tmp_path / "run"
+    launch(["dist_train/run.py", "--data", str(skewed_shards), "--output", str(out), "--model", "test_resnet",
+            "--img-size", "16", "--batch-size", "5", "--epochs", "1", "--workers", "1", "--val-split", "none",
+            "--sampler", "balanced", "--seed", "0"])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps_per_rank"] == [14, 14] and len(set(s["param_hash_per_rank"])) == 1
+    counts = rows(out)[-1]["train_class_counts"]
+    assert sum(counts) == 140 and max(counts) < 2 * min(counts)

@@ -17,7 +17,7 @@ from dist_train.errors import ArgParser, UserError, atomic_write_text
 from .sections import SECTION_OF, SECTIONS, Config
 
 CHOICES = {"mixed_precision": (None, "no", "bf16", "fp16"), "loss": ("ce", "focal", "f1"),
-           "class_weights": (None, "auto"), "crop": ("random", "center")}
+           "class_weights": (None, "auto"), "crop": ("random", "center"), "sampler": ("none", "balanced", "sqrt")}
 POSITIVE = ("img_size", "batch_size", "epochs", "grad_accum_steps", "keep_checkpoints", "log_every",
             "dist_timeout", "max_bad_steps", "debug_steps")
 POSITIVE_OR_NONE = ("max_steps", "eval_every", "checkpoint_every", "patience")

@@ -22,6 +22,7 @@ class DataSection:
     train_split: str = _f("train", "split to train on")
     val_split: str | None = _f("validation", "split to evaluate on ('none' to skip evaluation)")
     workers: int = _f(4, "data loader worker processes per rank")
+    sampler: str = _f("none", "balanced (equal class shares), sqrt (shares ~ sqrt of class size) or none")
     gpu_decode: bool = _f(False, "workers only read bytes; JPEG decode and crop/flip run on the GPU")
     secure: bool = _f(False, "refuse pipe: data URLs (webdataset secure mode for remote shards)")
 

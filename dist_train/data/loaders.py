@@ -12,7 +12,7 @@ import math
 import multiprocessing as mp
 import signal
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -185,6 +185,7 @@ def build_train_loader(
     pin_memory: bool = False,
     target_fn: TargetFn | None = None,
     shuffle_buffer: int = 1000,
+    class_weights: Sequence[float] | None = None,
     gpu_decode: bool = False,
     device: torch.device | str | None = None,
 ) -> TrainLoader:
@@ -192,7 +193,8 @@ def build_train_loader(
 
     gpu_decode: workers only read; images are decoded and augmented on `device` (default cuda
     if available, else cpu; ignored without gpu_decode) and arrive there; targets stay on the
-    CPU. Not with `aug.aa`.
+    CPU. Not with `aug.aa`. class_weights: per class, the relative chance of a sample to fill a
+    slot of its shuffle window (None: every sample once); see `sampler_weights`.
     """
     _check_loader_args(batch_size, workers, world_size, rank)
     where = decode_device(gpu_decode, device)
@@ -208,10 +210,22 @@ def build_train_loader(
         )
     reader = TrainReader(shard_urls(root, info, split), s.shard_lengths, Transform(aug, train=True), target_fn,
                          batch_size, world_size, rank, workers=workers, seed=seed, shuffle_buffer=shuffle_buffer,
-                         encoded=gpu_decode)
+                         class_weights=class_weights, encoded=gpu_decode)
     # Encoded bytes need no pinning: decode_jpeg copies them to the GPU itself.
     loader = _data_loader(reader, workers, pin_memory and not gpu_decode)
     return TrainLoader(reader, loader, _shards_per_rank(reader, split), where)
+
+
+def sampler_weights(kind: str, counts: dict[str, int] | None, num_classes: int) -> list[float] | None:
+    """Per-class weights for `--sampler`: balanced (equal class shares: 1/n), sqrt (shares in
+    proportion to sqrt(n): 1/sqrt(n)), none (None)."""
+    if kind == "none":
+        return None
+    if not counts:
+        raise UserError(f"--sampler {kind}: the shard set has no class counts for the training split")
+    n = np.array([int(counts.get(str(c), 0)) for c in range(num_classes)], dtype=np.float64)
+    power = 1.0 if kind == "balanced" else 0.5
+    return np.where(n > 0, 1.0 / np.maximum(n, 1) ** power, 0.0).tolist()
 
 
 def _shards_per_rank(reader: TrainReader, split: str) -> int:

@@ -135,8 +135,10 @@ class TrainReader(ShardReader):
 
     needs_label = True  # a sample cut short by a truncated tar may lack its cls/json member
 
-    def __init__(self, *args: Any, workers: int, seed: int, shuffle_buffer: int, **kw: Any):
+    def __init__(self, *args: Any, workers: int, seed: int, shuffle_buffer: int,
+                 class_weights: Sequence[float] | None = None, **kw: Any):
         super().__init__(*args, **kw)
+        self.class_weights = None if class_weights is None else np.asarray(class_weights, dtype=np.float64)
         self.workers = max(1, workers)
         self.readers = self.world_size * self.workers
         self.seed = seed
@@ -200,10 +202,39 @@ class TrainReader(ShardReader):
         item = self._load(sample, seed)
         return None if item is None else (item[0], item[1], sample["__key__"], seed)
 
-    def _window_items(self, plan: Plan, pos: np.ndarray, copy: np.ndarray, first: int) -> list[tuple]:
+    def _reweighted(self, raw: dict, pos: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """--sampler: the window's slots drawn again from its own samples, with replacement, each
+        with probability proportional to its class's weight (repeats get their own copy number)."""
+        labels = np.array([self._label(raw.get(int(p))) for p in pos])
+        w = np.where(labels >= 0, self.class_weights[np.clip(labels, 0, None)], 0.0)
+        if w.sum() <= 0:
+            return pos, np.zeros(len(pos), dtype=np.int64)
+        pick = np.random.default_rng(seed).choice(len(pos), size=len(pos), p=w / w.sum())
+        copy = np.zeros(len(pos), dtype=np.int64)
+        seen: dict[int, int] = {}
+        for q, i in enumerate(pick.tolist()):
+            copy[q] = seen.get(i, 0)
+            seen[i] = copy[q] + 1
+        return pos[pick], copy
+
+    def _label(self, sample: dict | None) -> int:
+        """A raw sample's training class without decoding its image (-1 if it has none)."""
+        try:
+            if self.target_fn is not None:
+                cls = int(sample["cls"]) if "cls" in sample else None
+                return int(self.target_fn(json.loads(sample["json"]), cls))
+            return int(sample["cls"])
+        except Exception:  # missing or bad members: the decode step counts it as bad
+            return -1
+
+    def _window_items(self, plan: Plan, pos: np.ndarray, copy: np.ndarray, first: int, window_id: int = 0
+                      ) -> list[tuple]:
         """Decoded (image, target, key, seed) per slot from `first` on; bad slots take a good
         sample of the same window (the next one, cyclically)."""
         raw = self._read_window(plan, pos)
+        if self.class_weights is not None:
+            pos, copy = self._reweighted(raw, pos, mix_seed(self.seed, plan.epoch, "sampler", self.rank, window_id,
+                                                            plan.world, plan.workers, plan.batch))
         items = [self._decoded(raw, int(p), int(c), plan.epoch) if q >= first else None
                  for q, (p, c) in enumerate(zip(pos, copy))]
         good = [q for q in range(first, len(pos)) if items[q] is not None]
@@ -231,7 +262,7 @@ class TrainReader(ShardReader):
         for a, b in plan.windows(self.rank, worker):
             if b <= skipped:
                 continue  # skipped without reading or decoding
-            items = self._window_items(plan, pos[a:b], copy[a:b], max(0, skipped - a))
+            items = self._window_items(plan, pos[a:b], copy[a:b], max(0, skipped - a), window_id=worker * 10**6 + a)
             for i in range(0, len(items), self.batch_size):
                 yield self._batch(items[i:i + self.batch_size])
 

@@ -23,13 +23,22 @@ from .checkpoint import Progress
 class Meter:
     """Training loss and throughput since the last evaluation (kept on the device: no sync per step)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, num_classes: int) -> None:
+        self.device, self.num_classes = device, num_classes
         self.reset()
 
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
         self.n, self.images, self.t0 = 0, 0, time.time()
+        self.classes = torch.zeros(self.num_classes, dtype=torch.int64)
+
+    def count(self, targets: torch.Tensor) -> None:
+        """The (hard, CPU) targets of a batch, before Mixup: which classes the trainer consumed."""
+        self.classes += torch.bincount(targets[targets >= 0].cpu(), minlength=self.num_classes)[: self.num_classes]
+
+    def class_counts(self, acc: Accelerator) -> list[int]:
+        """Samples per class since the last reset, over all ranks."""
+        return acc.reduce(self.classes.to(acc.device), reduction="sum").tolist()
 
     def add(self, loss: torch.Tensor, finite: torch.Tensor, images: int) -> None:
         self.loss_sum += torch.where(finite, loss, 0.0)

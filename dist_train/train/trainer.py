@@ -30,17 +30,18 @@ from timm.utils.model_ema import ModelEmaV3
 
 from dist_train.config import Config, parse_duration, save_config
 from dist_train.data.device import BatchPrep
-from dist_train.data.loaders import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
-from dist_train.data.plan import Plan, decode_done, encode_done
+from dist_train.data.loaders import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, sampler_weights
+from dist_train.data.plan import decode_done, encode_done
 from dist_train.errors import UserError, atomic_write_json
 from dist_train.infer.accel import make_accelerator
 from dist_train.model.build import data_config
 from dist_train.model.stages import count_params
-from dist_train.shardset.format import class_names, load_info, split_info
+from dist_train.shardset.format import class_names, label_counts, load_info, split_info
 from dist_train.system import usable_cpus
 from dist_train.tasks import Criterion, Task, task_for
 
 from .checkpoint import Checkpointer, Progress, check_resume_compatible, read_progress
+from .elastic import relayout
 from .evaluator import Evaluator
 from .parts import augment_config, create_run_model, run_config
 from .guard import StepGuard
@@ -86,8 +87,10 @@ class Trainer:
 
     def build_train_loader(self) -> TrainLoader:
         d = self.cfg.data
+        weights = sampler_weights(d.sampler, label_counts(self.info, d.train_split), len(self.class_names))
         return build_train_loader(d.data, self.info, d.train_split, seed=self.cfg.runtime.seed,
-                                  target_fn=self.task.target_fn(self.cfg.task, self.info), **self._loader_kw())
+                                  target_fn=self.task.target_fn(self.cfg.task, self.info), class_weights=weights,
+                                  **self._loader_kw())
 
     def build_val_loader(self) -> EvalLoader | None:
         d = self.cfg.data
@@ -143,7 +146,7 @@ class Trainer:
             self._adopt_layout()
         else:
             self._enter_stage(self.stager.stage_at(0))
-        self.meter, self.log = Meter(acc.device), MetricsLog(acc, self.out)
+        self.meter, self.log = Meter(acc.device, len(self.class_names)), MetricsLog(acc, self.out)
         self.sample_log = SampleLog(self.cfg.runtime.log_samples) if self.cfg.runtime.log_samples else None
         if acc.is_main_process:
             self._print_start()
@@ -263,16 +266,8 @@ class Trainer:
                 "batch": self.cfg.optim.batch_size}
 
     def _adopt_layout(self) -> None:
-        """A resume on another world size, worker count or batch size: what the checkpoint's
-        layout had delivered of its epoch becomes `done`, and this epoch's rest is laid out anew."""
-        p, old = self.progress, self.progress.plan
-        if old is None or old == {**old, **self._layout()}:
-            return
-        n = self.train_loader.num_samples
-        plan = Plan(self.cfg.runtime.seed, p.epoch, self.train_loader.plan(0).lengths, old["world"], old["workers"],
-                    old["batch"], self.train_loader.plan(0).shuffle, decode_done(old.get("done"), n))
-        p.plan = {**self._layout(), "done": encode_done(plan.delivered(p.batch))}
-        p.batch = 0
+        relayout(self.progress, self._layout(), self.train_loader, self.cfg.runtime.seed, self.cfg.data.sampler,
+                 self.resume_from)
 
     def begin_epoch(self) -> None:
         p = self.progress
@@ -307,6 +302,7 @@ class Trainer:
         self.guard.snapshot()
         nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
         for i, (images, targets, keys) in enumerate(batches):
+            self.meter.count(targets)
             x, y = self.prep.train(images, targets)
             if i == 0 and p.step == 0 and p.batch == 0:
                 self._debug_first_batch(x, targets)
@@ -366,7 +362,7 @@ class Trainer:
         m = {"epoch": p.epoch, "step": p.step, "lr": self.optimizer.param_groups[-1]["lr"],
              "train_loss": self.meter.train_loss(acc), "images_per_s": self.meter.images_per_s(world),
              "trainable_params": count_params(self.model, self.stager.trainable), "stage": self.stager.current,
-             "bad_samples": bad}
+             "bad_samples": bad, "train_class_counts": self.meter.class_counts(acc)}
         self.guard.check_bad_samples(bad, p.batch * self.cfg.optim.batch_size * world, p.epoch)
         best = p.best_f1
         m.update(self.evaluator.validate(self.model, acc, p, ema=None if self.ema is None else self.ema.module))
