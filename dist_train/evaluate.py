@@ -30,6 +30,7 @@ from .errors import ArgParser, UserError, atomic_write_json, atomic_write_text, 
 from .infer.load import load_model
 from .infer.metrics import save_confusion, summarize
 from .infer.run import run_inference
+from .infer.tta import parse_tta
 from .predict import add_model_args, check_loader_args
 from .report import draw_report, load_thumbnails, read_history
 from .shardset.format import class_names, is_labeled, load_info, split_info
@@ -91,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict | None:
     args = parser().parse_args(argv)
     check_loader_args(args)
+    tta = parse_tta(args.tta)
     if args.worst < 0:
         raise UserError(f"--worst {args.worst}: expected 0 or more")
     loaded = load_model(args.run, args.checkpoint)
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise UserError(f"split {args.split!r} of {args.data} has no labels: nothing to evaluate against "
                         "(use python -m dist_train.predict for unlabeled data)")
     acc, res = run_inference(loaded, args.data, info, args.split, batch_size=args.batch_size, workers=args.workers,
-                             tta=args.tta == "hflip", mixed_precision=args.mixed_precision)
+                             tta=tta, mixed_precision=args.mixed_precision)
     if not acc.is_main_process:
         return None
     target, prob = res["target"], res["prob"]

@@ -23,6 +23,7 @@ from dist_train.errors import ArgParser, UserError, cli_main  # noqa: E402
 from dist_train.infer.files import predictions_for, probs_path, save_probs, write_csv  # noqa: E402
 from dist_train.infer.load import load_model  # noqa: E402
 from dist_train.infer.run import default_split, run_inference  # noqa: E402
+from dist_train.infer.tta import SPEC_HELP, parse_tta  # noqa: E402
 from dist_train.shardset.format import load_info  # noqa: E402
 from dist_train.tasks import task_for  # noqa: E402
 
@@ -35,8 +36,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="shard set folder or URL (python -m dist_train.shard)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size per process (default 64)")
     p.add_argument("--workers", type=int, default=4, help="data loader workers per process (default 4)")
-    p.add_argument("--tta", choices=("none", "hflip"), default="none",
-                   help="test-time augmentation: hflip averages logits with the mirrored image")
+    p.add_argument("--tta", default="none", metavar="SPEC",
+                   help=f"test-time augmentation, the views' probabilities averaged: {SPEC_HELP} (default none)")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
                    help="autocast for inference (default: Accelerate's config)")
 
@@ -61,11 +62,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> Path | None:
     args = parser().parse_args(argv)
     check_loader_args(args)
+    tta = parse_tta(args.tta)
     loaded = load_model(args.run, args.checkpoint)
     info = load_info(args.data)
     split = args.split or default_split(info)
     acc, res = run_inference(loaded, args.data, info, split, batch_size=args.batch_size, workers=args.workers,
-                             tta=args.tta == "hflip", mixed_precision=args.mixed_precision)
+                             tta=tta, mixed_precision=args.mixed_precision)
     if not acc.is_main_process:
         return None
     rows = task_for(info).row_ids(res["key"], args.data, info, split)

@@ -1,4 +1,5 @@
-"""Metrics equal scikit-learn's; confusion files; focal / F1 losses and class weights."""
+"""Metrics equal scikit-learn's; confusion files; focal / F1 losses and class weights; every loss
+on soft (Mixup/CutMix) targets, single- and multi-head."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import f1_score, precision_recall_fscore_support
+from timm.data.mixup import mixup_target
 
+from dist_train.config import TaskSection
 from dist_train.infer.metrics import confusion_matrix, save_confusion, summarize
 from dist_train.tasks import CLASSIFY
 from dist_train.tasks.losses import class_weights_from_counts, f1_loss, focal_loss
@@ -125,3 +128,91 @@ def test_class_weights_from_counts() -> None:
     np.testing.assert_allclose(missing.numpy(), np.array([0.25, 1.0]) / 0.625, rtol=1e-6)
     with pytest.raises(ValueError):
         class_weights_from_counts({"5": 1}, 3)
+
+
+# ----------------------------------------------------------------------------- soft targets (Mixup/CutMix)
+# Two samples of classes 0 and 2 mixed with lambda 0.3 (timm mixes each sample with the batch's
+# mirror image): q0 = 0.3*e0 + 0.7*e2 = (0.3, 0, 0.7), q1 = 0.3*e2 + 0.7*e0 = (0.7, 0, 0.3).
+# Both samples predict p = (0.5, 0.25, 0.25): -log p = (ln2, 2 ln2, 2 ln2).
+# Weights (0.5, 0.5, 2) are what --class-weights auto gives for counts (40, 40, 10).
+LN2 = math.log(2.0)
+P3 = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]]))
+COUNTS3 = {"0": 40, "1": 40, "2": 10}
+SOFT_CASES = [
+    # ce: q . -log p, mean over the 2 samples: (0.3 + 1.4) ln2 and (0.7 + 0.6) ln2 -> 1.5 ln2;
+    # weighted: (0.5*0.3 + 2*1.4) ln2 and (0.5*0.7 + 2*0.6) ln2 -> (2.95 + 1.55) / 2 = 2.25 ln2
+    ("ce", 1.5 * LN2, 2.25 * LN2),
+    # focal (gamma 2): (1-p)^2 -log p = (0.25 ln2, ., 0.5625 * 2 ln2 = 1.125 ln2);
+    # (0.3*0.25 + 0.7*1.125) = 0.8625 and (0.7*0.25 + 0.3*1.125) = 0.5125 -> 0.6875 ln2;
+    # weighted: (0.5*0.075 + 2*0.7875) = 1.6125 and (0.5*0.175 + 2*0.3375) = 0.7625 -> 1.1875 ln2
+    ("focal", 0.6875 * LN2, 1.1875 * LN2),
+    # f1: class 0 tp .5 fp .5 fn .5 -> F1 1/2; class 1 tp 0 -> F1 clamped to eps ~ 0;
+    # class 2 tp .25 fp .25 fn .75 -> P 1/2, R 1/4, F1 1/3. 1 - mean; weighted: 1 - sum w F1 / sum w
+    ("f1", 1 - (1 / 2 + 1 / 3) / 3, 1 - (0.5 * 1 / 2 + 2 * 1 / 3) / 3),
+]
+
+
+def mixed_pair(classes: list[int], num_classes: int) -> torch.Tensor:
+    """timm's own Mixup target for a batch of two, lambda 0.3, no smoothing."""
+    return mixup_target(torch.tensor(classes), num_classes, lam=0.3)
+
+
+@pytest.mark.parametrize("loss, plain, weighted", SOFT_CASES, ids=[c[0] for c in SOFT_CASES])
+def test_soft_targets_hand_values(loss: str, plain: float, weighted: float) -> None:
+    """Every --loss with and without --class-weights auto on a mixed batch, through the task's
+    criterion; the Mixup target is not smoothed a second time (smoothing 0.1 in the config)."""
+    q = mixed_pair([0, 2], 3)
+    torch.testing.assert_close(q, torch.tensor([[0.3, 0.0, 0.7], [0.7, 0.0, 0.3]]))
+    info = {"label_counts": {"train": COUNTS3}}
+    for weights, want in ((None, plain), ("auto", weighted)):
+        crit = CLASSIFY.criterion(TaskSection(loss=loss, class_weights=weights, smoothing=0.1), info, "train", 3,
+                                  torch.device("cpu"))
+        assert crit(P3, q).item() == pytest.approx(want, rel=1e-5), (loss, weights)
+    w = class_weights_from_counts(COUNTS3, 3)
+    torch.testing.assert_close(w, torch.tensor([0.5, 0.5, 2.0]))
+    if loss == "ce":  # torch's own definition for probability targets, weighted or not
+        assert F.cross_entropy(P3, q).item() == pytest.approx(plain, rel=1e-6)
+        assert F.cross_entropy(P3, q, weight=w).item() == pytest.approx(weighted, rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["ce", "focal", "f1"])
+def test_hard_targets_equal_their_unmixed_soft_targets(loss: str) -> None:
+    """Mixup at lambda 1 is no mixing: hard targets smoothed by the loss give the same value as
+    timm's smoothed one-hot targets (smoothed once, by Mixup)."""
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)
+    crit = CLASSIFY.criterion(TaskSection(loss=loss, smoothing=0.1), {}, "train", 5, torch.device("cpu"))
+    torch.testing.assert_close(crit(logits, y), crit(logits, mixup_target(y, 5, lam=1.0, smoothing=0.1)))
+    assert not torch.allclose(crit(logits, y), crit(logits, F.one_hot(y, 5).float()))  # smoothing applied
+
+
+# --head multi: classes 5 = (mask 0, gender 1, age 2) and 13 = (mask 2, gender 0, age 1), mixed
+# with lambda 0.3. Marginals: sample 0 mask (.3, 0, .7), gender (.7, .3), age (0, .7, .3);
+# sample 1 mask (.7, 0, .3), gender (.3, .7), age (0, .3, .7). Heads predict mask (.5, .25, .25),
+# gender (.5, .5), age (.25, .25, .5): the mask head is the 3-class case above, the age head the
+# same case with classes permuted, gender gives ln2 (ce), 0.25 ln2 (focal), F1 1/2 per class.
+# Counts m x g x a = (40, 40, 10) x (1, 1) x (1, 1, 1): mask weights (.5, .5, 2), the others 1.
+MULTI_CASES = [
+    ("ce", (1.5 + 1 + 1.5) * LN2, (2.25 + 1 + 1.5) * LN2),
+    ("focal", (0.6875 + 0.25 + 0.6875) * LN2, (1.1875 + 0.25 + 0.6875) * LN2),
+    ("f1", 2 * SOFT_CASES[2][1] + 0.5, SOFT_CASES[2][2] + 0.5 + SOFT_CASES[2][1]),
+]
+
+
+@pytest.mark.parametrize("loss, plain, weighted", MULTI_CASES, ids=[c[0] for c in MULTI_CASES])
+def test_multi_head_soft_targets_hand_values(loss: str, plain: float, weighted: float) -> None:
+    from dist_train.tasks.mask.model import combine_heads, split_targets
+
+    q = mixed_pair([5, 13], 18)
+    mask, gender, age = split_targets(q)
+    torch.testing.assert_close(mask, torch.tensor([[0.3, 0.0, 0.7], [0.7, 0.0, 0.3]]))
+    torch.testing.assert_close(gender, torch.tensor([[0.7, 0.3], [0.3, 0.7]]))
+    torch.testing.assert_close(age, torch.tensor([[0.0, 0.7, 0.3], [0.0, 0.3, 0.7]]))
+    heads = [torch.log(torch.tensor([p, p])) for p in ([0.5, 0.25, 0.25], [0.5, 0.5], [0.25, 0.25, 0.5])]
+    out18 = combine_heads(*heads)  # the model's 18-class output, what the criterion sees
+    counts = {str(m * 6 + g * 3 + a): (40, 40, 10)[m] for m in range(3) for g in range(2) for a in range(3)}
+    info = {"layout": "mask", "label_counts": {"train": counts}}
+    for weights, want in ((None, plain), ("auto", weighted)):
+        crit = MASK.criterion(TaskSection(head="multi", loss=loss, class_weights=weights, smoothing=0.1), info,
+                              "train", 18, torch.device("cpu"))
+        assert crit(out18, q).item() == pytest.approx(want, rel=1e-5), (loss, weights)

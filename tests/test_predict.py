@@ -1,5 +1,5 @@
-"""Prediction files: one row per sample in source order for 1 and 2 processes, the mask-eval
-submission format, TTA, checkpoints, and bad input."""
+"""Prediction files: one row per sample in source order for 1 and 2 processes (with and without
+TTA), the mask-eval submission format, TTA views, checkpoints, and bad input."""
 
 from __future__ import annotations
 
@@ -87,14 +87,20 @@ def test_one_process_rows_in_source_order(trained_run, mask_shards, tmp_path):
     assert all(r[2] == L.class_name(int(r[1])) for r in rows)
 
 
-def test_two_processes_write_the_same_file(trained_run, mask_shards, tmp_path):
-    one = run_predict("--run", str(trained_run), "--data", str(mask_shards), "--out", str(tmp_path / "one.csv"))
+@pytest.mark.parametrize("tta", ["none", "hflip,five-crop"])
+def test_two_processes_write_the_same_file(trained_run, mask_shards, tmp_path, tta):
+    """The same rows for 1 and 2 processes, with 10 TTA views per image as without."""
+    one = run_predict("--run", str(trained_run), "--data", str(mask_shards), "--out", str(tmp_path / "one.csv"),
+                      "--tta", tta, "--save-probs")
     two = tmp_path / "two.csv"
     # 2 ranks x 2 workers = 4 readers over the validation split's 2 shards: the strided path.
     proc = launch(["dist_train/predict.py", "--run", str(trained_run), "--data", str(mask_shards), "--out", str(two),
-                   "--workers", "2", "--batch-size", "4"], nproc=2, timeout=120)
+                   "--workers", "2", "--batch-size", "4", "--tta", tta, "--save-probs"], nproc=2, timeout=120)
     assert "2 process(es)" in proc.stdout
     assert two.read_text() == one.read_text()
+    a, b = files.load_probs(files.probs_path(one)), files.load_probs(files.probs_path(two))
+    assert a.ids == b.ids
+    np.testing.assert_allclose(a.prob, b.prob, atol=1e-6)
 
 
 def test_mask_eval_submission_in_info_csv_order(trained_run, eval_shards, raw_mask, tmp_path):
@@ -124,26 +130,43 @@ def symmetric_shards(root: Path) -> Path:
     return root / "shards"
 
 
-def test_tta_hflip(tmp_path, trained_run, mask_shards):
+@pytest.fixture
+def three_class_run(tmp_path) -> Path:
+    """A random 3-class model (for the 3-class folder sets)."""
     run = tmp_path / "run3"
-    # A 3-class model for the 3-class symmetric set.
     torch.manual_seed(1)
     m = create_model("resnet18", 3, img_size=32)
     d = data_config(m)
     save_for_timm(m, run / "best", model_name="resnet18", num_classes=3, label_names=["class0", "class1", "class2"],
                   img_size=32, crop_pct=1.0, mean=d["mean"], std=d["std"])
+    return run
+
+
+def tta_probs(tmp_path: Path, run_dir: Path, data: Path, *tta: str) -> np.ndarray:
+    out = run_predict("--run", str(run_dir), "--data", str(data), "--out", str(tmp_path / f"{len(tta)}{tta}.csv"),
+                      "--save-probs", *tta)
+    return files.load_probs(files.probs_path(out)).prob
+
+
+def test_tta_hflip(tmp_path, three_class_run, trained_run, mask_shards):
     sym = symmetric_shards(tmp_path)
-
-    def probs(run_dir: Path, data: Path, name: str, *tta: str) -> np.ndarray:
-        out = run_predict("--run", str(run_dir), "--data", str(data), "--out", str(tmp_path / name), "--save-probs",
-                          *tta)
-        return files.load_probs(files.probs_path(out)).prob
-
-    np.testing.assert_allclose(probs(run, sym, "a.csv"), probs(run, sym, "b.csv", "--tta", "hflip"), atol=1e-5)
+    np.testing.assert_allclose(tta_probs(tmp_path, three_class_run, sym),
+                               tta_probs(tmp_path, three_class_run, sym, "--tta", "hflip"), atol=1e-5)
     # On ordinary (asymmetric) images the flip does change the probabilities: TTA really runs.
-    plain = probs(trained_run, mask_shards, "c.csv")
-    flipped = probs(trained_run, mask_shards, "d.csv", "--tta", "hflip")
+    plain = tta_probs(tmp_path, trained_run, mask_shards)
+    flipped = tta_probs(tmp_path, trained_run, mask_shards, "--tta", "hflip")
     assert np.abs(plain - flipped).max() > 1e-4
+
+
+def test_five_crop_of_a_constant_image_is_no_tta(tmp_path, three_class_run, folder_shards, trained_run, mask_shards):
+    """Every crop (and zoom-in) of a plain-colour image is that image: the same probabilities.
+    On real images five-crop does change them."""
+    plain = tta_probs(tmp_path, three_class_run, folder_shards)
+    for spec in ("five-crop", "scales:1.0/1.5"):
+        np.testing.assert_allclose(tta_probs(tmp_path, three_class_run, folder_shards, "--tta", spec), plain,
+                                   atol=1e-5)
+    plain = tta_probs(tmp_path, trained_run, mask_shards)
+    assert np.abs(tta_probs(tmp_path, trained_run, mask_shards, "--tta", "five-crop") - plain).max() > 1e-4
 
 
 def test_accelerate_checkpoint_folder(trained_run, mask_shards, tmp_path):

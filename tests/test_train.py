@@ -57,6 +57,20 @@ def test_ddp_two_ranks_uneven_shards(mask_shards, tmp_path):
     assert list((out / "tb").rglob("events.out.tfevents*"))
 
 
+
+def test_ddp_multi_head_cutmix_focal(mask_shards, tmp_path):
+    """Soft targets under DDP: each rank mixes its own batches (its own lambda), the three heads'
+    focal losses on the marginals all-reduce, and the ranks stay identical."""
+    out = tmp_path / "run"
+    launch(["dist_train/run.py", "--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "1",
+            "--workers", "0", "--head", "multi", "--cutmix", "1.0", "--loss", "focal", "--max-steps", "4",
+            "--eval-every", "4", "--val-split", "none"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps_per_rank"] == [4, 4]
+    assert len(set(summary["param_hash_per_rank"])) == 1
+    row = metrics(out)[-1]
+    assert row["step"] == 4 and 0 < row["train_loss"] < float("inf")
+
 @pytest.mark.parametrize("workers", [0, 3])
 def test_val_samples_exact_single_process(mask_shards, tmp_path, workers):
     info = json.loads((mask_shards / "_info.json").read_text())

@@ -22,9 +22,10 @@ from conftest import run_main
 from dist_train.config import Config, validate
 from dist_train.data.loaders import build_train_loader
 from dist_train.data.plan import Plan
+from dist_train.infer.tta import TTA
 from dist_train.shardset.format import label_counts, load_info
 from dist_train.tasks.losses import class_weights_from_counts, f1_loss, focal_loss
-from dist_train.tasks.mask.model import MultiHeadModel, multi_head_loss
+from dist_train.tasks.mask.model import MultiHeadModel, multi_head_loss, split_heads, split_targets
 from dist_train.train.checkpoint import Checkpointer, Progress
 from dist_train.train.evaluator import Evaluator
 from dist_train.train.trainer import Trainer
@@ -152,7 +153,39 @@ def effect_focal_weights(t: Trainer, mask_shards: Path) -> None:
 
 def effect_f1(t: Trainer, mask_shards: Path) -> None:
     out, y = torch.randn(6, 18), torch.tensor([0, 1, 5, 5, 17, 3])
+    torch.testing.assert_close(t.criterion(out, y), f1_loss(out, y, 18, smoothing=0.1))
+
+
+def mixed_batch(t: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model-sized random logits and a real Mixup/CutMix target batch of the trainer's loader."""
+    _, y = t.prep.train(*a_batch(t))
+    assert y.shape == (8, 18) and torch.allclose(y.sum(1), torch.ones(8))
+    return torch.randn(8, 18, generator=torch.Generator().manual_seed(0)), y
+
+
+def effect_f1_cutmix(t: Trainer, mask_shards: Path) -> None:
+    """Soft targets reach the F1 loss as they are (timm's Mixup smoothed them once already)."""
+    assert (t.prep.mixup.mixup_alpha, t.prep.mixup.cutmix_alpha) == (0.0, 1.0)
+    out, y = mixed_batch(t)
+    assert y.min() > 0  # smoothed by Mixup
     torch.testing.assert_close(t.criterion(out, y), f1_loss(out, y, 18))
+
+
+def effect_focal_mixup_weights(t: Trainer, mask_shards: Path) -> None:
+    weight = class_weights_from_counts(label_counts(load_info(str(mask_shards)), "train"), 18)
+    out, y = mixed_batch(t)
+    torch.testing.assert_close(t.criterion(out, y), focal_loss(out, y, weight=weight))
+    assert not torch.allclose(t.criterion(out, y), focal_loss(out, y))  # the weights matter
+
+
+def effect_multi_mixup(t: Trainer, mask_shards: Path) -> None:
+    """Each head learns its task's marginal of the mixed 18-class target."""
+    assert isinstance(t.acc.unwrap_model(t.model), MultiHeadModel)
+    out, y = mixed_batch(t)
+    out = out.log_softmax(1)
+    torch.testing.assert_close(t.criterion(out, y), multi_head_loss(out, y))
+    heads = split_heads(out)
+    torch.testing.assert_close(t.criterion(out, y), sum(F.cross_entropy(h, q) for h, q in zip(heads, split_targets(y))))
 
 
 def effect_mixup(t: Trainer, mask_shards: Path) -> None:
@@ -160,6 +193,15 @@ def effect_mixup(t: Trainer, mask_shards: Path) -> None:
     assert (t.prep.mixup.mixup_alpha, t.prep.mixup.cutmix_alpha) == (0.2, 1.0)
     x, y = t.prep.train(*a_batch(t))
     assert y.shape == (8, 18) and torch.allclose(y.sum(1), torch.ones(8)) and (y.max(1).values < 1).all()
+
+
+def effect_val_tta(t: Trainer, mask_shards: Path) -> None:
+    """Validation averages the views' probabilities: the logged val_loss is the TTA one."""
+    assert t.evaluator.tta == TTA(hflip=True, scales=(0.9, 1.0))
+    with_tta = t.evaluator.metrics(t.model, t.acc)
+    assert with_tta["val_loss"] == pytest.approx(rows(t.out)[-1]["val_loss"], rel=1e-6)
+    t.evaluator.tta = TTA()
+    assert t.evaluator.metrics(t.model, t.acc)["val_loss"] != pytest.approx(with_tta["val_loss"], rel=1e-4)
 
 
 def effect_crop_erase_aa(t: Trainer, mask_shards: Path) -> None:
@@ -184,13 +226,17 @@ RECIPE_OPTIONS = [
     (["age_bins", "30,58"], effect_age_bins),
     (["loss", "focal", "class_weights", "auto"], effect_focal_weights),
     (["loss", "f1"], effect_f1),
+    (["loss", "f1", "cutmix", 1.0], effect_f1_cutmix),
+    (["loss", "focal", "mixup", 0.2, "class_weights", "auto"], effect_focal_mixup_weights),
+    (["head", "multi", "mixup", 0.2], effect_multi_mixup),
     (["mixup", 0.2, "cutmix", 1.0], effect_mixup),
+    (["val_tta", "hflip,scales:0.9/1.0"], effect_val_tta),
     (["crop", "center", "reprob", 0.25, "aa", "rand-m9-mstd0.5"], effect_crop_erase_aa),
     (["grad_accum_steps", 2, "clip_grad", 1.0, "opt", "sgd", "sched", "step"], effect_accum_clip_sgd_step),
 ]
 
 
-@pytest.mark.parametrize("option, effect", RECIPE_OPTIONS, ids=[str(o[0][0]) for o in RECIPE_OPTIONS])
+@pytest.mark.parametrize("option, effect", RECIPE_OPTIONS, ids=["-".join(map(str, o[0])) for o in RECIPE_OPTIONS])
 def test_recipe_option_trains(mask_shards, tmp_path, monkeypatch, option, effect):
     """Each competition-recipe option trains 3 steps, and does what it says."""
     kw = dict(zip(option[::2], option[1::2]))

@@ -66,6 +66,8 @@ class AugmentSection:
     crop: str = _f("random", "train crop: random (RandomResizedCrop) or center")
     mixup: float = _f(0.0, "mixup alpha (timm Mixup)")
     cutmix: float = _f(0.0, "cutmix alpha (timm Mixup)")
+    val_tta: str = _f("none", "test-time augmentation in validation, probabilities averaged over the views: none, "
+                      "or a comma list of hflip, five-crop, scales:S1/S2/... (as predict's --tta)")
 
 
 @dataclass(frozen=True)

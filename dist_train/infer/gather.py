@@ -11,6 +11,8 @@ from accelerate.utils import gather_object
 
 from dist_train.data.device import BatchPrep
 
+from .tta import TTA
+
 
 def gather_varlen(acc: Accelerator, t: torch.Tensor) -> torch.Tensor:
     """Gather tensors whose first dimension differs per rank, without padding rows in the result."""
@@ -25,13 +27,13 @@ def gather_varlen(acc: Accelerator, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def infer(model: torch.nn.Module, loader: Any, acc: Accelerator, prep: BatchPrep, *, tta: bool = False,
+def infer(model: torch.nn.Module, loader: Any, acc: Accelerator, prep: BatchPrep, *, tta: TTA = TTA(),
           limit: int | None = None) -> dict:
     """Logits for every sample of `loader` (an EvalLoader) across all ranks, each exactly once.
 
     Returns numpy arrays `logits`, `target`, `order` and the list `key`, sorted by `order`
-    (the sample's position in its split) so callers see the source order. `tta`: the logits
-    averaged with those of the mirrored image.
+    (the sample's position in its split) so callers see the source order. `tta`: several views
+    per image (infer.tta), their probabilities averaged; `logits` is then the log of the mean.
     """
     model.eval()
     logits, targets, orders, keys = [], [], [], []
@@ -40,9 +42,7 @@ def infer(model: torch.nn.Module, loader: Any, acc: Accelerator, prep: BatchPrep
             break
         x = prep.images(batch["image"])
         with acc.autocast():
-            out = model(x).float()
-            if tta:
-                out = (out + model(torch.flip(x, dims=[3])).float()) / 2
+            out = tta.predict(model, x)
         logits.append(out)
         targets.append(batch["target"].to(acc.device))
         orders.append(batch["order"].to(acc.device))

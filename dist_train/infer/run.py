@@ -14,6 +14,7 @@ from dist_train.shardset.format import class_names, split_info
 from .accel import make_accelerator
 from .gather import infer
 from .load import Loaded
+from .tta import TTA
 
 
 def default_split(info: dict) -> str:
@@ -27,7 +28,7 @@ def default_split(info: dict) -> str:
 
 
 def run_inference(loaded: Loaded, data: str, info: dict, split: str, *, batch_size: int, workers: int,
-                  tta: bool, mixed_precision: str | None) -> tuple[Accelerator, dict]:
+                  tta: TTA, mixed_precision: str | None) -> tuple[Accelerator, dict]:
     """Gathered results of `infer` over the whole split on every rank, plus `prob`.
 
     Refuses a result that is not exactly the split's samples, once each: a file with rows

@@ -17,15 +17,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from timm.loss import SoftTargetCrossEntropy
 
 from dist_train.errors import UserError
 from dist_train.model.build import create_model
 from dist_train.shardset.format import label_counts
 from dist_train.shardset.sources import Layout
 
-from .losses import class_weights_from_counts, f1_loss, focal_loss
+from .losses import class_weights_from_counts, make_loss
 
 if TYPE_CHECKING:
     from dist_train.config import TaskSection
@@ -93,25 +91,28 @@ class Task:
             raise UserError(f"--head {head!r}: task {self.name} offers {', '.join(self.heads)}")
         return create_model(name, num_classes, **kwargs)
 
-    def criterion(self, cfg: "TaskSection", info: dict, split: str, num_classes: int, device: torch.device,
-                  soft_targets: bool) -> Criterion:
-        """Loss for (model output, targets); `soft_targets`: Mixup/CutMix gives (N, C) probabilities."""
-        weight = None
-        if cfg.class_weights == "auto":
-            counts = label_counts(info, split)
-            if not counts:
-                raise UserError(f"--class-weights auto: _info.json has no label_counts for split '{split}'")
-            weight = class_weights_from_counts(counts, num_classes).to(device)
-        if soft_targets:
-            if cfg.loss != "ce":
-                raise UserError("--mixup/--cutmix work with --loss ce and --head single only")
-            soft = SoftTargetCrossEntropy()
-            return lambda out, y: soft(out, y)
-        if cfg.loss == "focal":
-            return lambda out, y: focal_loss(out, y, weight=weight, smoothing=cfg.smoothing)
-        if cfg.loss == "f1":
-            return lambda out, y: f1_loss(out, y, num_classes)
-        return lambda out, y: F.cross_entropy(out, y, weight=weight, label_smoothing=cfg.smoothing)
+    def criterion(self, cfg: "TaskSection", info: dict, split: str, num_classes: int,
+                  device: torch.device) -> Criterion:
+        """Loss for (model output, targets): (N,) classes, or (N, C) probabilities from Mixup/CutMix
+        (smoothed there already), for every --loss and --class-weights."""
+        counts = self.class_counts(cfg, info, split, num_classes)
+        weight = None if counts is None else class_weights_from_counts(counts, num_classes).to(device)
+        return make_loss(cfg.loss, num_classes, weight, cfg.smoothing)
+
+    def class_counts(self, cfg: "TaskSection", info: dict, split: str, num_classes: int) -> list[int] | None:
+        """Training samples per class for --class-weights auto (None without it), from _info.json."""
+        if cfg.class_weights != "auto":
+            return None
+        counts = label_counts(info, split)
+        if not counts:
+            raise UserError(f"--class-weights auto: _info.json has no label_counts for split '{split}'")
+        out = [0] * num_classes
+        for k, v in counts.items():
+            if not 0 <= int(k) < num_classes:
+                raise UserError(f"--class-weights auto: _info.json counts class {k} of split '{split}', "
+                                f"expected 0..{num_classes - 1}")
+            out[int(k)] = int(v)
+        return out
 
     # ------------------------------------------------------------------ evaluation and prediction
     def extra_metrics(self, preds: np.ndarray, targets: np.ndarray) -> dict[str, float]:

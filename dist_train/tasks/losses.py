@@ -1,12 +1,12 @@
 """Losses for imbalanced classes: focal, soft macro-F1, inverse-frequency class weights.
 
 Each takes hard (N,) class targets or soft (N, C) probabilities (Mixup/CutMix, label smoothing
-already applied), so every loss works with every augmentation.
+already applied), so every loss works with every augmentation; `make_loss` picks one by name.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,14 +34,17 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, 
     return (1.0 - smoothing) * nll + smoothing * smooth
 
 
-def f1_loss(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, eps: float = 1e-7) -> torch.Tensor:
+def f1_loss(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, eps: float = 1e-7,
+            weight: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
     """1 - soft macro F1 of the batch (softmax probabilities as fractional counts).
 
     Per class: tp = sum p*y, fp = sum p*(1-y), fn = sum (1-p)*y; precision and recall from them,
     F1 = 2PR / (P + R + eps) clamped to [eps, 1 - eps]; mean over all classes — the form this
-    competition's top solutions used alongside cross-entropy.
+    competition's top solutions used alongside cross-entropy. `weight`: the weighted mean
+    sum w_c F1_c / sum w_c instead. `smoothing` turns y into y*(1-s) + s/C, as for the others.
     """
     y = targets.float() if targets.ndim == 2 else F.one_hot(targets, num_classes).float()
+    y = y * (1.0 - smoothing) + smoothing / num_classes
     p = F.softmax(logits.float(), dim=1)
     tp = (y * p).sum(dim=0)
     fp = ((1 - y) * p).sum(dim=0)
@@ -49,7 +52,35 @@ def f1_loss(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, eps: 
     precision = tp / (tp + fp + eps)
     recall = tp / (tp + fn + eps)
     f1 = (2 * precision * recall / (precision + recall + eps)).clamp(min=eps, max=1 - eps)
-    return 1 - f1.mean()
+    if weight is None:
+        return 1 - f1.mean()
+    w = weight.to(f1.device).float()
+    return 1 - (w * f1).sum() / w.sum()
+
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets (N,) or (N, C)) -> loss
+
+
+def make_loss(name: str, num_classes: int, weight: torch.Tensor | None = None, smoothing: float = 0.0) -> Loss:
+    """The `--loss` ce|focal|f1 for hard or soft targets, with optional class weights.
+
+    Hard (N,) targets get `smoothing`; soft (N, C) targets are used as given, because timm's
+    Mixup has already smoothed them with the same value. Weights follow `F.cross_entropy` on
+    probabilities: -sum_c w_c q_c log p_c per sample, mean over the batch (f1: see f1_loss).
+    """
+    if name not in ("ce", "focal", "f1"):
+        raise ValueError(f"unknown loss {name!r}: expected ce, focal or f1")
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        s = smoothing if targets.ndim == 1 else 0.0
+        if name == "focal":
+            return focal_loss(logits, targets, weight=weight, smoothing=s)
+        if name == "f1":
+            return f1_loss(logits, targets, num_classes, weight=weight, smoothing=s)
+        y = targets if targets.ndim == 1 else targets.float()  # cross_entropy wants one dtype for both
+        return F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=s)
+
+    return loss
 
 
 def class_weights_from_counts(counts: Mapping[str | int, int] | Sequence[int], num_classes: int) -> torch.Tensor:

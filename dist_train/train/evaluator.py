@@ -2,8 +2,8 @@
 
 The Evaluator owns its timing (`should_evaluate`: every `every` steps and at each epoch end)
 and its outputs: val_* metrics through the shared inference package (every validation sample
-exactly once over all ranks), the task's extra metrics, RUN/confusion.csv/png, and RUN/best/
-(timm format) whenever val macro F1 improves.
+exactly once over all ranks; `--val-tta` views averaged as in predict), the task's extra
+metrics, RUN/confusion.csv/png, and RUN/best/ (timm format) whenever val macro F1 improves.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from dist_train.data.device import BatchPrep
 from dist_train.infer.gather import infer
 from dist_train.infer.metrics import save_confusion, summarize
+from dist_train.infer.tta import TTA
 from dist_train.model.export import save_for_timm
 from dist_train.tasks import Task
 
@@ -28,11 +29,12 @@ class Evaluator:
     """`loader` None (no validation split): the timing still drives the metrics lines."""
 
     def __init__(self, loader: Any, *, every: int | None, task: Task, class_names: list[str], out: Path,
-                 prep: BatchPrep, export: dict, meta: dict, limit: int | None = None) -> None:
+                 prep: BatchPrep, export: dict, meta: dict, tta: TTA = TTA(), limit: int | None = None) -> None:
         self.loader, self.every, self.task = loader, every, task
         self.class_names, self.out, self.prep = class_names, Path(out), prep
         self.export = export  # save_for_timm's model description: model_name, img_size, crop_pct, mean, std
         self.meta = meta  # recorded beside the metrics in best/metrics.json (the task options)
+        self.tta = tta  # --val-tta: the views whose probabilities val_* metrics average
         self.limit = limit
 
     def should_evaluate(self, step: int, end_of_epoch: bool) -> bool:
@@ -60,7 +62,7 @@ class Evaluator:
 
     def metrics(self, model: torch.nn.Module, acc: Accelerator, write_confusion: bool = True) -> dict:
         """Loss, accuracy, macro F1, sample count and the task's metrics; confusion files on the main process."""
-        res = infer(model, self.loader, acc, self.prep, limit=self.limit)
+        res = infer(model, self.loader, acc, self.prep, tta=self.tta, limit=self.limit)
         logits, target = torch.from_numpy(res["logits"]), torch.from_numpy(res["target"])
         labeled = target >= 0
         val_loss = F.cross_entropy(logits[labeled], target[labeled]).item() if labeled.any() else float("nan")

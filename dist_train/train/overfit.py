@@ -38,8 +38,7 @@ def overfit(cfg: Config) -> dict:
                                 target_fn=task.target_fn(cfg.task, info))
     loader.set_epoch(0)
     fixed = [b for _, b in zip(range(r.overfit_batches), loader)]
-    soft = cfg.augment.mixup > 0 or cfg.augment.cutmix > 0
-    criterion = task.criterion(cfg.task, info, d.train_split, num_classes, acc.device, soft_targets=soft)
+    criterion = task.criterion(cfg.task, info, d.train_split, num_classes, acc.device)
     prep = BatchPrep(acc.device, dcfg["mean"], dcfg["std"], cfg.model.channels_last)
     steps = r.max_steps or 100
     losses = []

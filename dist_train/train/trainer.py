@@ -34,6 +34,7 @@ from dist_train.data.loaders import EvalLoader, TrainLoader, build_eval_loader, 
 from dist_train.data.plan import decode_done, encode_done
 from dist_train.errors import UserError, atomic_write_json
 from dist_train.infer.accel import make_accelerator
+from dist_train.infer.tta import parse_tta
 from dist_train.model.build import data_config
 from dist_train.model.stages import count_params
 from dist_train.shardset.format import class_names, label_counts, load_info, split_info
@@ -97,9 +98,8 @@ class Trainer:
         return build_eval_loader(d.data, self.info, d.val_split, **self._loader_kw()) if d.val_split else None
 
     def build_criterion(self) -> Criterion:
-        soft = self.cfg.augment.mixup > 0 or self.cfg.augment.cutmix > 0
         return self.task.criterion(self.cfg.task, self.info, self.cfg.data.train_split, len(self.class_names),
-                                   self.acc.device, soft_targets=soft)
+                                   self.acc.device)
 
     def build_prep(self, dcfg: dict) -> BatchPrep:
         a, acc = self.cfg.augment, self.acc
@@ -166,6 +166,7 @@ class Trainer:
         self.class_names = class_names(self.info)
         self.task: Task = task_for(self.info)
         self.task.check(self.cfg.task, self.info)
+        self.val_tta = parse_tta(self.cfg.augment.val_tta, "--val-tta")
         self.out = Path(self.cfg.checkpoint.output)
 
     def _check_global_batch(self) -> None:
@@ -218,7 +219,7 @@ class Trainer:
         self.evaluator = Evaluator(self.val_loader, every=cfg.runtime.eval_every, task=self.task,
                                    class_names=self.class_names, out=self.out, prep=BatchPrep(
                                        self.acc.device, dcfg["mean"], dcfg["std"], cfg.model.channels_last),
-                                   export=export, meta=meta,
+                                   export=export, meta=meta, tta=self.val_tta,
                                    limit=cfg.runtime.debug_steps if cfg.runtime.debug else None)
 
     def _enter_stage(self, stage: int) -> None:

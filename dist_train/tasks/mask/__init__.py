@@ -20,10 +20,11 @@ from dist_train.errors import UserError
 from dist_train.shardset.format import read_meta
 from dist_train.tasks import register
 from dist_train.tasks.base import Criterion, RowIds, TargetFn, Task
+from dist_train.tasks.losses import class_weights_from_counts, make_loss
 
 from . import labels as L
 from .layouts import MASK, MASK_EVAL
-from .model import create_multi_head, multi_head_loss
+from .model import HEAD_SIZES, create_multi_head, multi_head_loss, split_counts
 
 SUBMISSION_ID = "ImageID"
 
@@ -78,13 +79,16 @@ class MaskTask(Task):
             return create_multi_head(name, num_classes, **kwargs)
         return super().create_model(name, num_classes, head=head, **kwargs)
 
-    def criterion(self, cfg: Any, info: dict, split: str, num_classes: int, device: torch.device,
-                  soft_targets: bool) -> Criterion:
+    def criterion(self, cfg: Any, info: dict, split: str, num_classes: int, device: torch.device) -> Criterion:
+        """`--head multi`: the --loss on each head, its class weights from that task's counts
+        (the 18 classes' counts summed over the other two tasks), soft targets marginalised."""
         if cfg.head != "multi":
-            return super().criterion(cfg, info, split, num_classes, device, soft_targets)
-        if soft_targets:
-            raise UserError("--mixup/--cutmix work with --loss ce and --head single only")
-        return lambda out, y: multi_head_loss(out, y, smoothing=cfg.smoothing)
+            return super().criterion(cfg, info, split, num_classes, device)
+        counts = self.class_counts(cfg, info, split, num_classes)
+        head_counts = split_counts(counts) if counts is not None else (None,) * len(HEAD_SIZES)
+        losses = [make_loss(cfg.loss, n, None if c is None else class_weights_from_counts(c, n).to(device),
+                            cfg.smoothing) for n, c in zip(HEAD_SIZES, head_counts)]
+        return lambda out, y: multi_head_loss(out, y, losses=losses)
 
     def extra_metrics(self, preds: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         """Accuracy of each task's part of the class (labels.decode): mask, gender, age."""

@@ -9,7 +9,7 @@ into one 18-way timm classifier with exactly the same softmax: that is what `bes
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Callable, Sequence
 
 import timm
 import torch
@@ -17,8 +17,12 @@ import torch.nn.functional as F
 
 from dist_train.errors import UserError
 from dist_train.model.build import create_model
+from dist_train.tasks.losses import make_loss
 
 from . import labels as L
+
+HEAD_SIZES = (len(L.MASK_NAMES), len(L.GENDER_NAMES), 3)  # classes of the mask, gender and age heads
+HeadLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (head logits, head targets) -> loss
 
 
 class MultiHeadModel(torch.nn.Module):
@@ -94,8 +98,22 @@ def combine_heads(mask: torch.Tensor, gender: torch.Tensor, age: torch.Tensor) -
 
 
 def split_targets(targets18: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """18-class targets -> (mask, gender, age) targets, per labels.decode."""
+    """18-class targets -> (mask, gender, age) targets: class indices per labels.decode, or, for
+    (N, 18) probabilities (Mixup/CutMix), each task's marginal (mask: the sum over gender and age).
+
+    The marginals are exact for a mix of one-hot targets, and an 18-class target smoothed by s
+    gives head targets smoothed by the same s over each head's classes.
+    """
+    if targets18.ndim == 2:
+        cube = targets18.float().view(-1, 3, 2, 3)
+        return cube.sum(dim=(2, 3)), cube.sum(dim=(1, 3)), cube.sum(dim=(1, 2))
     return targets18 // 6, (targets18 // 3) % 2, targets18 % 3
+
+
+def split_counts(counts18: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+    """Per-class sample counts of the 18 classes -> each head's counts (for its class weights)."""
+    cube = torch.tensor(list(counts18), dtype=torch.float64).view(3, 2, 3)
+    return tuple(cube.sum(dim=d).long().tolist() for d in ((1, 2), (0, 2), (0, 1)))  # type: ignore[return-value]
 
 
 def split_heads(log_probs18: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,12 +126,15 @@ def split_heads(log_probs18: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def multi_head_loss(heads_out: torch.Tensor | Sequence[torch.Tensor], targets18: torch.Tensor,
-                    weights: Sequence[float] = (1.0, 1.0, 1.0), smoothing: float = 0.0) -> torch.Tensor:
-    """Weighted sum of the three heads' cross-entropies (the recipe's loss).
+                    weights: Sequence[float] = (1.0, 1.0, 1.0), smoothing: float = 0.0,
+                    losses: Sequence[HeadLoss] | None = None) -> torch.Tensor:
+    """Weighted sum of the three heads' losses (the recipe's loss), for hard or soft targets.
 
     Takes the model's ordinary (N, 18) output — so the trainer calls the DDP-wrapped model as
     usual and gradients are all-reduced — or the (mask, gender, age) logits of forward_heads;
-    both give the same loss and gradients.
+    both give the same loss and gradients. `losses`: one (head logits, head targets) loss per
+    head (the task's --loss with each head's class weights); default cross-entropy with
+    `smoothing` on hard targets. Soft (N, 18) targets are split into each task's marginal.
     """
     if isinstance(heads_out, torch.Tensor):
         if heads_out.ndim != 2 or heads_out.shape[1] != L.NUM_CLASSES:
@@ -121,8 +142,9 @@ def multi_head_loss(heads_out: torch.Tensor | Sequence[torch.Tensor], targets18:
         heads_out = split_heads(heads_out)
     if len(heads_out) != 3:
         raise ValueError("multi_head_loss expects the 18-class output or (mask, gender, age) logits")
-    return sum(w * F.cross_entropy(out, t, label_smoothing=smoothing)
-               for w, out, t in zip(weights, heads_out, split_targets(targets18)))
+    if losses is None:
+        losses = [make_loss("ce", n, smoothing=smoothing) for n in HEAD_SIZES]
+    return sum(w * loss(out, t) for w, loss, out, t in zip(weights, losses, heads_out, split_targets(targets18)))
 
 
 def create_multi_head(name: str, num_classes: int, **kwargs) -> MultiHeadModel:
