@@ -23,7 +23,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class UserError(Exception):
-    """Bad input from the user: reported as one line, exit code 2."""
+    """Bad input from the user: reported as one line, exit code 2.
+
+    `all_ranks`: as for RunFailed, every rank of a distributed run raised it on the same agreed
+    facts (a checkpoint every rank refuses), so only the main process prints the line.
+    """
+
+    def __init__(self, message: str, all_ranks: bool = False) -> None:
+        super().__init__(message)
+        self.all_ranks = all_ranks
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -53,7 +61,8 @@ def cli_main(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            if not e.all_ranks or os.environ.get("RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USAGE)
         except RunFailed as e:
             if not e.all_ranks or os.environ.get("RANK", "0") == "0":

@@ -40,10 +40,10 @@ def run_py(args: list[str]) -> subprocess.CompletedProcess:
     return run_main(args)
 
 
-def launch_cmd(args: list[str], nproc: int = 2) -> list[str]:
+def launch_cmd(args: list[str], nproc: int = 2, script: str = "dist_train/run.py") -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
             "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-            "--dynamo_backend", "no", "dist_train/run.py", *args]
+            "--dynamo_backend", "no", script, *args]
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -62,13 +62,14 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def start():
-    """start(args): a 2-rank launch in its own session (the test may signal the whole group, as
+    """start(args, script=, env=): a 2-rank launch in its own session (the test may signal the whole group, as
     SLURM does); whatever is left of it is killed at teardown."""
     procs: list[subprocess.Popen] = []
 
-    def _start(args: list[str]) -> subprocess.Popen:
-        procs.append(subprocess.Popen(launch_cmd(args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, start_new_session=True))
+    def _start(args: list[str], script: str = "dist_train/run.py", env: dict | None = None) -> subprocess.Popen:
+        procs.append(subprocess.Popen(launch_cmd(args, script=script), cwd=ROOT, env={**ENV, **(env or {})},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
         return procs[-1]
 
     yield _start
@@ -414,3 +415,75 @@ def test_pretrained_path_of_another_model_refused(mask_shards, tmp_path):
     p = run_py(["--data", str(mask_shards), "--output", str(tmp_path / "o"), *BASE, "--epochs", "1",
                 "--workers", "0", "--pretrained-path", str(weights)])
     _assert_one_line_exit_2(p.returncode, p.stderr, f"--pretrained-path {weights}: weights do not fit test_resnet")
+
+
+# ----------------------------------------------------------------------------- kill -9 at any moment
+def kill9(proc: subprocess.Popen) -> str:
+    """SIGKILL the launcher and every rank at once (no handler runs); returns its stdout."""
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(9)
+    return proc.communicate(timeout=30)[0]
+
+
+def wait_until(ready, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    end = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"run ended ({proc.returncode}) before {what}:\n{out[-2000:]}\n{err[-3000:]}")
+        assert time.time() < end, f"no {what} after {timeout}s"
+        time.sleep(0.005)
+
+
+def kill_moments(root: Path) -> list[tuple[str, str, object, int, bool]]:
+    """Per killed launch: (description, SLOW_SAVE, ready(), the newest complete checkpoint it
+    leaves at least, whether that is exact: the write of the next one was held open)."""
+    tmp = lambda s: root / f".tmp-step-{s:08d}"  # noqa: E731
+
+    seen: list[float] = []
+
+    def between_checkpoints() -> bool:  # mid-epoch 1: a step after step-14 was written, no write under way
+        if not seen and (root / "step-00000014").is_dir():
+            seen.append(time.time())
+        return bool(seen) and time.time() - seen[0] > 0.1 and not any(root.glob(".*-step-*"))
+
+    return [
+        ("state half-written: model.safetensors, no optimizer.bin yet", "0.5",
+         lambda: (tmp(4) / "model.safetensors").is_file() and not (tmp(4) / "optimizer.bin").exists(), 2, True),
+        ("progress.json written, folder not yet renamed", "0.5", lambda: (tmp(6) / "progress.json").is_file(), 4, True),
+        ("right after a rename", "", lambda: (root / "step-00000008").is_dir(), 8, False),
+        ("mid-epoch, between checkpoints", "", between_checkpoints, 14, False),
+    ]
+
+
+def test_kill_9_at_any_moment_resumes_from_a_good_checkpoint(start, mask_shards, uninterrupted, tmp_path):
+    """The whole launch SIGKILLed at 4 moments of its checkpoint cycle (tests/scripts/
+    faulty_checkpoints.py slows the main process's writes so that the first two can be hit):
+    each time every complete checkpoint verifies, the next --resume auto starts from the newest,
+    and the run ends at the uninterrupted run's step with its exact weights."""
+    from dist_train.train.checkpoint import Checkpointer
+    from dist_train.train.integrity import verify
+
+    out = tmp_path / "run"
+    argv = ["--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "2", "--workers", "0",
+            "--checkpoint-every", "2", "--resume", "auto"]
+    newest = None
+    for what, slow, ready, least, exact in kill_moments(out / "checkpoints"):
+        proc = start(argv, script="tests/scripts/faulty_checkpoints.py", env={"SLOW_SAVE": slow})
+        wait_until(ready, proc, what)
+        stdout = kill9(proc)
+        if newest is not None:
+            assert f"resumed from {newest}" in stdout, stdout[-2000:]
+        done = Checkpointer(out, keep=1).complete()
+        assert done and all(verify(c).good for c in done), f"after a kill ({what}): {[verify(c).line() for c in done]}"
+        newest = done[-1]
+        assert newest.name == f"step-{least:08d}" if exact else newest.name >= f"step-{least:08d}", (what, newest)
+        if exact:  # the kill hit the write: its partial folder is still there, never taken for complete
+            assert (out / "checkpoints" / f".tmp-step-{least + 2:08d}").is_dir(), (what, newest)
+    p = launch(["dist_train/run.py", *argv], timeout=120)
+    assert f"resumed from {newest}" in p.stdout
+    s = summary(out)
+    assert s["finished"] is True and s["steps_per_rank"] == [2 * STEPS_PER_EPOCH] * 2
+    assert_same_weights_as_uninterrupted(out, uninterrupted)

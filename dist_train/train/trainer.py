@@ -130,7 +130,7 @@ class Trainer:
         self.acc = acc = self._part("accelerator")
         self.checkpointer = Checkpointer(self.out, self.cfg.checkpoint.keep_checkpoints,
                                          self.cfg.checkpoint.checkpoint_every)
-        self.resume_from = self.checkpointer.resume_path(self.cfg.checkpoint.resume, str(self.out))
+        self.resume_from = self.checkpointer.resume_path(self.cfg.checkpoint.resume, str(self.out), acc)
         if self.resume_from is not None:
             check_resume_compatible(self.resume_from, self.cfg.model.model, len(self.class_names), self.cfg.task.head)
         self._check_global_batch()
@@ -142,7 +142,7 @@ class Trainer:
         if self.resume_from is not None:
             self.progress = read_progress(self.resume_from)
             self._enter_stage(self.progress.stage)  # groups must match before loading
-            acc.load_state(str(self.resume_from))
+            self.checkpointer.load(acc, self.resume_from)  # verified, and refused if it would run code
             self._adopt_layout()
         else:
             self._enter_stage(self.stager.stage_at(0))
