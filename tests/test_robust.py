@@ -487,3 +487,22 @@ def test_kill_9_at_any_moment_resumes_from_a_good_checkpoint(start, mask_shards,
     s = summary(out)
     assert s["finished"] is True and s["steps_per_rank"] == [2 * STEPS_PER_EPOCH] * 2
     assert_same_weights_as_uninterrupted(out, uninterrupted)
+
+
+def test_time_limit_stops_every_rank_at_the_same_step_and_resumes(mask_shards, tmp_path):
+    """2 ranks, a real 6 s budget for 20 epochs: they agree on the stop (like a signal), write a
+    checkpoint, and the run is not finished; --resume auto continues from that checkpoint."""
+    out = tmp_path / "run"
+    args = ["dist_train/run.py", "--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "20",
+            "--workers", "0"]
+    p = launch([*args, "--time-limit", "6s"], timeout=120)
+    s = summary(out)
+    assert s["stopped_by"] == "time-limit" and s["finished"] is False, s
+    step = s["step"]
+    assert s["steps_per_rank"] == [step, step] and 0 < step < 20 * STEPS_PER_EPOCH
+    ckpt = out / "checkpoints" / f"step-{step:08d}"
+    assert ckpt.is_dir() and len(re.findall(r"to stay within --time-limit 6s", p.stdout)) == 1
+    p = launch([*args, "--resume", "auto", "--max-steps", str(step + 2)], timeout=120)
+    assert f"resumed from {ckpt}" in p.stdout
+    s = summary(out)
+    assert s["finished"] is True and s["stopped_by"] is None and s["steps_per_rank"] == [step + 2] * 2
