@@ -31,7 +31,7 @@ from dist_train.config import Config, save_config
 from dist_train.data.device import BatchPrep
 from dist_train.data.loaders import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
 from dist_train.data.transforms import AugmentConfig
-from dist_train.errors import UserError, atomic_write_json
+from dist_train.errors import UserError, atomic_write_json, is_out_of_memory
 from dist_train.infer.accel import make_accelerator
 from dist_train.model.build import data_config
 from dist_train.model.stages import count_params
@@ -243,7 +243,8 @@ class Trainer:
             while not self.finished() and not self.stopped:
                 self.begin_epoch()
                 for batches in self.step_batches():
-                    self.train_step(batches)
+                    with self._out_of_memory_hint():
+                        self.train_step(batches)
                     end_of_epoch = p.batch >= self.batches
                     if self.evaluator.should_evaluate(p.step, end_of_epoch):
                         metrics = self.evaluate()
@@ -305,6 +306,22 @@ class Trainer:
         p.step += 1
         self.bar.step(p.step, loss, self.optimizer.param_groups[-1]["lr"], self.meter.images_per_s(acc.num_processes))
         return loss.detach()
+
+    @contextlib.contextmanager
+    def _out_of_memory_hint(self) -> Iterator[None]:
+        """A step that runs out of memory ends the run with one line naming the settings to lower:
+        the allocator's own message names neither."""
+        try:
+            yield
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            o, size = self.cfg.optim, self.cfg.model.img_size
+            raise UserError(
+                f"out of memory in a training step on {self.acc.device} with --batch-size {o.batch_size} and "
+                f"--img-size {size} (one batch is {o.batch_size * 3 * size * size * 4:,} bytes of float32 input "
+                "alone): use a smaller --batch-size (and --grad-accum-steps to keep the global batch) or a smaller "
+                "--img-size") from None
 
     def _optimizer_step(self) -> None:
         acc, p = self.acc, self.progress
