@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from dist_train.errors import ArgParser, UserError, cli_main
+from dist_train.errors import ArgParser, UserError, cli_main, scratch_dir
 from dist_train.perf.loader import bench_loader
 from dist_train.perf.trainer import PRECISIONS, bench_train
 from dist_train.shardset.writer import write_shards
@@ -42,7 +42,8 @@ def bench_shard(a: argparse.Namespace) -> dict:
             f.read_bytes()
     result: dict[str, Any] = {"bench": "shard", "src": str(src), "resize": a.resize, "workers": cpus}
     rates = {}
-    with tempfile.TemporaryDirectory(prefix="dist_train-bench-") as tmp, contextlib.redirect_stdout(sys.stderr):
+    with (tempfile.TemporaryDirectory(prefix="dist_train-bench-", dir=scratch_dir()) as tmp,
+          contextlib.redirect_stdout(sys.stderr)):
         for workers in dict.fromkeys((1, cpus)):
             start = time.perf_counter()
             info = write_shards(src, Path(tmp) / f"w{workers}", resize=a.resize, workers=workers, progress=False)

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ArgParser, UserError, atomic_write_text, cli_main
+from .errors import ArgParser, UserError, atomic_write_text, check_writable_file, cli_main
 from .infer.files import ID_RE, Predictions, load_probs, probs_path, save_probs, write_csv
 
 
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--save-probs", action="store_true", help="soft vote: also write FILE.probs.npz")
     p.add_argument("inputs", type=Path, nargs="+", help="probability files (.probs.npz) or prediction CSVs")
     args = p.parse_args(argv)
+    check_writable_file(args.out, "--out")
+    if args.save_probs:
+        check_writable_file(probs_path(args.out), "--out")
     missing = [str(x) for x in args.inputs if not x.is_file()]
     if missing:
         raise UserError(f"no such file: {', '.join(missing)}")

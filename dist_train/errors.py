@@ -53,6 +53,16 @@ class RunFailed(Exception):
         self.all_ranks = all_ranks
 
 
+def error_line(e: Exception) -> str:
+    """The error's own message. torch re-raises an exception of a DataLoader worker in the main
+    process with the worker's whole traceback as its message ("Caught UserError in DataLoader
+    worker process 0. Original Traceback ..."), the original `Type: message` line last."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def cli_main(fn: F) -> F:
     """Wrap a command's main(): UserError -> `error: ...` + exit 2; RunFailed -> exit 1."""
 
@@ -62,14 +72,74 @@ def cli_main(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserError as e:
             if not e.all_ranks or os.environ.get("RANK", "0") == "0":
-                print(f"error: {e}", file=sys.stderr, flush=True)
+                print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USAGE)
         except RunFailed as e:
             if not e.all_ranks or os.environ.get("RANK", "0") == "0":
-                print(f"error: {e}", file=sys.stderr, flush=True)
+                print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: MemoryError, torch.OutOfMemoryError (CUDA: "out of memory"), or
+    the CPU allocator's RuntimeError ("can't allocate memory"). A setting too large for the
+    machine, never bad data."""
+    text = str(e)
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def _check_can_create(folder: Path, flag: str, path: Path) -> None:
+    """`folder` exists and takes new files, or can be created: its nearest existing ancestor is a
+    folder in which a file can be created. Tested by creating one: permission bits (and
+    os.access) say nothing for root, and nothing about read-only or special filesystems."""
+    base = folder
+    while not os.path.lexists(base) and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise UserError(f"{flag} {path}: {base} is a file, not a folder; expected a path in a folder you can write")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create files in {base} ({e.strerror or e}); "
+                        "expected a folder you can write") from None
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """The output folder of a command, refused before any work when it cannot be written:
+    an existing file, a path under a file, a place where no file can be created."""
+    path = Path(path)
+    if os.path.lexists(path) and not path.is_dir():
+        raise UserError(f"{flag} {path}: exists and is not a folder; expected a folder (or a new path)")
+    _check_can_create(path, flag, path)
+    return path
+
+
+def check_writable_file(path: str | os.PathLike, flag: str) -> Path:
+    """The output file of a command, refused before any work when it cannot be written: an
+    existing folder, or a folder that cannot take it (as `check_writable_dir`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; expected a file name")
+    _check_can_create(path.parent, flag, path)
+    return path
+
+
+def scratch_dir() -> Path:
+    """Where temporary folders go: $TMPDIR, checked (tempfile would quietly fall back to /tmp,
+    which may be the small disk TMPDIR was set to avoid), else tempfile's default."""
+    tmp = os.environ.get("TMPDIR")
+    if tmp:
+        if not os.path.isdir(tmp):
+            raise UserError(f"TMPDIR {tmp}: no such folder; expected a folder for temporary files")
+        return check_writable_dir(tmp, "TMPDIR")
+    try:
+        return Path(tempfile.gettempdir())
+    except FileNotFoundError as e:
+        raise UserError(f"no folder for temporary files ({e}); set TMPDIR to one you can write") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

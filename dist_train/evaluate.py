@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ArgParser, UserError, atomic_write_json, atomic_write_text, cli_main
+from .errors import ArgParser, UserError, atomic_write_json, atomic_write_text, check_writable_dir, cli_main
 from .infer.load import load_model
 from .infer.metrics import save_confusion, summarize
 from .infer.run import run_inference
@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     tta = parse_tta(args.tta)
     if args.worst < 0:
         raise UserError(f"--worst {args.worst}: expected 0 or more")
+    out = check_writable_dir(args.out, "--out") if args.out is not None else None  # before the model loads
     loaded = load_model(args.run, args.checkpoint)
+    out = out or check_writable_dir(loaded.run / f"eval-{args.split}", "--out")
     info = load_info(args.data)
     split_info(info, args.split)
     if not is_labeled(info, args.split):
@@ -113,7 +115,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     stats["extra"] = task_for(info).extra_metrics(prob.argmax(axis=1), target)
     loss = F.cross_entropy(torch.from_numpy(res["logits"]).float(), torch.from_numpy(target)).item()
 
-    out = args.out or loaded.run / f"eval-{args.split}"
     out.mkdir(parents=True, exist_ok=True)
     metrics = {"model": str(loaded.source), "data": str(args.data), "split": args.split, "tta": args.tta,
                "num_samples": stats["num_samples"], "loss": loss if math.isfinite(loss) else None,

@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, not sibling modules
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from dist_train.errors import ArgParser, UserError, cli_main  # noqa: E402
+from dist_train.errors import ArgParser, UserError, check_writable_file, cli_main  # noqa: E402
 from dist_train.infer.files import predictions_for, probs_path, save_probs, write_csv  # noqa: E402
 from dist_train.infer.load import load_model  # noqa: E402
 from dist_train.infer.run import default_split, run_inference  # noqa: E402
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     args = parser().parse_args(argv)
     check_loader_args(args)
     tta = parse_tta(args.tta)
+    check_writable_file(args.out, "--out")
+    if args.save_probs:
+        check_writable_file(probs_path(args.out), "--out")
     loaded = load_model(args.run, args.checkpoint)
     info = load_info(args.data)
     split = args.split or default_split(info)

@@ -13,7 +13,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from dist_train.config import parse_config  # noqa: E402
-from dist_train.errors import cli_main  # noqa: E402
+from dist_train.errors import check_writable_dir, cli_main  # noqa: E402
 from dist_train.train.overfit import overfit  # noqa: E402
 from dist_train.train.trainer import Trainer  # noqa: E402
 
@@ -21,6 +21,8 @@ from dist_train.train.trainer import Trainer  # noqa: E402
 @cli_main
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv)
+    if cfg.checkpoint.output is not None:
+        check_writable_dir(cfg.checkpoint.output, "--output")
     if cfg.runtime.overfit_batches:
         return overfit(cfg)
     result = Trainer(cfg).train()

@@ -28,6 +28,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from dist_train.errors import UserError, is_out_of_memory
 from dist_train.shardset.format import image_bytes
 
 from .plan import Plan, mix_seed, shard_groups
@@ -96,7 +97,8 @@ class ShardReader(IterableDataset):
 
     def _load(self, sample: dict, seed: int | None) -> tuple[torch.Tensor, int] | None:
         """(uint8 image, target), or None for an undecodable sample (warned and counted).
-        Encoded mode: (the file's bytes as a 1-D uint8 tensor, target), checked by magic only."""
+        Encoded mode: (the file's bytes as a 1-D uint8 tensor, target), checked by magic only.
+        Only reading and decoding count as bad data; the transform's errors are the settings'."""
         try:
             data = image_bytes(sample)
             if data is None:
@@ -106,7 +108,7 @@ class ShardReader(IterableDataset):
                 if not (data.startswith(JPEG_MAGIC) or data.startswith(PNG_MAGIC)):
                     raise ValueError("neither JPEG nor PNG data")
             else:
-                img = self.transform(decode_rgb(img), seed)
+                img = decode_rgb(img)
             cls = int(sample["cls"]) if "cls" in sample else None
             if self.needs_label and ("json" if self.target_fn is not None else "cls") not in sample:
                 raise ValueError(f"incomplete sample, no label (members: {sorted(sample)})")
@@ -114,10 +116,22 @@ class ShardReader(IterableDataset):
         except Exception as e:
             self._count_bad(f"{sample.get('__key__')} in {sample.get('__url__')}", e)
             return None
+        if not self.encoded:
+            img = self._transform(img, seed)
         # A failing target_fn is a code or config error, not bad data: let it raise.
         if self.target_fn is not None:
             return img, int(self.target_fn(meta, cls))
         return img, -1 if cls is None else cls
+
+    def _transform(self, img: torch.Tensor, seed: int | None) -> torch.Tensor:
+        """The augmentation; one that cannot allocate its output means the image size does not
+        fit this machine, which ends the run with one line instead of skipping every sample."""
+        try:
+            return self.transform(img, seed)
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise too_big(self.transform.aug.img_size, self.batch_size) from None
+            raise
 
     def _worker(self) -> tuple[int, int]:
         """(DataLoader worker id, workers per rank); (0, 1) in the main process."""
@@ -317,6 +331,14 @@ def eval_collate(batch: list[tuple[torch.Tensor, int, str, int]], encoded: bool 
     }
 
 
+def too_big(img_size: int, batch_size: int) -> UserError:
+    """The line for images or batches that do not fit in memory: the sizes, and what to change."""
+    image = 3 * img_size * img_size
+    return UserError(f"--img-size {img_size}: out of memory making a batch of {batch_size} images of "
+                     f"{img_size}x{img_size} ({image * batch_size:,} bytes as uint8, {image:,} per image): "
+                     "use a smaller --img-size or --batch-size")
+
+
 def _batch_buffer(numel: int) -> torch.Tensor:
     """A uint8 buffer, in shared memory when in a DataLoader worker (default_collate's trick):
     a batch built in it crosses to the main process without a second copy."""
@@ -329,7 +351,12 @@ def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
     """[B, C, H, W] in the first image's memory layout (channels-last from `Transform`):
     converting layouts here would cost more than the resize that made the images."""
     c, h, w = images[0].shape
-    buf = _batch_buffer(len(images) * images[0].numel())
+    try:
+        buf = _batch_buffer(len(images) * images[0].numel())
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise too_big(h, len(images)) from None
     if images[0].stride(0) == 1 and c > 1:  # channels innermost
         out = buf.view(len(images), h, w, c).permute(0, 3, 1, 2)
     else:

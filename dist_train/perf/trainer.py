@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_train.config import Config, validate
-from dist_train.errors import UserError
+from dist_train.errors import UserError, scratch_dir
 from dist_train.model.build import create_model
 from dist_train.shardset.format import load_info
 from dist_train.shardset.writer import write_shards
@@ -155,7 +155,8 @@ def bench_train(a: argparse.Namespace) -> dict:
         raise UserError("--steps and --warmup: expected at least 1")
     workers = usable_cpus() if a.workers is None else a.workers
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with tempfile.TemporaryDirectory(prefix="dist_train-bench-") as tmp, contextlib.redirect_stdout(sys.stderr):
+    with (tempfile.TemporaryDirectory(prefix="dist_train-bench-", dir=scratch_dir()) as tmp,
+          contextlib.redirect_stdout(sys.stderr)):
         data = synthetic_shards(Path(tmp), a.batch_size) if a.synthetic else a.data
         info = load_info(data)
         num_classes = len(info["classes"])

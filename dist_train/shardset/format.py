@@ -4,7 +4,9 @@ Everything that knows where a shard set's files are, or what `_info.json` holds,
 the writer writes the info through `write_info`, the loaders, predict, evaluate and the
 pictures read it through `load_info` / `split_info` / `shard_urls` / `iter_samples`. A shard
 set is a local folder or a URL (http(s)://, s3://, gs://, file://, or a webdataset `pipe:`
-command with `{}` for the file name); remote files are read through webdataset's gopen.
+command with `{}` for the file name); remote files are read through webdataset's gopen,
+`_info.json` at an http(s) URL with urllib (`remote`). File names read from `_info.json` go
+into paths and `pipe:` commands, so `split_info` accepts only the writer's shard names.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
 import webdataset as wds
 from webdataset.gopen import Pipe
 
 from dist_train.errors import UserError, atomic_write_json
+
+from .remote import ReadFailed, read_gopen, read_http
 
 INFO_NAME = "_info.json"
 REJECTED_NAME = "_rejected.jsonl"
@@ -68,7 +72,8 @@ def join_url(root: str, name: str) -> str:
 
 
 def load_info(root: str) -> dict:
-    """Read `_info.json` of a local or remote shard set (through webdataset's gopen)."""
+    """Read `_info.json` of a local or remote shard set (http(s) with urllib, other URLs through
+    webdataset's gopen); a failure is one line with the URL and the reason."""
     root = str(root)
     if not is_url(root):
         if not os.path.isdir(root):
@@ -77,10 +82,11 @@ def load_info(root: str) -> dict:
             raise UserError(f"{root}: no {INFO_NAME} (incomplete or not a shard set): {SHARD_HINT}")
     url = join_url(root, INFO_NAME)
     try:
-        with wds.gopen(url) as f:
-            info = json.load(f)
-    except Exception as e:  # remote errors come as many types (IOError from curl, ValueError, ...)
-        raise UserError(f"{url}: cannot read shard info ({e}): {SHARD_HINT}") from None
+        data = read_http(url) if urlparse(url).scheme in ("http", "https") else read_gopen(url)
+        info = json.loads(data)
+    except (ReadFailed, ValueError) as e:
+        why = e if isinstance(e, ReadFailed) else f"not JSON: {e}"
+        raise UserError(f"{url}: cannot read shard info ({why}): {SHARD_HINT}") from None
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
         raise UserError(f"{url}: no 'splits' in the shard info: {SHARD_HINT}")
     return info
@@ -92,9 +98,11 @@ def read_local_info(out: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({e}); pass --overwrite to replace the shard set") from None
+    check_shard_names(info.get("sha256", {}) if isinstance(info, dict) else (), str(path))
+    return info
 
 
 def write_info(out: Path, info: dict) -> None:
@@ -113,12 +121,23 @@ def split_info(info: dict, split: str) -> SplitInfo:
         names, lengths, n = tuple(s["filenames"]), tuple(int(x) for x in s["shard_lengths"]), int(s["num_samples"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"split {split!r}: bad entry in {INFO_NAME} ({e!r}): {SHARD_HINT}") from None
+    check_shard_names(names, f"split {split!r}")
     if len(names) != len(lengths) or sum(lengths) != n:
         raise UserError(
             f"split {split!r}: {len(names)} filenames, {len(lengths)} shard_lengths summing to "
             f"{sum(lengths)}, num_samples {n}: inconsistent {INFO_NAME}: {SHARD_HINT}"
         )
     return SplitInfo(split, names, lengths, n)
+
+
+def check_shard_names(names: Iterable[object], where: str) -> None:
+    """Only the writer's own file names (`SHARD_RE`): a name from `_info.json` is joined to the
+    shard set's folder and put into `pipe:` commands, so `../x.tar` or `$(cmd).tar` would read
+    outside it or run code."""
+    bad = next((x for x in names if not isinstance(x, str) or not SHARD_RE.fullmatch(x)), None)
+    if bad is not None:
+        raise UserError(f"{where}: shard name {bad!r} in {INFO_NAME} refused: expected a plain file name "
+                        f"NAME-NNNNNN.tar (NAME of letters, digits, '_'): {SHARD_HINT}")
 
 
 def class_names(info: dict) -> list[str]:

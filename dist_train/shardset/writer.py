@@ -43,7 +43,7 @@ from typing import Any, Iterator, Sequence
 from tqdm import tqdm
 
 from dist_train import __version__
-from dist_train.errors import UserError, atomic_write_text
+from dist_train.errors import UserError, atomic_write_text, check_writable_dir
 from dist_train.system import usable_cpus
 
 from .format import (
@@ -196,7 +196,7 @@ def write_shards(
     start = time.perf_counter()
     _validate(val_fraction, resize, quality, samples_per_shard, workers, as_split)
     source = load_source(src, layout, options)
-    out = Path(out) if out is not None else default_out(source)
+    out = check_writable_dir(out if out is not None else default_out(source), "--out")
     params = {
         "layout": source.layout, "val_fraction": val_fraction, "seed": seed, "resize": resize,
         "quality": quality, "samples_per_shard": samples_per_shard, "as_split": as_split, **source.options,

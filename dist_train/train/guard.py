@@ -13,15 +13,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from dist_train.errors import RunFailed
+from dist_train.errors import RunFailed, UserError, is_out_of_memory
 
 
 class StepGuard:
@@ -93,3 +94,19 @@ class StepGuard:
             raise RunFailed(f"{bad} undecodable samples in epoch {epoch} exceed --max-bad-fraction "
                             f"{self.max_bad_fraction}: check the shards with `python -m dist_train.shard --inspect`",
                             all_ranks=True)
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(batch_size: int, img_size: int, device: Any) -> Iterator[None]:
+    """A step that runs out of memory ends the run with one line naming the settings to lower:
+    the allocator's own message names neither."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(
+            f"out of memory in a training step on {device} with --batch-size {batch_size} and "
+            f"--img-size {img_size} (one batch is {batch_size * 3 * img_size * img_size * 4:,} bytes of float32 "
+            "input alone): use a smaller --batch-size (and --grad-accum-steps to keep the global batch) or a "
+            "smaller --img-size") from None

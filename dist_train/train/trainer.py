@@ -45,7 +45,7 @@ from .checkpoint import Checkpointer, Progress, check_resume_compatible, read_pr
 from .elastic import relayout
 from .evaluator import Evaluator
 from .parts import augment_config, create_run_model, run_config
-from .guard import StepGuard
+from .guard import StepGuard, out_of_memory_hint
 from .logging import Meter, MetricsLog, ProgressBar, SampleLog, broadcast_buffers, start_lines, write_summary
 from .optim import build_optimizer, build_scheduler, schedule_time
 from .stager import Stager
@@ -248,7 +248,8 @@ class Trainer:
             while not self.finished() and self.stop_reason is None:
                 self.begin_epoch()
                 for batches in self.step_batches():
-                    self.train_step(batches)
+                    with out_of_memory_hint(self.cfg.optim.batch_size, self.cfg.model.img_size, self.acc.device):
+                        self.train_step(batches)
                     end_of_epoch = p.batch >= self.batches
                     if self.evaluator.should_evaluate(p.step, end_of_epoch):
                         metrics = self.evaluate()

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dist_train.errors import ArgParser, UserError, cli_main, replace_dir
+from dist_train.errors import ArgParser, UserError, check_writable_dir, cli_main, replace_dir
 from .labels import GENDER_NAMES, MASK_STEMS, age_group, encode
 
 STEMS: tuple[str, ...] = tuple(MASK_STEMS)  # mask1..mask5, incorrect_mask, normal
@@ -273,8 +273,7 @@ def make_dataset(
         raise UserError(f"--eval-persons {eval_n}: expected 0 or more")
     if size < 16:
         raise UserError(f"--size {size}: expected at least 16 px (the image's shorter side)")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
+    check_writable_dir(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out}: folder exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
