@@ -22,7 +22,8 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
 from dist_train.errors import ArgParser, UserError, check_writable_file, cli_main  # noqa: E402
 from dist_train.infer.files import predictions_for, probs_path, save_probs, write_csv  # noqa: E402
 from dist_train.infer.load import load_model  # noqa: E402
-from dist_train.infer.run import default_split, run_inference  # noqa: E402
+from dist_train.infer.cv import fold_runs, is_cv  # noqa: E402
+from dist_train.infer.run import default_split, run_models  # noqa: E402
 from dist_train.infer.tta import SPEC_HELP, parse_tta  # noqa: E402
 from dist_train.shardset.format import load_info  # noqa: E402
 from dist_train.tasks import task_for  # noqa: E402
@@ -30,10 +31,16 @@ from dist_train.tasks import task_for  # noqa: E402
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags predict and evaluate share: which model, which data, how to run it."""
-    p.add_argument("--run", type=Path, help="run folder written by dist_train/run.py (model from RUN/best/)")
+    p.add_argument("--run", type=Path, help="run folder written by dist_train/run.py (model from RUN/best/); "
+                   "predict: a cross-validation folder (fold-k/ runs) averages every fold model's probabilities")
     p.add_argument("--checkpoint", type=Path,
                    help="use this model instead: a best/-style folder or RUN/checkpoints/step-*/")
     p.add_argument("--data", required=True, help="shard set folder or URL (python -m dist_train.shard)")
+    add_loader_args(p)
+
+
+def add_loader_args(p: argparse.ArgumentParser) -> None:
+    """How to run the model(s): what predict, evaluate and oof share."""
     p.add_argument("--batch-size", type=int, default=64, help="batch size per process (default 64)")
     p.add_argument("--workers", type=int, default=4, help="data loader workers per process (default 4)")
     p.add_argument("--tta", default="none", metavar="SPEC",
@@ -66,11 +73,15 @@ def main(argv: list[str] | None = None) -> Path | None:
     check_writable_file(args.out, "--out")
     if args.save_probs:
         check_writable_file(probs_path(args.out), "--out")
-    loaded = load_model(args.run, args.checkpoint)
+    if args.run is not None and args.checkpoint is None and is_cv(args.run):
+        models = [load_model(r.run) for r in fold_runs(args.run)]  # every fold's model, soft-voted
+    else:
+        models = [load_model(args.run, args.checkpoint)]
+    loaded = models[0]
     info = load_info(args.data)
     split = args.split or default_split(info)
-    acc, res = run_inference(loaded, args.data, info, split, batch_size=args.batch_size, workers=args.workers,
-                             tta=tta, mixed_precision=args.mixed_precision)
+    acc, res = run_models(models, args.data, info, split, batch_size=args.batch_size, workers=args.workers,
+                          tta=tta, mixed_precision=args.mixed_precision)
     if not acc.is_main_process:
         return None
     rows = task_for(info).row_ids(res["key"], args.data, info, split)
@@ -81,7 +92,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         save_probs(probs_path(args.out), preds)
         extra = f" + {probs_path(args.out)}"
     acc_note = f", accuracy {float((preds.ans == preds.label).mean()):.4f}" if preds.label is not None else ""
-    print(f"wrote {args.out}{extra}: {len(preds.ids)} rows, split {split!r}, model {loaded.source}, "
+    source = loaded.source if len(models) == 1 else f"{args.run} ({len(models)} fold models averaged)"
+    print(f"wrote {args.out}{extra}: {len(preds.ids)} rows, split {split!r}, model {source}, "
           f"{acc.num_processes} process(es){acc_note}", flush=True)
     return Path(args.out)
 

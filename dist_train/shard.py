@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--src", type=Path, help="raw image set (mask: train.csv + images/, mask-eval: info.csv + images/, folder: class subfolders)")
     p.add_argument("--out", type=Path, help="output folder (default: shards/<layout>, or shards/<folder name> for the folder layout)")
     p.add_argument("--layout", help=f"one of {', '.join(lay.name for lay in layouts())} (default: detected)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of persons (mask) / images per class (folder) in validation (default 0.2; 0: no validation)")
+    p.add_argument("--val-fraction", type=float, help="share of persons (mask) / images per class (folder) in validation (default 0.2, or 0 with --folds; 0: no validation)")
+    p.add_argument("--folds", type=int, default=0, metavar="K", help="give every training sample a fold 0..K-1 (grouped by person for mask, stratified like the validation split) for --fold k training and cross-validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the train shard order (default 0)")
     p.add_argument("--resize", type=int, metavar="SIDE", help="shrink the shorter side to SIDE (never enlarge), store JPEG")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize (default 95)")
@@ -60,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.src is None:
         raise UserError("--src SRC is required (or --inspect OUT)")
     write_shards(
-        args.src, args.out, layout=args.layout, val_fraction=args.val_fraction, seed=args.seed,
+        args.src, args.out, layout=args.layout, seed=args.seed, folds=args.folds,
+        val_fraction=args.val_fraction if args.val_fraction is not None else 0.0 if args.folds else 0.2,
         resize=args.resize, quality=args.quality, samples_per_shard=args.samples_per_shard,
         workers=args.workers, overwrite=args.overwrite, strict=args.strict, as_split=args.as_split,
         options={k: v for t in tasks.all_tasks() for k, v in t.shard_options(args).items()}, progress=not args.quiet,

@@ -106,3 +106,15 @@ def run_main(args: list[str]) -> subprocess.CompletedProcess:
             os.environ.pop("WDS_SECURE", None)
         torch.autograd.set_detect_anomaly(False)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def fold_shards(raw_mask, tmp_path_factory) -> Path:
+    """The synthetic set sharded with --folds 3 (every sample in train, no validation split)."""
+    from dist_train.shardset.writer import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "mask_folds"
+    info = write_shards(raw_mask / "train", out, samples_per_shard=25, workers=1, progress=False, folds=3,
+                        val_fraction=0.0)
+    assert info["splits"]["train"]["folds"] == 3 and "validation" not in info["splits"]
+    return out

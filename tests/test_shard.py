@@ -360,6 +360,7 @@ CHANGED_ARGS = [
     ({"samples_per_shard": None}, "samples_per_shard 10 -> None"),
     ({"as_split": "test"}, "as_split None -> 'test'"),
     ({"age_bins": "30,61"}, "age_bins [30, 60] -> [30, 61]"),
+    ({"folds": 3}, "folds None -> 3"),
 ]
 
 

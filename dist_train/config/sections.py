@@ -21,6 +21,8 @@ class DataSection:
     data: str | None = _f(None, "shard set folder or URL written by `python -m dist_train.shard`")
     train_split: str = _f("train", "split to train on")
     val_split: str | None = _f("validation", "split to evaluate on ('none' to skip evaluation)")
+    fold: str | None = _f(None, "shard sets with --folds K: hold fold k (0..K-1) of the training split out as "
+                                "validation, or 'all' to train on every fold without validation")
     workers: int = _f(4, "data loader worker processes per rank")
     sampler: str = _f("none", "balanced (equal class shares), sqrt (shares ~ sqrt of class size) or none")
     gpu_decode: bool = _f(False, "workers only read bytes; JPEG decode and crop/flip run on the GPU")
@@ -143,6 +145,8 @@ def _normalise(values: dict) -> dict:
                 raise UserError(f"{name}: expected two numbers, got {v!r}") from None
     if values.get("val_split") in ("none", ""):
         values["val_split"] = None
+    if values.get("fold") is not None:  # YAML gives 2 where the flag gives "2"
+        values["fold"] = str(values["fold"])
     return values
 
 

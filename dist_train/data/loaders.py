@@ -210,7 +210,7 @@ def build_train_loader(
         )
     reader = TrainReader(shard_urls(root, info, split), s.shard_lengths, Transform(aug, train=True), target_fn,
                          batch_size, world_size, rank, workers=workers, seed=seed, shuffle_buffer=shuffle_buffer,
-                         class_weights=class_weights, encoded=gpu_decode)
+                         class_weights=class_weights, encoded=gpu_decode, folds=s.keep_folds)
     # Encoded bytes need no pinning: decode_jpeg copies them to the GPU itself.
     loader = _data_loader(reader, workers, pin_memory and not gpu_decode)
     return TrainLoader(reader, loader, _shards_per_rank(reader, split), where)
@@ -267,7 +267,8 @@ def build_eval_loader(
     """
     _check_loader_args(batch_size, workers, world_size, rank)
     where = decode_device(gpu_decode, device)
-    reader = EvalReader(shard_urls(root, info, split), split_info(info, split).shard_lengths,
-                        Transform(aug, train=False), target_fn, batch_size, world_size, rank, encoded=gpu_decode)
+    s = split_info(info, split)
+    reader = EvalReader(shard_urls(root, info, split), s.shard_lengths, Transform(aug, train=False), target_fn,
+                        batch_size, world_size, rank, encoded=gpu_decode, folds=s.keep_folds)
     return EvalLoader(reader, _data_loader(reader, workers, pin_memory and not gpu_decode), workers, where)
 

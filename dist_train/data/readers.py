@@ -60,6 +60,7 @@ class ShardReader(IterableDataset):
         world_size: int,
         rank: int,
         encoded: bool = False,
+        folds: frozenset[int] | None = None,
     ):
         self.urls = list(urls)
         self.lengths = list(lengths)
@@ -71,6 +72,7 @@ class ShardReader(IterableDataset):
         self.world_size = world_size
         self.rank = rank
         self.encoded = encoded  # yield the image file bytes; decoding happens on the device
+        self.folds = folds  # a fold view: only samples of these folds exist (lengths count them alone)
         self.bad = mp.Value("q", 0)  # summed over workers; reset by the owner each epoch
 
     def _count_bad(self, what: str, exn: BaseException) -> None:
@@ -92,8 +94,18 @@ class ShardReader(IterableDataset):
     def _shard_samples(self, shard: int) -> Iterator[tuple[int, dict]]:
         """(position in the split, raw sample) for the samples of one shard, in tar order."""
         samples = wds.tarfile_samples([dict(url=self.urls[shard])], handler=self._tar_error)
+        if self.folds is not None:
+            samples = (s for s in samples if self._in_folds(s))
         for i, sample in enumerate(samples):
             yield self.offsets[shard] + i, sample
+
+    def _in_folds(self, sample: dict) -> bool:
+        """Whether a sample belongs to the view, read from its small `fold` member (no decoding)."""
+        try:
+            return int(sample["fold"]) in self.folds
+        except (KeyError, ValueError) as e:
+            self._count_bad(f"{sample.get('__key__')} in {sample.get('__url__')}", ValueError(f"no fold ({e!r})"))
+            return False
 
     def _load(self, sample: dict, seed: int | None) -> tuple[torch.Tensor, int] | None:
         """(uint8 image, target), or None for an undecodable sample (warned and counted).

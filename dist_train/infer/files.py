@@ -86,3 +86,28 @@ def load_probs(path: str | Path) -> Predictions:
         raise UserError(f"{path}: inconsistent probability file ({len(p.ids)} ids, {len(p.classes)} classes, "
                         f"prob {prob.shape})")
     return p
+
+
+def save_oof(path: str | Path, p: Predictions, fold: Sequence[int], meta: Sequence[str], data: str, split: str) -> None:
+    """Out-of-fold probabilities: a `save_probs` file (so ensemble and calibrate read it) plus,
+    per row, the fold it was held out in and its stored JSON metadata, and the shard set it
+    came from (`data`, `split`), which suspect grids read the images back from."""
+    if p.prob is None or p.label is None:
+        raise ValueError("save_oof: needs probabilities and labels")
+    arrays = {"id_column": np.array(p.id_column), "ids": np.array(p.ids, dtype=str),
+              "classes": np.array(p.classes, dtype=str), "prob": p.prob.astype(np.float32),
+              "label": np.asarray(p.label, dtype=np.int64), "fold": np.asarray(fold, dtype=np.int64),
+              "meta": np.array(list(meta), dtype=str), "data": np.array(str(data)), "split": np.array(str(split))}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_oof_csv(path: str | Path, p: Predictions) -> None:
+    """`key,ans,class,label,prob`: prob is the predicted class's probability."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["key", "ans", "class", "label", "prob"])
+    for i, (k, a) in enumerate(zip(p.ids, p.ans)):
+        w.writerow([k, int(a), p.classes[int(a)], int(p.label[i]), f"{float(p.prob[i, int(a)]):.6f}"])
+    atomic_write_text(path, buf.getvalue())

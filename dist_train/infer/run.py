@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from accelerate import Accelerator
 
 from dist_train.data.device import BatchPrep
 from dist_train.data.loaders import build_eval_loader
+from dist_train.data.readers import TargetFn
 from dist_train.data.transforms import AugmentConfig
 from dist_train.errors import UserError
 from dist_train.shardset.format import class_names, split_info
@@ -28,8 +31,10 @@ def default_split(info: dict) -> str:
 
 
 def run_inference(loaded: Loaded, data: str, info: dict, split: str, *, batch_size: int, workers: int,
-                  tta: TTA, mixed_precision: str | None) -> tuple[Accelerator, dict]:
+                  tta: TTA, mixed_precision: str | None, target_fn: TargetFn | None = None
+                  ) -> tuple[Accelerator, dict]:
     """Gathered results of `infer` over the whole split on every rank, plus `prob`.
+    `target_fn`: the training labels (a task's relabelling) instead of the stored classes.
 
     Refuses a result that is not exactly the split's samples, once each: a file with rows
     missing would be silently wrong.
@@ -44,7 +49,7 @@ def run_inference(loaded: Loaded, data: str, info: dict, split: str, *, batch_si
     aug = AugmentConfig(img_size=int(loaded.info["input_size"][-1]), crop_pct=float(loaded.info["crop_pct"]))
     loader = build_eval_loader(data, info, split, aug=aug, batch_size=batch_size, workers=workers,
                                world_size=acc.num_processes, rank=acc.process_index,
-                               pin_memory=acc.device.type == "cuda")
+                               pin_memory=acc.device.type == "cuda", target_fn=target_fn)
     res = infer(model, loader, acc, BatchPrep(acc.device, loaded.info["mean"], loaded.info["std"]), tta=tta)
     n, expected = len(res["key"]), s.num_samples
     if n != expected:
@@ -53,4 +58,20 @@ def run_inference(loaded: Loaded, data: str, info: dict, split: str, *, batch_si
     if len(set(res["key"])) != n:
         raise RuntimeError(f"split {split!r}: gathered keys are not unique ({n - len(set(res['key']))} repeats)")
     res["prob"] = torch.softmax(torch.from_numpy(res["logits"]).double(), dim=1).numpy()
+    return acc, res
+
+
+def run_models(models: Sequence[Loaded], data: str, info: dict, split: str, **kw) -> tuple[Accelerator, dict]:
+    """`run_inference` of each model (a CV folder's fold models) over the same split, the
+    probabilities averaged (soft vote); the rows are the split's, in its order, for any models."""
+    names = {tuple(m.info["label_names"]) for m in models}
+    if len(names) > 1:
+        raise UserError(f"the models predict different classes ({len(names)} different class lists): cannot average")
+    acc, res = run_inference(models[0], data, info, split, **kw)
+    for m in models[1:]:
+        _, other = run_inference(m, data, info, split, **kw)
+        if other["key"] != res["key"]:
+            raise RuntimeError(f"split {split!r}: the models' rows differ in order")
+        res["prob"] = res["prob"] + other["prob"]
+    res["prob"] = res["prob"] / len(models)
     return acc, res

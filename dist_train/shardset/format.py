@@ -53,6 +53,8 @@ class SplitInfo:
     filenames: tuple[str, ...]
     shard_lengths: tuple[int, ...]
     num_samples: int
+    folds: int = 0  # K when the writer gave every sample a fold (--folds), else 0
+    keep_folds: frozenset[int] | None = None  # a fold view (`fold_split`): only these folds' samples
 
 
 def is_url(root: str) -> bool:
@@ -127,7 +129,58 @@ def split_info(info: dict, split: str) -> SplitInfo:
             f"split {split!r}: {len(names)} filenames, {len(lengths)} shard_lengths summing to "
             f"{sum(lengths)}, num_samples {n}: inconsistent {INFO_NAME}: {SHARD_HINT}"
         )
-    return SplitInfo(split, names, lengths, n)
+    keep = s.get("keep_folds")
+    return SplitInfo(split, names, lengths, n, int(s.get("folds", 0)), None if keep is None else frozenset(keep))
+
+
+def fold_split(info: dict, split: str, keep: Iterable[int], name: str) -> dict:
+    """A copy of `info` with one more split NAME: the samples of SPLIT whose fold is in KEEP.
+
+    It reads SPLIT's shards (the readers skip other folds' samples without decoding them); its
+    shard lengths and class counts are the kept folds' counts from `_info.json`, so the loaders'
+    equal-steps and exactly-once guarantees hold for it as for any split.
+    """
+    s, keep = info["splits"][split], sorted(set(keep))
+    k = split_info(info, split).folds
+    if not k:
+        raise UserError(f"split {split!r} has no folds: shard it with python -m dist_train.shard --folds K")
+    per_shard = s.get("fold_counts")
+    if not isinstance(per_shard, list) or len(per_shard) != len(s["filenames"]):
+        raise UserError(f"split {split!r}: bad fold_counts in {INFO_NAME}: {SHARD_HINT}")
+    lengths, classes = [], {}
+    for shard in per_shard:
+        lengths.append(sum(n for f in keep for n in shard.get(str(f), {}).values()))
+        for f in keep:
+            for c, n in shard.get(str(f), {}).items():
+                classes[c] = classes.get(c, 0) + int(n)
+    out = {**info, "splits": {**info["splits"], name: {
+        "name": name, "filenames": s["filenames"], "shard_lengths": lengths, "num_samples": sum(lengths),
+        "folds": k, "keep_folds": keep}}}
+    if split in info.get("label_counts", {}):
+        out["label_counts"] = {**info["label_counts"],
+                               name: {str(c): classes.get(str(c), 0) for c in range(len(class_names(info)))}}
+    return out
+
+
+def cv_splits(info: dict, train: str, val: str | None, fold: str | None) -> tuple[dict, str, str | None]:
+    """(info, training split, validation split or None) of a run: `--fold k` holds fold k of
+    TRAIN out as the validation split (`fold_split` views), `--fold all` trains on every fold."""
+    k = split_info(info, train).folds
+    if fold is None:
+        if k and val is not None and val not in info.get("splits", {}):
+            raise UserError(f"split {val!r} is not in the shard set, whose split {train!r} has {k} folds: pass "
+                            f"--fold k (0..{k - 1}) to validate on fold k, or --fold all to train on every fold")
+        return info, train, val
+    if not k:
+        raise UserError(f"--fold {fold}: split {train!r} has no folds (shard it with python -m dist_train.shard --folds K)")
+    if fold == "all":
+        return info, train, None
+    if not fold.isdigit() or not 0 <= int(fold) < k:
+        raise UserError(f"--fold {fold}: expected a fold 0..{k - 1} of split {train!r}, or all")
+    f = int(fold)
+    names = f"{train}[fold!={f}]", f"{train}[fold={f}]"
+    info = fold_split(info, train, [i for i in range(k) if i != f], names[0])
+    return fold_split(info, train, [f], names[1]), names[0], names[1]
 
 
 def check_shard_names(names: Iterable[object], where: str) -> None:
@@ -188,6 +241,9 @@ def summary(out: Path | str, info: dict) -> str:
     width = max(len(n) for n in splits)
     for name, s in splits.items():
         lines.append(f"  {name:<{width}}  {s['num_samples']:>8} images  {len(s['filenames']):>5} shards")
+        if s.get("folds"):
+            sizes = [sum(sum(sh.get(str(f), {}).values()) for sh in s.get("fold_counts", [])) for f in range(s["folds"])]
+            lines.append(f"  {'':<{width}}  {s['folds']} folds of {', '.join(map(str, sizes))} images")
     counts = info.get("label_counts", {})
     if counts:
         names = list(counts)

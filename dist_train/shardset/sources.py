@@ -310,3 +310,35 @@ def split_records(source: Source, val_fraction: float, seed: int) -> dict[str, l
         "train": [r for r in source.records if r.group not in val],
         "validation": [r for r in source.records if r.group in val],
     }
+
+
+def assign_folds(records: Sequence[Record], folds: int, seed: int) -> dict[str, int]:
+    """key -> fold 0..folds-1: whole groups per fold, each stratum spread evenly, deterministic.
+
+    Within each stratum (in sorted order) the groups, shuffled by `seed` and then taken largest
+    first, each go to the fold holding the fewest of that stratum's samples so far, ties to the
+    fold with the fewest samples overall, then the lowest index (greedy balancing): with equal
+    groups (a person's 7 photos) every fold gets floor or ceil of a stratum's groups.
+    """
+    if folds < 2:
+        raise UserError(f"--folds {folds}: expected 2 or more")
+    size: dict[str, int] = defaultdict(int)
+    strata: dict[str, list[str]] = defaultdict(list)
+    for r in records:
+        if r.group not in size:
+            strata[r.stratum].append(r.group)
+        size[r.group] += 1
+    if len(size) < folds:
+        raise UserError(f"--folds {folds}: only {len(size)} groups (persons / images) to spread over them")
+    rng = random.Random(seed)
+    total, fold_of = [0] * folds, {}
+    for stratum in sorted(strata):
+        groups = sorted(strata[stratum])
+        rng.shuffle(groups)
+        here = [0] * folds
+        for g in sorted(groups, key=lambda g: -size[g]):  # stable: equal sizes keep the shuffled order
+            f = min(range(folds), key=lambda i: (here[i], total[i], i))
+            fold_of[g] = f
+            here[f] += size[g]
+            total[f] += size[g]
+    return {r.key: fold_of[r.group] for r in records}

@@ -36,7 +36,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -57,7 +57,7 @@ from .format import (
     write_info,
 )
 from .images import check_image, encode_image
-from .sources import Record, Source, get_layout, load_source, split_records
+from .sources import Record, Source, assign_folds, get_layout, load_source, split_records
 
 DEFAULT_OUT = Path("shards")
 DEFAULT_SHARDS = 64
@@ -136,7 +136,8 @@ def _sha256(path: Path) -> str:
 
 def _differences(old: dict, params: dict, fingerprint: str, out: Path) -> list[str]:
     old_params = old.get("params", {})
-    diffs = [f"{k} {old_params.get(k)!r} -> {v!r}" for k, v in params.items() if old_params.get(k) != v]
+    keys = [*params, *(["folds"] if "folds" not in params else [])]  # a fold count dropped is a change too
+    diffs = [f"{k} {old_params.get(k)!r} -> {params.get(k)!r}" for k in keys if old_params.get(k) != params.get(k)]
     if old.get("source_fingerprint") != fingerprint:
         diffs.append("source files changed")
     missing = [f for f in old.get("sha256", {}) if not (out / f).is_file()]
@@ -186,20 +187,26 @@ def write_shards(
     overwrite: bool = False,
     strict: bool = False,
     as_split: str | None = None,
+    folds: int = 0,
     progress: bool = True,
 ) -> dict:
     """Shard SRC into OUT (default: see `default_out`); returns the `_info.json` dict.
 
     `options` are the layout's own (e.g. a label cut), resolved by the layout and recorded in the params.
+    `folds` K > 1 gives every sample of the training split (`as_split` if given) a fold 0..K-1
+    (`assign_folds`), stored with the sample and counted per shard in `_info.json`.
     When OUT already holds the same set, prints "up to date" and returns its info unchanged.
     """
     start = time.perf_counter()
     _validate(val_fraction, resize, quality, samples_per_shard, workers, as_split)
     source = load_source(src, layout, options)
+    if folds and not source.labeled:
+        raise UserError(f"--folds {folds}: {src} is an unlabeled set (nothing to validate on)")
     out = check_writable_dir(out if out is not None else default_out(source), "--out")
     params = {
         "layout": source.layout, "val_fraction": val_fraction, "seed": seed, "resize": resize,
         "quality": quality, "samples_per_shard": samples_per_shard, "as_split": as_split, **source.options,
+        **({"folds": folds} if folds else {}),  # absent without folds: older sets stay up to date
     }
     fingerprint = source_fingerprint(source)
     old = None if overwrite else read_local_info(out)
@@ -213,13 +220,14 @@ def write_shards(
     workers = workers or usable_cpus()
     splits = {as_split: list(source.records)} if as_split else split_records(source, val_fraction, seed)
     splits, rejected = _drop_unreadable(source, splits, workers, strict, progress)
+    fold_of = assign_folds(splits.get(as_split or "train", []), folds, seed) if folds else {}
     if "train" in splits:
         random.Random(seed).shuffle(splits["train"])
     plan = [(name, f"{name}-{i:06d}.tar", recs[pos:pos + size])
             for name, recs in splits.items()
             for i, (pos, size) in enumerate(_offsets(shard_sizes(len(recs), samples_per_shard)))]
-    sha, nbytes = _replace_shards(out, plan, rejected, resize, quality, workers, progress)
-    info = _make_info(out, source, splits, plan, sha, params, fingerprint, len(rejected))
+    sha, nbytes = _replace_shards(out, plan, rejected, resize, quality, workers, progress, fold_of)
+    info = _make_info(out, source, splits, plan, sha, params, fingerprint, len(rejected), fold_of, folds)
     write_info(out, info)
     elapsed = time.perf_counter() - start
     print(summary(out, info))
@@ -256,7 +264,8 @@ def _drop_unreadable(source: Source, splits: dict[str, list[Record]], workers: i
 
 
 def _replace_shards(out: Path, plan: list[tuple[str, str, list[Record]]], rejected: list[dict],
-                    resize: int | None, quality: int, workers: int, progress: bool) -> tuple[dict[str, str], int]:
+                    resize: int | None, quality: int, workers: int, progress: bool,
+                    fold_of: dict[str, int]) -> tuple[dict[str, str], int]:
     """Write the new shards into OUT, which holds no finished set until the new _info.json lands;
     then remove the files of the previous set. Returns (sha256 per shard, bytes written)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +273,7 @@ def _replace_shards(out: Path, plan: list[tuple[str, str, list[Record]]], reject
     for p in out.iterdir():
         if TMP_RE.match(p.name):  # left by a killed run
             p.unlink()
-    sha, nbytes = _write_plan(out, plan, resize, quality, workers, progress)
+    sha, nbytes = _write_plan(out, plan, resize, quality, workers, progress, fold_of)
     for p in out.iterdir():
         if SHARD_RE.match(p.name) and p.name not in sha:
             p.unlink()
@@ -276,7 +285,7 @@ def _replace_shards(out: Path, plan: list[tuple[str, str, list[Record]]], reject
 
 
 def _write_plan(out: Path, plan: list[tuple[str, str, list[Record]]], resize: int | None, quality: int,
-                workers: int, progress: bool) -> tuple[dict[str, str], int]:
+                workers: int, progress: bool, fold_of: dict[str, int]) -> tuple[dict[str, str], int]:
     """Write every shard (temp name -> rename); returns sha256 per file and total bytes."""
     tasks = [(str(r.path), resize, quality) for _, _, recs in plan for r in recs]
     results = _pool_map(encode_image, tasks, workers, "writing", progress)
@@ -294,6 +303,8 @@ def _write_plan(out: Path, plan: list[tuple[str, str, list[Record]]], resize: in
                             _tar_member(tar, f"{r.key}.{ext}", data)
                             if r.label is not None:
                                 _tar_member(tar, f"{r.key}.cls", str(r.label).encode())
+                            if r.key in fold_of:
+                                _tar_member(tar, f"{r.key}.fold", str(fold_of[r.key]).encode())
                             _tar_member(tar, f"{r.key}.json", json.dumps(r.meta, ensure_ascii=False).encode())
                     f.flush()
                     os.fsync(f.fileno())
@@ -309,7 +320,8 @@ def _write_plan(out: Path, plan: list[tuple[str, str, list[Record]]], resize: in
 
 
 def _make_info(out: Path, source: Source, splits: dict[str, list[Record]], plan: list[tuple[str, str, list[Record]]],
-               sha: dict[str, str], params: dict, fingerprint: str, n_rejected: int) -> dict:
+               sha: dict[str, str], params: dict, fingerprint: str, n_rejected: int, fold_of: dict[str, int],
+               folds: int) -> dict:
     split_info = {}
     for name in splits:
         files = [(f, len(recs)) for s, f, recs in plan if s == name]
@@ -317,6 +329,9 @@ def _make_info(out: Path, source: Source, splits: dict[str, list[Record]], plan:
             "name": name, "num_samples": sum(n for _, n in files),
             "filenames": [f for f, _ in files], "shard_lengths": [n for _, n in files],
         }
+        shards = [recs for s, _, recs in plan if s == name]
+        if shards and shards[0] and shards[0][0].key in fold_of:
+            split_info[name].update(folds=folds, fold_counts=[_fold_counts(recs, fold_of) for recs in shards])
     label_counts = {}
     for name, recs in splits.items():
         if recs[0].label is not None:
@@ -335,6 +350,14 @@ def _make_info(out: Path, source: Source, splits: dict[str, list[Record]], plan:
         "rejected": n_rejected,
         "ignored": source.ignored,
     }
+
+
+def _fold_counts(recs: list[Record], fold_of: dict[str, int]) -> dict[str, dict[str, int]]:
+    """One shard's samples per fold and class: {"fold": {"class": n}} (string keys, as JSON has)."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in recs:
+        counts[str(fold_of[r.key])][str(r.label)] += 1
+    return {f: dict(sorted(c.items(), key=lambda x: int(x[0]))) for f, c in sorted(counts.items(), key=lambda x: int(x[0]))}
 
 
 # ---------------------------------------------------------------- reading back

@@ -41,10 +41,17 @@ class Evaluator:
         return end_of_epoch or bool(self.every and step % self.every == 0)
 
     def validate(self, model: torch.nn.Module, acc: Accelerator, progress: Progress,
-                 ema: torch.nn.Module | None = None) -> dict:
+                 ema: torch.nn.Module | None = None, end_of_epoch: bool = False) -> dict:
         """val_* metrics over the whole split ({} without one), and val_*_ema for the EMA weights;
-        best/ gets whichever weights scored the better val macro F1 when it beats the best so far."""
+        best/ gets whichever weights scored the better val macro F1 when it beats the best so far;
+        without a validation split, at each epoch end, the current weights (the EMA's if kept)."""
         if self.loader is None:
+            if end_of_epoch and acc.is_main_process:
+                which, weights = ("ema", ema) if ema is not None else ("model", acc.unwrap_model(model))
+                save_for_timm(weights, self.out / "best", label_names=self.class_names,
+                              num_classes=len(self.class_names), **self.export,
+                              extra={"epoch": progress.epoch, "step": progress.step, **self.meta, "weights": which,
+                                     "validation": None})
             return {}
         m = self.metrics(model, acc)
         candidates = [("model", acc.unwrap_model(model), m["val_macro_f1"])]

@@ -157,6 +157,11 @@ def start_lines(acc: Accelerator, facts: dict[str, Any]) -> str:
             f"{f['train_samples']} train samples, {f['shards']} shards, "
             f"{f['shards_per_rank']} per rank ({acc.num_processes} ranks x {f['workers']} workers)\n"
             f"  output {f['output']}")
+    if f.get("validation"):
+        text += f"\n  validation: split {f['validation']}"
+    else:
+        text += ("\n  no validation split: best/ gets the weights at each epoch end (the last one's in the end; "
+                 "the EMA's with --model-ema)")
     if f.get("resumed_from"):
         text += f"\n  resumed from {f['resumed_from']}"
     return text

@@ -37,7 +37,7 @@ from dist_train.infer.accel import make_accelerator
 from dist_train.infer.tta import parse_tta
 from dist_train.model.build import data_config
 from dist_train.model.stages import count_params
-from dist_train.shardset.format import class_names, label_counts, load_info, split_info
+from dist_train.shardset.format import class_names, cv_splits, label_counts, load_info, split_info
 from dist_train.system import usable_cpus
 from dist_train.tasks import Criterion, Task, task_for
 
@@ -88,17 +88,17 @@ class Trainer:
 
     def build_train_loader(self) -> TrainLoader:
         d = self.cfg.data
-        weights = sampler_weights(d.sampler, label_counts(self.info, d.train_split), len(self.class_names))
-        return build_train_loader(d.data, self.info, d.train_split, seed=self.cfg.runtime.seed,
+        weights = sampler_weights(d.sampler, label_counts(self.info, self.train_split), len(self.class_names))
+        return build_train_loader(d.data, self.info, self.train_split, seed=self.cfg.runtime.seed,
                                   target_fn=self.task.target_fn(self.cfg.task, self.info), class_weights=weights,
                                   **self._loader_kw())
 
     def build_val_loader(self) -> EvalLoader | None:
         d = self.cfg.data
-        return build_eval_loader(d.data, self.info, d.val_split, **self._loader_kw()) if d.val_split else None
+        return build_eval_loader(d.data, self.info, self.val_split, **self._loader_kw()) if self.val_split else None
 
     def build_criterion(self) -> Criterion:
-        return self.task.criterion(self.cfg.task, self.info, self.cfg.data.train_split, len(self.class_names),
+        return self.task.criterion(self.cfg.task, self.info, self.train_split, len(self.class_names),
                                    self.acc.device)
 
     def build_prep(self, dcfg: dict) -> BatchPrep:
@@ -159,10 +159,10 @@ class Trainer:
         if d.secure and "://" in d.data:  # webdataset's secure mode: no pipe:, no URL rewriting
             os.environ["WDS_SECURE"] = "1"
             webdataset.utils.enforce_security = True
-        self.info = load_info(d.data)
-        self.n_train = split_info(self.info, d.train_split).num_samples
-        if d.val_split:
-            split_info(self.info, d.val_split)
+        self.info, self.train_split, self.val_split = cv_splits(load_info(d.data), d.train_split, d.val_split, d.fold)
+        self.n_train = split_info(self.info, self.train_split).num_samples
+        if self.val_split:
+            split_info(self.info, self.val_split)
         self.class_names = class_names(self.info)
         self.task: Task = task_for(self.info)
         self.task.check(self.cfg.task, self.info)
@@ -174,7 +174,7 @@ class Trainer:
         self.global_batch = o.batch_size * world * o.grad_accum_steps
         if self.global_batch > self.n_train:
             raise UserError(f"global batch {self.global_batch} (batch {o.batch_size} x {world} processes x "
-                            f"{o.grad_accum_steps} accumulation) is larger than split '{self.cfg.data.train_split}' "
+                            f"{o.grad_accum_steps} accumulation) is larger than split '{self.train_split}' "
                             f"({self.n_train} samples)")
 
     def _runtime_setup(self) -> None:
@@ -230,9 +230,10 @@ class Trainer:
         print(start_lines(self.acc, dict(
             model=self.cfg.model.model, params=count_params(self.model), trainable=count_params(self.model, st.trainable),
             global_batch=self.global_batch, batches=self.batches, steps_per_epoch=self.steps_per_epoch,
-            train_samples=self.n_train, shards=len(split_info(self.info, self.cfg.data.train_split).filenames),
+            train_samples=self.n_train, shards=len(split_info(self.info, self.train_split).filenames),
             shards_per_rank=self.train_loader.shards_per_rank, workers=max(1, self.cfg.data.workers),
-            output=self.out, resumed_from=self.resume_from)))
+            output=self.out, resumed_from=self.resume_from,
+            validation=self.val_split and f"{self.val_split} ({split_info(self.info, self.val_split).num_samples} samples)")))
         print("\n".join(st.summary(self.model)), flush=True)
 
     # ------------------------------------------------------------------ the loop
@@ -252,7 +253,7 @@ class Trainer:
                         self.train_step(batches)
                     end_of_epoch = p.batch >= self.batches
                     if self.evaluator.should_evaluate(p.step, end_of_epoch):
-                        metrics = self.evaluate()
+                        metrics = self.evaluate(end_of_epoch)
                     if end_of_epoch:
                         p.epoch, p.batch, p.samples, p.plan = p.epoch + 1, 0, 0, None
                     stop = self.stop_reason is not None or self.finished()
@@ -357,7 +358,7 @@ class Trainer:
             hist = torch.bincount(targets, minlength=len(self.class_names)).tolist()
             print(f"debug: images {tuple(x.shape)} {x.dtype}, targets {tuple(targets.shape)}, label histogram {hist}")
 
-    def evaluate(self) -> dict:
+    def evaluate(self, end_of_epoch: bool = False) -> dict:
         """One `metrics.jsonl` line: training stats since the last one, then validation (and best/)."""
         acc, p, world = self.acc, self.progress, self.acc.num_processes
         bad = int(acc.reduce(torch.tensor(self.train_loader.bad_samples, device=acc.device), "sum").item())
@@ -367,7 +368,8 @@ class Trainer:
              "bad_samples": bad, "train_class_counts": self.meter.class_counts(acc)}
         self.guard.check_bad_samples(bad, p.batch * self.cfg.optim.batch_size * world, p.epoch)
         best = p.best_f1
-        m.update(self.evaluator.validate(self.model, acc, p, ema=None if self.ema is None else self.ema.module))
+        m.update(self.evaluator.validate(self.model, acc, p, ema=None if self.ema is None else self.ema.module,
+                                         end_of_epoch=end_of_epoch))
         if "val_macro_f1" in m:
             p.stale = 0 if p.best_f1 > best else p.stale + 1
             if self.cfg.runtime.patience and p.stale >= self.cfg.runtime.patience:

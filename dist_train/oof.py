@@ -1,0 +1,97 @@
+"""Out-of-fold predictions of a cross-validation folder: `python -m dist_train.oof CV`.
+
+Each fold's model (`CV/fold-k/best`) predicts the fold it never trained on; together they
+cover every labeled sample of the training split exactly once. Writes `CV/oof.csv`
+(`key,ans,class,label,prob`), `CV/oof.probs.npz` (probabilities, labels, folds, metadata: for
+`calibrate`, `suspects`, `ensemble`) and `CV/oof.json` (accuracy and macro F1, overall and per
+fold). Labels are the training labels (the fold runs' `--relabel` / `--age-bins` applied). Also
+`accelerate launch dist_train/oof.py CV`: the same files for any number of processes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package, not sibling modules
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from dist_train.config import Config  # noqa: E402
+from dist_train.errors import ArgParser, UserError, atomic_write_json, check_writable_file, cli_main  # noqa: E402
+from dist_train.infer.cv import FoldRun, fold_runs, held_out  # noqa: E402
+from dist_train.infer.files import Predictions, save_oof, write_oof_csv  # noqa: E402
+from dist_train.infer.load import load_model  # noqa: E402
+from dist_train.infer.metrics import summarize  # noqa: E402
+from dist_train.infer.run import run_inference  # noqa: E402
+from dist_train.infer.tta import parse_tta  # noqa: E402
+from dist_train.predict import add_loader_args, check_loader_args  # noqa: E402
+from dist_train.shardset.format import class_names, load_info, read_meta, split_info  # noqa: E402
+from dist_train.tasks import task_for  # noqa: E402
+
+
+def _fold_result(run: FoldRun, args, tta) -> tuple[object, dict]:
+    """(accelerator, inference results) of one fold model on its held-out fold, training labels."""
+    info, split = held_out(run)
+    cfg = Config.from_flat(run.config)
+    target_fn = task_for(info).target_fn(cfg.task, info)
+    return run_inference(load_model(run.run), run.data, info, split, batch_size=args.batch_size,
+                         workers=args.workers, tta=tta, mixed_precision=args.mixed_precision, target_fn=target_fn)
+
+
+def _scores(pred: np.ndarray, label: np.ndarray, names: list[str]) -> dict:
+    s = summarize(pred, label, len(names), names)
+    return {"num_samples": int(len(label)), "acc": s["acc"], "macro_f1": s["macro_f1"]}
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> dict | None:
+    p = ArgParser(prog="python -m dist_train.oof", description=__doc__.split("\n\n")[0])
+    p.add_argument("cv", type=Path, help="cross-validation folder holding fold-0/ .. fold-(K-1)/ runs")
+    add_loader_args(p)
+    args = p.parse_args(argv)
+    check_loader_args(args)
+    tta = parse_tta(args.tta)
+    for name in ("oof.csv", "oof.probs.npz", "oof.json"):
+        check_writable_file(args.cv / name, "CV")
+    runs = fold_runs(args.cv)
+    keys, prob, label, fold, per_fold = [], [], [], [], []
+    acc = None
+    for run in runs:
+        acc, res = _fold_result(run, args, tta)
+        if (res["target"] < 0).any():
+            raise UserError(f"{run.run}: its held-out fold has unlabeled samples")
+        keys += res["key"]
+        prob.append(res["prob"])
+        label.append(res["target"])
+        fold += [run.fold] * len(res["key"])
+    if not acc.is_main_process:
+        return None
+    names = class_names(load_info(runs[0].data))
+    order = np.argsort(np.array(keys), kind="stable")
+    prob, label, fold = np.concatenate(prob)[order], np.concatenate(label)[order], np.array(fold)[order]
+    keys = [keys[i] for i in order]
+    total = split_info(load_info(runs[0].data), runs[0].train_split).num_samples
+    if len(set(keys)) != len(keys) or len(keys) != total:
+        raise UserError(f"{args.cv}: the folds' held-out samples are {len(keys)} ({len(set(keys))} distinct), the "
+                        f"split has {total}: the fold runs do not partition it")
+    meta = read_meta(runs[0].data, load_info(runs[0].data), runs[0].train_split)
+    preds = Predictions("key", keys, prob.argmax(axis=1), names, label, prob)
+    summary = {"cv": str(args.cv), "data": runs[0].data, "folds": len(runs), "tta": args.tta,
+               **_scores(preds.ans, label, names),
+               "per_fold": [{"fold": r.fold, **_scores(preds.ans[fold == r.fold], label[fold == r.fold], names)}
+                            for r in runs]}
+    save_oof(args.cv / "oof.probs.npz", preds, fold, [json.dumps(meta.get(k, {})) for k in keys], runs[0].data,
+             runs[0].train_split)
+    write_oof_csv(args.cv / "oof.csv", preds)
+    atomic_write_json(args.cv / "oof.json", summary)
+    print(f"wrote {args.cv}/oof.csv, oof.probs.npz, oof.json: {len(keys)} samples from {len(runs)} folds, "
+          f"OOF accuracy {summary['acc']:.4f}, macro F1 {summary['macro_f1']:.4f}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
