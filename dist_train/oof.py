@@ -4,8 +4,7 @@ Each fold's model (`CV/fold-k/best`) predicts the fold it never trained on; toge
 cover every labeled sample of the training split exactly once. Writes `CV/oof.csv`
 (`key,ans,class,label,prob`), `CV/oof.probs.npz` (probabilities, labels, folds, metadata: for
 `calibrate`, `suspects`, `ensemble`) and `CV/oof.json` (accuracy and macro F1, overall and per
-fold). Labels are the training labels (the fold runs' `--relabel` / `--age-bins` applied). Also
-`accelerate launch dist_train/oof.py CV`: the same files for any number of processes.
+fold). Labels are the training labels (the fold runs' `--relabel` / `--age-bins` applied).
 """
 
 from __future__ import annotations
