@@ -8,7 +8,8 @@
 All inputs must list the same ids in the same order (the same split predicted by each model);
 anything else is refused rather than guessed at. The output has the inputs' format
 (`ID,ans` or `key,ans,class[,label]`); `--save-probs` adds the averaged probabilities
-after a soft vote.
+after a soft vote; `--calibration FILE` (soft vote) applies per-class offsets from
+`python -m dist_train.calibrate` to the averaged probabilities.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ArgParser, UserError, atomic_write_text, check_writable_file, cli_main
+from .infer.calibration import apply_offsets, check_classes, load_calibration
 from .infer.files import ID_RE, Predictions, load_probs, probs_path, save_probs, write_csv
 
 
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> Path:
     p = ArgParser(prog="python -m dist_train.ensemble", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="CSV to write")
     p.add_argument("--save-probs", action="store_true", help="soft vote: also write FILE.probs.npz")
+    p.add_argument("--calibration", type=Path, metavar="FILE",
+                   help="soft vote: calibration.json (python -m dist_train.calibrate) applied to the averaged probabilities")
     p.add_argument("inputs", type=Path, nargs="+", help="probability files (.probs.npz) or prediction CSVs")
     args = p.parse_args(argv)
     check_writable_file(args.out, "--out")
@@ -114,15 +118,20 @@ def main(argv: list[str] | None = None) -> Path:
     if len(kinds) > 1:
         raise UserError("mix of probability files and CSVs: give only .probs.npz files (soft vote) or only CSVs "
                         "(hard vote)")
+    calibration = load_calibration(args.calibration) if args.calibration else None
     if kinds == {True}:
         preds = soft_vote(args.inputs)
+        if calibration:
+            check_classes(args.calibration, calibration[0], preds.classes, str(args.inputs[0]))
+            preds = apply_offsets(preds, calibration[1])
         write_csv(args.out, preds)
         if args.save_probs:
             save_probs(probs_path(args.out), preds)
         n, how = len(preds.ids), "soft"
     else:
-        if args.save_probs:
-            raise UserError("--save-probs needs probability files as inputs (a hard vote has no probabilities)")
+        if args.save_probs or calibration:
+            raise UserError(f"{'--save-probs' if args.save_probs else '--calibration'} needs probability files as "
+                            "inputs (a hard vote has no probabilities)")
         header, rows = hard_vote(args.inputs)
         _write_rows(args.out, header, rows)
         n, how = len(rows), "hard"

@@ -7,7 +7,9 @@ put back into source order, and only the main process writes (to a temporary nam
 Rows: `key,ans,class`, plus `label` when the samples carry one; a task may write its own
 submission format instead (the competition's eval set: `ImageID,ans` in info.csv order).
 `--save-probs` also writes `FILE.probs.npz` (ids + per-class probabilities) for soft-vote
-ensembles (`python -m dist_train.ensemble`).
+ensembles (`python -m dist_train.ensemble`). `--calibration FILE` (from `python -m
+dist_train.calibrate`) adds its per-class offsets to the log-probabilities before the argmax;
+the saved probabilities are then the renormalised softmax(log p + offset).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from dist_train.errors import ArgParser, UserError, check_writable_file, cli_main  # noqa: E402
+from dist_train.infer.calibration import apply_offsets, check_classes, load_calibration  # noqa: E402
 from dist_train.infer.files import predictions_for, probs_path, save_probs, write_csv  # noqa: E402
 from dist_train.infer.load import load_model  # noqa: E402
 from dist_train.infer.cv import fold_runs, is_cv  # noqa: E402
@@ -62,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="CSV to write")
     p.add_argument("--split", help="split to predict (default: test when the shard set has one, else validation)")
     p.add_argument("--save-probs", action="store_true", help="also write FILE.probs.npz (per-class probabilities)")
+    p.add_argument("--calibration", type=Path, metavar="FILE",
+                   help="calibration.json from python -m dist_train.calibrate: per-class log-probability offsets")
     return p
 
 
@@ -73,11 +78,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     check_writable_file(args.out, "--out")
     if args.save_probs:
         check_writable_file(probs_path(args.out), "--out")
+    calibration = load_calibration(args.calibration) if args.calibration else None
     if args.run is not None and args.checkpoint is None and is_cv(args.run):
         models = [load_model(r.run) for r in fold_runs(args.run)]  # every fold's model, soft-voted
     else:
         models = [load_model(args.run, args.checkpoint)]
     loaded = models[0]
+    if calibration:
+        check_classes(args.calibration, calibration[0], loaded.info["label_names"], f"model {loaded.source}")
     info = load_info(args.data)
     split = args.split or default_split(info)
     acc, res = run_models(models, args.data, info, split, batch_size=args.batch_size, workers=args.workers,
@@ -86,11 +94,13 @@ def main(argv: list[str] | None = None) -> Path | None:
         return None
     rows = task_for(info).row_ids(res["key"], args.data, info, split)
     preds = predictions_for(res, rows, loaded.info["label_names"])
+    if calibration:
+        preds = apply_offsets(preds, calibration[1])
     write_csv(args.out, preds)
-    extra = ""
+    extra = f", calibrated by {args.calibration}" if calibration else ""
     if args.save_probs:
         save_probs(probs_path(args.out), preds)
-        extra = f" + {probs_path(args.out)}"
+        extra = f" + {probs_path(args.out)}{extra}"
     acc_note = f", accuracy {float((preds.ans == preds.label).mean()):.4f}" if preds.label is not None else ""
     source = loaded.source if len(models) == 1 else f"{args.run} ({len(models)} fold models averaged)"
     print(f"wrote {args.out}{extra}: {len(preds.ids)} rows, split {split!r}, model {source}, "

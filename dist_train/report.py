@@ -4,6 +4,7 @@
   of the worst mistakes (lowest probability on the true class) with true and predicted labels.
 - `contact_sheet`: a few samples per class from any shard set, to eyeball the labels before
   spending GPU hours on them.
+- `draw_suspects`: the most likely label errors of a cross-validation, given and predicted labels.
 
 Images are re-read from the shards by key (streamed through webdataset, so remote shard sets
 work too); only the samples that are drawn are decoded.
@@ -202,4 +203,22 @@ def contact_sheet(root: str | Path, info: dict, out_png: str | Path, per_class: 
                 ax.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=7, transform=ax.transAxes)
         if labeled:
             axes[r, 0].set_ylabel(names[r], fontsize=7, rotation=0, ha="right", va="center")
+    return _save(fig, out_png)
+
+
+def draw_suspects(out_png: str | Path, items: Sequence[dict], title: str, cols: int = 8) -> Path:
+    """A grid of suspects, most suspect first. `items`: dicts with `key`, `label` and `pred`
+    (class names), `p_label`, `p_pred` and `image` (HWC uint8 thumbnail, or None if not found)."""
+    rows = max(1, math.ceil(len(items) / cols))
+    fig = Figure(figsize=(1.9 * cols, 2.1 * rows + 0.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for n, (ax, it) in enumerate(zip(axes, items), start=1):
+        _show(ax, it.get("image"), f"{n}. {_short(it['key'], 26)}\ngiven {it['label']} ({it['p_label']:.2f})\n"
+                                   f"pred {it['pred']} ({it['p_pred']:.2f})", fontsize=6, color="darkred")
+        if it.get("image") is None:
+            ax.text(0.5, 0.5, "image not found", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+    for ax in axes[len(items):]:
+        ax.set_axis_off()
     return _save(fig, out_png)

@@ -1,9 +1,11 @@
-"""Prediction files: the CSV (one row per sample) and the probability file for soft votes."""
+"""Prediction files: the CSV (one row per sample), the probability file for soft votes, and the
+out-of-fold (OOF) file of a cross-validation: a probability file plus where each sample came from."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,17 +63,25 @@ def probs_path(csv_path: str | Path) -> Path:
     return Path(csv_path).with_suffix(".probs.npz")
 
 
-def save_probs(path: str | Path, p: Predictions) -> None:
-    """npz: id_column, ids, classes, prob (rows x classes, float32)[, label]; loads without pickle."""
+def _prob_arrays(p: Predictions) -> dict[str, np.ndarray]:
     if p.prob is None:
         raise ValueError("save_probs: no probabilities")
     arrays = {"id_column": np.array(p.id_column), "ids": np.array(p.ids, dtype=str),
               "classes": np.array(p.classes, dtype=str), "prob": p.prob.astype(np.float32)}
     if p.label is not None:
         arrays["label"] = np.asarray(p.label, dtype=np.int64)
+    return arrays
+
+
+def _save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def save_probs(path: str | Path, p: Predictions) -> None:
+    """npz: id_column, ids, classes, prob (rows x classes, float32)[, label]; loads without pickle."""
+    _save_npz(path, _prob_arrays(p))
 
 
 def load_probs(path: str | Path) -> Predictions:
@@ -88,19 +98,88 @@ def load_probs(path: str | Path) -> Predictions:
     return p
 
 
-def save_oof(path: str | Path, p: Predictions, fold: Sequence[int], meta: Sequence[str], data: str, split: str) -> None:
-    """Out-of-fold probabilities: a `save_probs` file (so ensemble and calibrate read it) plus,
-    per row, the fold it was held out in and its stored JSON metadata, and the shard set it
-    came from (`data`, `split`), which suspect grids read the images back from."""
-    if p.prob is None or p.label is None:
-        raise ValueError("save_oof: needs probabilities and labels")
-    arrays = {"id_column": np.array(p.id_column), "ids": np.array(p.ids, dtype=str),
-              "classes": np.array(p.classes, dtype=str), "prob": p.prob.astype(np.float32),
-              "label": np.asarray(p.label, dtype=np.int64), "fold": np.asarray(fold, dtype=np.int64),
-              "meta": np.array(list(meta), dtype=str), "data": np.array(str(data)), "split": np.array(str(split))}
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+# ----------------------------------------------------------------------------- out-of-fold file
+OOF_EXTRAS = ("fold", "meta", "data", "split")
+OOF_WRITER = "python -m dist_train.oof"
+
+
+@dataclass
+class OutOfFold:
+    """`CV/oof.probs.npz`: every labeled sample once, predicted by the fold model that never
+    trained on it. `preds` as `load_probs` reads it (keys, classes, prob, the given `label`);
+    `fold`: the fold each sample was held out in; `meta`: its stored JSON metadata; `data` and
+    `split`: the shard set and split the samples live in (to find their images again)."""
+
+    preds: Predictions
+    fold: np.ndarray  # int64 (rows,)
+    meta: list[dict]
+    data: str
+    split: str
+
+
+def _meta_text(m: dict | str | bytes) -> str:
+    if isinstance(m, bytes):
+        return m.decode("utf-8")
+    return m if isinstance(m, str) else json.dumps(m, sort_keys=True)
+
+
+def save_oof(path: str | Path, preds: Predictions, fold: Sequence[int] | np.ndarray,
+             meta: Sequence[dict | str | bytes], data: str, split: str) -> None:
+    """The probability file of `save_probs` (labels required, ids the sample keys) plus `fold`
+    (int64), `meta` (one JSON text per sample, as the shards store it), `data`, `split`."""
+    n = len(preds.ids)
+    fold = np.asarray(fold, dtype=np.int64)
+    if preds.id_column != KEY_COLUMN or preds.label is None or fold.shape != (n,) or len(meta) != n:
+        raise ValueError(f"save_oof: expected key ids with labels and {n} folds and metas; got ids "
+                         f"{preds.id_column!r}, labels {preds.label is not None}, {fold.size} folds, {len(meta)} metas")
+    arrays = _prob_arrays(preds)
+    arrays.update(fold=fold, meta=np.array([_meta_text(m) for m in meta], dtype=str),
+                  data=np.array(str(data)), split=np.array(str(split)))
+    _save_npz(path, arrays)
+
+
+def _read_extras(path: str | Path) -> tuple[np.ndarray, list[str], str, str]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in OOF_EXTRAS if k not in z]
+            if missing:
+                raise UserError(f"{path}: not an out-of-fold file (no {', '.join(missing)}); expected "
+                                f"CV/oof.probs.npz written by {OOF_WRITER}")
+            return z["fold"], z["meta"].tolist(), str(z["data"]), str(z["split"])
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable out-of-fold file ({type(e).__name__}: {e})") from None
+
+
+def load_oof(path: str | Path) -> OutOfFold:
+    """Read and check an OOF file; anything missing or inconsistent is one line naming it."""
+    preds = load_probs(path)
+    fold, metas, data, split = _read_extras(path)
+    n = len(preds.ids)
+    if preds.id_column != KEY_COLUMN or preds.label is None:
+        raise UserError(f"{path}: an out-of-fold file needs sample keys and labels (ids are {preds.id_column!r}, "
+                        f"labels {'present' if preds.label is not None else 'missing'})")
+    if fold.shape != (n,) or len(metas) != n or preds.label.shape != (n,):
+        raise UserError(f"{path}: {n} ids but {fold.size} folds, {len(metas)} metas, {preds.label.size} labels")
+    if not n or preds.label.min() < 0 or preds.label.max() >= len(preds.classes):
+        raise UserError(f"{path}: expected at least one sample, each labeled 0..{len(preds.classes) - 1}")
+    if not np.issubdtype(fold.dtype, np.integer) or (fold < 0).any():
+        raise UserError(f"{path}: folds must be integers 0..K-1")
+    try:
+        meta = [json.loads(m) for m in metas]
+    except ValueError as e:
+        raise UserError(f"{path}: a sample's meta is not JSON ({e})") from None
+    if not all(isinstance(m, dict) for m in meta):
+        raise UserError(f"{path}: every sample's meta must be a JSON object")
+    return OutOfFold(preds, fold.astype(np.int64), meta, data, split)
+
+
+def read_folds(path: str | Path) -> np.ndarray | None:
+    """The `fold` array of a probability file, None when it has none (a plain --save-probs file)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["fold"].astype(np.int64) if "fold" in z else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable probability file ({type(e).__name__}: {e})") from None
 
 
 def write_oof_csv(path: str | Path, p: Predictions) -> None:

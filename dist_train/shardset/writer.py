@@ -146,6 +146,18 @@ def _differences(old: dict, params: dict, fingerprint: str, out: Path) -> list[s
     return diffs
 
 
+def _up_to_date(out: Path, params: dict, fingerprint: str) -> dict | None:
+    """The info of the same set already in OUT (None: OUT holds none); a different one is refused."""
+    old = read_local_info(out)
+    if old is None:
+        return None
+    diffs = _differences(old, params, fingerprint, out)
+    if diffs:
+        raise UserError(f"{out}: holds a shard set made differently ({'; '.join(diffs)}); pass --overwrite to replace it")
+    print(f"{out}: up to date ({num_images(old)} images, {len(old.get('sha256', {}))} shards)")
+    return old
+
+
 def _validate(val_fraction: float, resize: int | None, quality: int, samples_per_shard: int | None,
               workers: int | None, as_split: str | None) -> None:
     if not 0 <= val_fraction < 1:
@@ -209,13 +221,9 @@ def write_shards(
         **({"folds": folds} if folds else {}),  # absent without folds: older sets stay up to date
     }
     fingerprint = source_fingerprint(source)
-    old = None if overwrite else read_local_info(out)
+    old = None if overwrite else _up_to_date(out, params, fingerprint)
     if old is not None:
-        diffs = _differences(old, params, fingerprint, out)
-        if not diffs:
-            print(f"{out}: up to date ({num_images(old)} images, {len(old.get('sha256', {}))} shards)")
-            return old
-        raise UserError(f"{out}: holds a shard set made differently ({'; '.join(diffs)}); pass --overwrite to replace it")
+        return old
 
     workers = workers or usable_cpus()
     splits = {as_split: list(source.records)} if as_split else split_records(source, val_fraction, seed)

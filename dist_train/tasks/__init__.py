@@ -16,7 +16,7 @@ from dist_train import plugins
 from dist_train.errors import UserError
 from dist_train.shardset.sources import register_layout
 
-from .base import Criterion, RowIds, TargetFn, Task
+from .base import Criterion, RowIds, SuspectTable, TargetFn, Task
 
 CLASSIFY = Task()
 _registered: list[Task] = []
@@ -50,5 +50,5 @@ def build_model(name: str, num_classes: int, head: str = "single", **kwargs: Any
     raise UserError(f"--head {head!r}: expected one of {', '.join(heads)}")
 
 
-__all__ = ["CLASSIFY", "Criterion", "RowIds", "TargetFn", "Task", "all_tasks", "build_model", "register",
+__all__ = ["CLASSIFY", "Criterion", "RowIds", "SuspectTable", "TargetFn", "Task", "all_tasks", "build_model", "register",
            "task_for"]

@@ -46,6 +46,17 @@ class RowIds:
     order: np.ndarray
 
 
+@dataclass(frozen=True)
+class SuspectTable:
+    """A task's own table of label-noise suspects, written beside the per-sample suspects.csv as
+    `<out>.<name>.csv` (e.g. corrections for groups of samples, in the format its training reads back)."""
+
+    name: str
+    header: list[str]
+    rows: list[list]
+    summary: str  # one line for the console
+
+
 class Task:
     """Plain N-class classification: labels as stored, one linear head, ce / focal / soft-F1."""
 
@@ -122,3 +133,9 @@ class Task:
     def row_ids(self, keys: Sequence[str], data: str, info: dict, split: str) -> RowIds:
         """Rows of a prediction file: by default one per sample key, in the split's source order."""
         return RowIds("key", list(keys), np.arange(len(keys)))
+
+    def suspects(self, keys: Sequence[str], metas: Sequence[dict], prob: np.ndarray, labels: np.ndarray,
+                 classes: Sequence[str]) -> list[SuspectTable]:
+        """Label-noise suspects beyond single samples, from out-of-fold probabilities (rows x
+        classes) and the given labels; plain classification has none (per-sample ranking only)."""
+        return []

@@ -4,7 +4,7 @@ Plugged in through `dist_train.tasks.register`: its raw layouts (`mask`, `mask-e
 shard writer, `--age-bins` / `--relabel` recompute training labels from each sample's person
 metadata, `--head multi` puts three heads on the backbone, evaluation adds per-task accuracy
 (mask, gender, age), and predictions for the eval set are the submission file `ImageID,ans` in
-info.csv order.
+info.csv order; label-noise suspects are also listed per person, as a `--relabel` file.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import torch
 from dist_train.errors import UserError
 from dist_train.shardset.format import read_meta
 from dist_train.tasks import register
-from dist_train.tasks.base import Criterion, RowIds, TargetFn, Task
+from dist_train.tasks.base import Criterion, RowIds, SuspectTable, TargetFn, Task
 from dist_train.tasks.losses import class_weights_from_counts, make_loss
 
 from . import labels as L
 from .layouts import MASK, MASK_EVAL
 from .model import HEAD_SIZES, create_multi_head, multi_head_loss, split_counts
+from .suspects import person_suspects
 
 SUBMISSION_ID = "ImageID"
 
@@ -113,6 +114,13 @@ class MaskTask(Task):
             raise UserError(f"{data} split {split!r}: info.csv indices repeat in the sample metadata")
         order = np.argsort(index, kind="stable")
         return RowIds(SUBMISSION_ID, [ids[i] for i in order], order)
+
+    def suspects(self, keys: Sequence[str], metas: Sequence[dict], prob: np.ndarray, labels: np.ndarray,
+                 classes: Sequence[str]) -> list[SuspectTable]:
+        """Per person: wrong gender or age, a swapped incorrect_mask/normal pair (suspects.relabel.csv)."""
+        if len(classes) != L.NUM_CLASSES:
+            return []
+        return [person_suspects(metas, prob, labels)]
 
 
 TASK = register(MaskTask())
