@@ -240,3 +240,67 @@ def test_a_missing_or_unfinished_fold_is_one_line(cv, tmp_path, capsys):
     shutil.rmtree(copy / "fold-2")
     assert f"{copy}: fold 2 of 3 is missing (train it: dist_train/run.py" in oof_error(copy, capsys)
     assert not (copy / "oof.csv").exists()
+
+
+# ----------------------------------------------------------------------------- planted label noise
+PLANT = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--workers", "0", "--epochs", "5",
+         "--lr", "0.01", "--opt", "adamw", "--sched", "cosine", "--smoothing", "0.05", "--seed", "0"]
+
+
+def planted_set(root: Path) -> tuple[set[str], set[str]]:
+    """48 synthetic persons; 3 with their gender flipped in train.csv (7 wrong labels each) and 3
+    with mask1 and normal swapped (2 each). Returns (flipped person ids, wrongly labeled keys)."""
+    from dist_train.tasks.mask.synth import make_dataset
+
+    make_dataset(root, persons=48, seed=0, size=32, eval_persons=0)
+    rows = list(csv.DictReader((root / "train" / "train.csv").open()))
+    flip, swap = rows[1:4], rows[5:8]
+    for r in flip:
+        r["gender"] = "female" if r["gender"] == "male" else "male"
+    with (root / "train" / "train.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    wrong = set()
+    for r in swap:
+        d = root / "train" / "images" / r["path"]
+        m, n = next(d.glob("mask1.*")), next(d.glob("normal.*"))
+        m.rename(d / "swap.tmp")
+        n.rename(d / f"mask1{n.suffix}")
+        (d / "swap.tmp").rename(d / f"normal{m.suffix}")
+        wrong |= {f"{r['path']}/mask1", f"{r['path']}/normal"}
+    for r in flip:
+        wrong |= {f"{r['path']}/{p.stem}" for p in (root / "train" / "images" / r["path"]).iterdir()
+                  if not p.name.startswith(".") and p.is_file()}
+    return {r["id"] for r in flip}, wrong
+
+
+def test_planted_label_errors_rank_at_the_top_of_the_suspects(tmp_path, capsys):
+    """The whole cross-validation path on data with labels flipped on purpose: k-fold shards,
+    every fold trained, OOF, calibration and suspects; most planted errors rank first."""
+    from dist_train.calibrate import main as calibrate
+    from dist_train.oof import main as oof
+    from dist_train.suspects import main as suspects
+
+    flipped, wrong = planted_set(tmp_path / "raw")
+    assert len(wrong) == 27
+    shards, cv = tmp_path / "shards", tmp_path / "cv"
+    write_shards(tmp_path / "raw" / "train", shards, workers=1, progress=False, folds=2, val_fraction=0.0)
+    for k in range(2):
+        p = run_main(["--data", str(shards), "--output", str(cv / f"fold-{k}"), "--fold", str(k), *PLANT])
+        assert p.returncode == 0, p.stderr[-3000:]
+    summary = oof([str(cv), "--workers", "0"])
+    assert summary["num_samples"] == 336 and summary["acc"] > 0.4
+    calibrate([str(cv / "oof.probs.npz"), "--out", str(cv / "calibration.json")])
+    cal = json.loads((cv / "calibration.json").read_text())
+    assert len(cal["offsets"]) == 18 and "cross_fitted" in cal
+    suspects([str(cv), "--top", "0"])
+    ranked = [r["key"] for r in csv.DictReader((cv / "suspects.csv").open())]
+    assert len(ranked) == 336
+    rank = {k: i for i, k in enumerate(ranked)}
+    found = sorted(rank[k] for k in wrong)  # by chance: spread evenly over 0..335
+    # by chance 2 x 27 / 336 = 16% of them would rank in the top 54; a tiny model after 5 epochs
+    # ranks most of them there (59% measured), a third of them in the top 7
+    assert sum(r < 2 * len(wrong) for r in found) >= 0.5 * len(wrong), found
+    fixes = {r["id"]: r for r in csv.DictReader((cv / "suspects.relabel.csv").open())}
+    assert len({pid for pid, r in fixes.items() if r["gender"]} & flipped) >= 2, fixes

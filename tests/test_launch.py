@@ -226,3 +226,30 @@ def test_gpu_check_script_runs_every_step_on_cpu(project, tmp_path):
     proc = subprocess.run(["bash", str(project / "launch" / "gpu_check.sh")], cwd=tmp_path,
                           env={**ENV, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "no CUDA GPU here" in proc.stderr
+
+
+def test_kfold_sbatch_trains_its_array_tasks_fold_and_requeues_it(project, fold_shards, tmp_path):
+    """Array task 1 trains fold 1 into CV/fold-1 on the node's 2 "GPUs" (CPU ranks here); a fold
+    stopped early (--time-limit) is requeued as that array task alone."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(FAKE_SCONTROL)
+    (fake / "scontrol").chmod(0o755)
+    log = tmp_path / "slurm.log"
+    log.touch()
+    env = {**ENV, "PATH": f"{fake}:{ENV['PATH']}", "FAKE_SLURM_LOG": str(log), "SLURM_SUBMIT_DIR": str(project),
+           "SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "1",
+           "SLURM_GPUS_ON_NODE": "2", "ACCEL_CONFIG": "launch/cpu_ddp.yaml"}
+    cv = tmp_path / "cv"
+    args = ["--data", str(fold_shards), "--output", str(cv), *RUN[:6], "--workers", "0", "--time-limit", "1s"]
+    proc = subprocess.run(["bash", str(project / "launch" / "slurm" / "kfold.sbatch"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "world size 2 (MULTI_CPU)" in proc.stdout and "validation: split train[fold=1]" in proc.stdout
+    s = summary(cv / "fold-1")
+    assert s["world_size"] == 2 and s["finished"] is False and s["stopped_by"] == "time-limit"
+    assert "fold: '1'" in (cv / "fold-1" / "config.yaml").read_text()
+    assert "scontrol requeue 4242_1" in log.read_text()
+    proc = subprocess.run(["bash", str(project / "launch" / "slurm" / "kfold.sbatch"), *args, "--fold", "0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "pass no --fold" in proc.stderr
