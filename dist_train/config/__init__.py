@@ -10,7 +10,7 @@ runs work on a copy. The resolved config is written flat into every run folder (
 
 from __future__ import annotations
 
-from .parse import build_parser, load_yaml, parse_config, parse_duration, save_config, validate
+from .parse import build_parser, config_from_args, load_yaml, parse_config, parse_duration, save_config, validate
 from .sections import (
     SECTIONS,
     AugmentSection,
@@ -26,7 +26,6 @@ from .sections import (
 
 __all__ = [
     "SECTIONS", "AugmentSection", "CheckpointSection", "Config", "DataSection", "ModelSection", "OptimSection",
-    "RuntimeSection", "StagesSection", "TaskSection", "build_parser", "load_yaml", "parse_config", "parse_duration",
-    "save_config",
-    "validate",
+    "RuntimeSection", "StagesSection", "TaskSection", "build_parser", "config_from_args", "load_yaml", "parse_config",
+    "parse_duration", "save_config", "validate",
 ]

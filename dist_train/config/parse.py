@@ -104,7 +104,13 @@ def load_yaml(path: str) -> dict:
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     """defaults < YAML < flags, then validated."""
-    args = vars(build_parser().parse_args(argv))
+    return config_from_args(vars(build_parser().parse_args(argv)))
+
+
+def config_from_args(args: dict[str, Any]) -> Config:
+    """The parsed flags of `build_parser` (a tool may add its own and take them out first) over
+    the YAML of --config, validated."""
+    args = dict(args)
     values = load_yaml(args.pop("config")) if "config" in args else {}
     values.update(args)
     try:

@@ -112,6 +112,10 @@ class RuntimeSection:
     eval_every: int | None = _f(None, "evaluate every N optimizer steps (always at epoch end)")
     log_every: int = _f(10, "update the progress bar every N steps")
     log_samples: str | None = _f(None, "append one JSON line per optimizer step and rank: epoch, step, rank, lr, keys")
+    log_with: str = _f("tensorboard", "experiment trackers, comma separated: any of Accelerate's (tensorboard, wandb, "
+                       "mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio), or none")
+    experiment: str = _f("dist_train", "the trackers' experiment: W&B project, MLflow experiment, folder under RUN/tb")
+    run_name: str | None = _f(None, "the trackers' run name (default: the --output folder's name)")
     dist_timeout: int = _f(600, "seconds a rank waits for the others (a dead rank ends the run after this)")
     max_bad_fraction: float = _f(0.01, "stop when more than this fraction of an epoch's samples is undecodable")
     max_bad_steps: int = _f(5, "stop after this many non-finite losses in a row (each such step is skipped)")

@@ -3,7 +3,8 @@
 The Evaluator owns its timing (`should_evaluate`: every `every` steps and at each epoch end)
 and its outputs: val_* metrics through the shared inference package (every validation sample
 exactly once over all ranks; `--val-tta` views averaged as in predict), the task's extra
-metrics, RUN/confusion.csv/png, and RUN/best/ (timm format) whenever val macro F1 improves.
+metrics, RUN/confusion.csv/png (the picture to the trackers too), and RUN/best/ (timm format)
+whenever val macro F1 improves.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dist_train.model.export import save_for_timm
 from dist_train.tasks import Task
 
 from .checkpoint import Progress
+from .trackers import log_confusion
 
 
 class Evaluator:
@@ -54,6 +56,7 @@ class Evaluator:
                                      "validation": None})
             return {}
         m = self.metrics(model, acc)
+        log_confusion(acc, self.out / "confusion.png", progress.step)
         candidates = [("model", acc.unwrap_model(model), m["val_macro_f1"])]
         if ema is not None:
             m_ema = self.metrics(ema, acc, write_confusion=False)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from dist_train.errors import atomic_write_json
 
 from .checkpoint import Progress
+from .trackers import flat_metrics
 
 
 class Meter:
@@ -80,7 +81,7 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(m) + "\n")
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
-        self.acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
+        self.acc.log(flat_metrics(m), step=step)
 
 
 class SampleLog:

@@ -1,15 +1,20 @@
-"""Parts of a run that follow from the config alone: the run's own config copy, the loaders'
-augmentation, the model (shared by the Trainer and --overfit-batches)."""
+"""Parts of a run that follow from the config alone: the run's own config copy, the process's
+seeds and threads, the loaders' augmentation, the model (shared by the Trainer, --overfit-batches
+and the LR finder)."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from dist_train.config import Config
 from dist_train.data.transforms import AugmentConfig
 from dist_train.errors import UserError
+from dist_train.system import usable_cpus
 from dist_train.tasks import Task
 
 
@@ -21,6 +26,15 @@ def run_config(cfg: Config) -> Config:
         return cfg
     output = cfg.checkpoint.output or tempfile.mkdtemp(prefix="dist_train-debug-")
     return cfg.replace(workers=0, output=output, mixed_precision="no")
+
+
+def process_setup(acc: Accelerator, cfg: Config) -> None:
+    """Seeds, CPU threads and anomaly detection for this process of a run."""
+    set_seed(cfg.runtime.seed, device_specific=True)
+    torch.autograd.set_detect_anomaly(cfg.runtime.debug)
+    if acc.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Loader workers and ranks share the cores; oversubscribed OpenMP threads slow CPU runs 10x.
+        torch.set_num_threads(max(1, usable_cpus() // acc.num_processes - cfg.data.workers))
 
 
 def augment_config(cfg: Config, dcfg: dict) -> AugmentConfig:

@@ -23,7 +23,6 @@ from typing import Any, Iterator
 import torch
 import webdataset
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.utils.model_ema import ModelEmaV3
@@ -38,17 +37,17 @@ from dist_train.infer.tta import parse_tta
 from dist_train.model.build import data_config
 from dist_train.model.stages import count_params
 from dist_train.shardset.format import class_names, cv_splits, label_counts, load_info, split_info
-from dist_train.system import usable_cpus
 from dist_train.tasks import Criterion, Task, task_for
 
 from .checkpoint import Checkpointer, Progress, check_resume_compatible, read_progress
 from .elastic import relayout
 from .evaluator import Evaluator
-from .parts import augment_config, create_run_model, run_config
+from .parts import augment_config, create_run_model, process_setup, run_config
 from .guard import StepGuard, out_of_memory_hint
 from .logging import Meter, MetricsLog, ProgressBar, SampleLog, broadcast_buffers, start_lines, write_summary
 from .optim import build_optimizer, build_scheduler, schedule_time
 from .stager import Stager
+from .trackers import start_trackers, tracker_names
 
 
 STOP_LINES = {
@@ -74,8 +73,8 @@ class Trainer:
     # ------------------------------------------------------------------ building
     def build_accelerator(self) -> Accelerator:
         c = self.cfg
-        return make_accelerator(c.runtime.mixed_precision, force_cpu=c.runtime.debug,
-                                dist_timeout=c.runtime.dist_timeout, project_dir=c.checkpoint.output)
+        return make_accelerator(c.runtime.mixed_precision, force_cpu=c.runtime.debug, dist_timeout=c.runtime.dist_timeout,
+                                log_with=tracker_names(c.runtime.log_with), project_dir=c.checkpoint.output)
 
     def build_model(self) -> torch.nn.Module:
         return create_run_model(self.task, self.cfg, len(self.class_names))
@@ -180,17 +179,13 @@ class Trainer:
     def _runtime_setup(self) -> None:
         """Seeds, threads, anomaly detection, the run folder and the trackers."""
         acc, cfg = self.acc, self.cfg
-        set_seed(cfg.runtime.seed, device_specific=True)
-        torch.autograd.set_detect_anomaly(cfg.runtime.debug)
-        if acc.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            # Loader workers and ranks share the cores; oversubscribed OpenMP threads slow CPU runs 10x.
-            torch.set_num_threads(max(1, usable_cpus() // acc.num_processes - cfg.data.workers))
+        process_setup(acc, cfg)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             atomic_write_json(self.out / "run.json", {"model": cfg.model.model, "num_classes": len(self.class_names),
                                                       "head": cfg.task.head, "classes": self.class_names})
-        acc.init_trackers("tb", config={k: v for k, v in cfg.flat().items() if isinstance(v, (int, float, str, bool))})
+        start_trackers(acc, cfg)
 
     def _build_model_and_data(self) -> None:
         cfg = self.cfg
