@@ -5,8 +5,9 @@ The exported graph takes what dist_train's evaluation gives the model: float32 (
 with the metadata's interpolation), center-cropped to size x size and normalized,
 (x / 255 - mean) / std. Normalization stays outside the graph, as in timm's own exports, so the
 graph is exactly the trained network. It returns logits (N, classes); their softmax is the
-class probabilities. A `--head multi` model is exported as its equivalent single classifier
-(same softmax, see tasks/mask/model.py `to_single`). The metadata says all of this.
+class probabilities. A model that provides `to_single()` (a task's multi-head model) is
+exported as that equivalent single classifier (the same softmax), as `best/` holds it. The
+metadata says all of this.
 
 Parity: the exported file is loaded back (onnxruntime on the CPU, `torch.jit.load`) and run on
 real images of the run's shard set, read through the eval loader, against the PyTorch model in
