@@ -23,6 +23,7 @@ from dist_train.infer.run import eval_augment
 from dist_train.model.deploy import read_metadata
 from dist_train.shardset.format import load_info
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # torch 2.14
 TRAIN = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--seed", "0", "--warmup-epochs", "0",
          "--epochs", "1", "--workers", "0", "--mixed-precision", "no"]
 
