@@ -4,14 +4,16 @@
                                       [--seconds S] [--decode-only | --gpu-decode] [--seed-baseline RAW]
     python -m dist_train.bench train --model M --img-size S --batch-size B (--data SHARDS | --synthetic)
                                      [--steps K] [--mixed-precision bf16] [--channels-last] [--compile]
-                                     [--gpu-decode] [--no-bare]
+                                     [--gpu-decode] [--grad-checkpointing] [--no-bare]
+    python -m dist_train.bench memory --model M --img-size S --batch-size B [--steps K] [--mixed-precision bf16]
     python -m dist_train.bench shard --src SRC [--resize 224]
 
 Each prints ONE JSON line on stdout (its settings and figures) so runs can be collected and
 compared; progress and the trainer's own output go to stderr. Warm-up is never timed.
 
-`train` runs the real Trainer and times it from outside (dist_train.perf.trainer); `loader` times
-the input pipeline (dist_train.perf.loader).
+`train` runs the real Trainer and times it from outside (dist_train.perf.trainer), and reports its
+peak memory; `memory` runs it with and without --grad-checkpointing, each in a fresh process
+(dist_train.perf.memory); `loader` times the input pipeline (dist_train.perf.loader).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Sequence
 
 from dist_train.errors import ArgParser, UserError, cli_main, scratch_dir
 from dist_train.perf.loader import bench_loader
+from dist_train.perf.memory import bench_memory
 from dist_train.perf.trainer import PRECISIONS, bench_train
 from dist_train.shardset.writer import write_shards
 from dist_train.system import usable_cpus
@@ -87,8 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--channels-last", action="store_true")
     tr.add_argument("--compile", action="store_true", help="torch.compile (bare loop; the trainer's --compile)")
     tr.add_argument("--gpu-decode", action="store_true", help="the trainer's loader decodes on the device")
+    tr.add_argument("--grad-checkpointing", action="store_true", help="timm's gradient checkpointing (both loops)")
     tr.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the bare loop and report the ratio (default: on)")
+
+    me = sub.add_parser("memory", help="peak memory of the trainer with and without --grad-checkpointing")
+    me.add_argument("--model", default="resnet50", help="any timm model name (default resnet50)")
+    me.add_argument("--img-size", type=int, default=224)
+    me.add_argument("--batch-size", type=int, default=32)
+    me.add_argument("--steps", type=int, default=2, help="timed steps per setting (default 2)")
+    me.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    me.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
+    me.add_argument("--channels-last", action="store_true")
 
     sh = sub.add_parser("shard", help="images/s of the shard writer, 1 worker vs all cores")
     sh.add_argument("--src", required=True, help="raw image set (as python -m dist_train.shard --src)")
@@ -104,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise UserError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected a positive number")
     if getattr(a, "workers", None) is not None and a.workers < 0:
         raise UserError(f"--workers {a.workers}: expected 0 or more")
-    result = {"loader": bench_loader, "train": bench_train, "shard": bench_shard}[a.command](a)
+    result = {"loader": bench_loader, "train": bench_train, "memory": bench_memory, "shard": bench_shard}[a.command](a)
     print(json.dumps(result), flush=True)
     return result
 

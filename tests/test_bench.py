@@ -30,8 +30,8 @@ AUG = AugmentConfig(img_size=24)
 LOADER_KEYS = {"bench", "mode", "data", "split", "img_size", "workers", "batch_size", "seconds", "device",
                "images", "batches", "elapsed_s", "images_per_s"}
 TRAIN_KEYS = {"bench", "input", "model", "img_size", "batch_size", "steps", "warmup", "mixed_precision",
-              "channels_last", "compile", "gpu_decode", "workers", "device", "trainer_images_per_s",
-              "data_wait_fraction"}
+              "channels_last", "compile", "grad_checkpointing", "gpu_decode", "workers", "device",
+              "trainer_images_per_s", "data_wait_fraction", "peak_memory_mb", "memory_kind"}
 
 
 def one_json_line(text: str) -> dict:
@@ -93,6 +93,15 @@ def test_train_synthetic_against_bare_loop():
     assert r["trainer_images_per_s"] > 0 and r["bare_images_per_s"] > 0
     assert r["ratio"] == pytest.approx(r["trainer_images_per_s"] / r["bare_images_per_s"], rel=1e-2)
     assert r["data_wait_fraction"] < 0.5  # one cached batch: the trainer never waits for data
+
+
+def test_memory_with_and_without_grad_checkpointing():
+    """Two fresh processes (peaks are process-lifetime figures); the saving is their difference."""
+    r = run_cli(["memory", "--model", "test_resnet", "--img-size", "32", "--batch-size", "4", "--steps", "1"])
+    assert r["bench"] == "memory" and r["memory_kind"] == "cpu_peak_rss" and r["device"] == "cpu"
+    assert r["peak_memory_mb_without"] > 100 and r["peak_memory_mb_with"] > 100  # a whole process: torch alone
+    assert r["saving_mb"] == pytest.approx(r["peak_memory_mb_without"] - r["peak_memory_mb_with"], abs=0.2)
+    assert r["images_per_s_without"] > 0 and r["images_per_s_with"] > 0
 
 
 def test_train_on_shards_with_gpu_decode(mask_shards):

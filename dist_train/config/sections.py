@@ -39,6 +39,8 @@ class ModelSection:
     drop_path: float | None = _f(None, "stochastic depth rate")
     channels_last: bool = _f(False, "use channels_last memory format")
     compile: bool = _f(False, "torch.compile the model (before DDP wraps it)")
+    grad_checkpointing: bool = _f(False, "recompute activations in the backward instead of keeping them (timm's "
+                                  "set_grad_checkpointing): less memory, one more forward per step")
     model_ema: bool = _f(False, "keep an exponential moving average of the weights (timm ModelEmaV3), evaluated too")
     model_ema_decay: float = _f(0.9998, "EMA decay per optimizer step")
     model_ema_warmup: bool = _f(False, "ramp the EMA decay up from 0 (timm's warm-up) instead of starting at it")

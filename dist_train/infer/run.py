@@ -30,6 +30,12 @@ def default_split(info: dict) -> str:
                     "pass --split")
 
 
+def eval_augment(info: dict) -> AugmentConfig:
+    """The eval transform for a loaded model (resize to size / crop_pct, center crop): what
+    evaluation, prediction and an exported model's metadata all describe."""
+    return AugmentConfig(img_size=int(info["input_size"][-1]), crop_pct=float(info["crop_pct"]))
+
+
 def run_inference(loaded: Loaded, data: str, info: dict, split: str, *, batch_size: int, workers: int,
                   tta: TTA, mixed_precision: str | None, target_fn: TargetFn | None = None
                   ) -> tuple[Accelerator, dict]:
@@ -46,8 +52,7 @@ def run_inference(loaded: Loaded, data: str, info: dict, split: str, *, batch_si
                         f"{n_classes}")
     acc = make_accelerator(mixed_precision)
     model = loaded.model.to(acc.device)
-    aug = AugmentConfig(img_size=int(loaded.info["input_size"][-1]), crop_pct=float(loaded.info["crop_pct"]))
-    loader = build_eval_loader(data, info, split, aug=aug, batch_size=batch_size, workers=workers,
+    loader = build_eval_loader(data, info, split, aug=eval_augment(loaded.info), batch_size=batch_size, workers=workers,
                                world_size=acc.num_processes, rank=acc.process_index,
                                pin_memory=acc.device.type == "cuda", target_fn=target_fn)
     res = infer(model, loader, acc, BatchPrep(acc.device, loaded.info["mean"], loaded.info["std"]), tta=tta)

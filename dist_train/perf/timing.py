@@ -1,8 +1,10 @@
-"""Timing helpers: device sync, CPU seconds of a process tree, images/s of a batch stream."""
+"""Timing helpers: device sync, CPU seconds of a process tree, images/s of a batch stream, peak memory."""
 
 from __future__ import annotations
 
 import os
+import resource
+import sys
 import time
 from typing import Iterator
 
@@ -63,3 +65,16 @@ def loader_warmup(workers: int) -> int:
     """Batches to drain before timing: the first of each worker plus the prefetch queue
     (DataLoader's prefetch_factor 2 per worker), so timing starts in the steady state."""
     return 3 * workers + 1 if workers else 2
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The most memory this process has held so far: on CUDA the caching allocator's peak of
+    allocated tensor bytes (`torch.cuda.max_memory_allocated`), on the CPU the peak resident set
+    size (`ru_maxrss`, the whole process: interpreter, libraries, model, optimizer state and the
+    largest set of live activations). Both are process-lifetime peaks, so compare two settings
+    in two fresh processes (`bench memory` does)."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "memory_kind": "cuda_max_allocated"}
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    return {"peak_memory_mb": round(kib / 1024, 1), "memory_kind": "cpu_peak_rss"}

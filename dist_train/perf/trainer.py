@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from dist_train.config import Config, validate
 from dist_train.errors import UserError, scratch_dir
 from dist_train.model.build import create_model
+from dist_train.model.recompute import set_grad_checkpointing
 from dist_train.shardset.format import load_info
 from dist_train.shardset.writer import write_shards
 from dist_train.system import usable_cpus
 from dist_train.tasks.mask.synth import make_dataset
 from dist_train.train.trainer import Trainer
 
-from .timing import sync
+from .timing import peak_memory, sync
 
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -41,9 +42,11 @@ class BareLoop:
     cross-entropy, one fixed batch already on the device; the trainer's overhead limit."""
 
     def __init__(self, model_name: str, num_classes: int, img_size: int, batch_size: int, device: torch.device,
-                 precision: str, channels_last: bool, compile: bool):
+                 precision: str, channels_last: bool, compile: bool, grad_checkpointing: bool = False):
         torch.manual_seed(0)
         model = create_model(model_name, num_classes, img_size=img_size).to(device).train()
+        if grad_checkpointing:
+            set_grad_checkpointing(model, model_name)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # as the trainer's default
@@ -164,11 +167,11 @@ def bench_train(a: argparse.Namespace) -> dict:
             "bench": "train", "input": "synthetic" if a.synthetic else "shards", "data": None if a.synthetic else data,
             "model": a.model, "img_size": a.img_size, "batch_size": a.batch_size, "steps": a.steps,
             "warmup": a.warmup, "mixed_precision": a.mixed_precision, "channels_last": a.channels_last,
-            "compile": a.compile, "gpu_decode": a.gpu_decode, "workers": 0 if a.synthetic else workers,
-            "device": str(device),
+            "compile": a.compile, "grad_checkpointing": a.grad_checkpointing, "gpu_decode": a.gpu_decode,
+            "workers": 0 if a.synthetic else workers, "device": str(device),
         }
         bare = BareLoop(a.model, num_classes, a.img_size, a.batch_size, device, a.mixed_precision,
-                        a.channels_last, a.compile) if a.bare else None
+                        a.channels_last, a.compile, a.grad_checkpointing) if a.bare else None
         for _ in range(a.warmup if bare else 0):
             bare.step()
         timed = _time_trainer(a, data, Path(tmp) / "run", 0 if a.synthetic else workers, device,
@@ -177,6 +180,7 @@ def bench_train(a: argparse.Namespace) -> dict:
             result["bare_images_per_s"] = round(a.batch_size * a.steps / timed.between_s, 1)
     result["trainer_images_per_s"] = round(a.batch_size * a.steps / timed.window_s, 1)
     result["data_wait_fraction"] = round(timed.wait_s / timed.window_s, 4)
+    result.update(peak_memory(device))
     if a.bare:
         result["ratio"] = round(result["trainer_images_per_s"] / result["bare_images_per_s"], 3)
     return result
@@ -202,7 +206,8 @@ def _time_trainer(a: argparse.Namespace, data: str, output: Path, workers: int, 
     cfg = validate(Config.from_flat(dict(
         data=data, output=str(output), val_split=None, model=a.model, img_size=a.img_size, batch_size=a.batch_size,
         workers=workers, mixed_precision=a.mixed_precision, channels_last=a.channels_last, compile=a.compile,
-        gpu_decode=a.gpu_decode, epochs=10**6, warmup_epochs=0.0, max_steps=a.warmup + a.steps + 1, seed=0)))
+        grad_checkpointing=a.grad_checkpointing, gpu_decode=a.gpu_decode, epochs=10**6, warmup_epochs=0.0,
+        max_steps=a.warmup + a.steps + 1, seed=0)))
     trainer = TimedTrainer(cfg, lambda loader: TimedLoader(loader, a.warmup, a.steps, device, a.synthetic, between))
     trainer.train()
     if trainer.timed is None or trainer.timed.handed < a.warmup + a.steps:

@@ -14,6 +14,7 @@ from dist_train.config import Config
 from dist_train.data.device import BatchPrep
 from dist_train.data.loaders import build_train_loader
 from dist_train.model.build import data_config
+from dist_train.model.recompute import KeepRunningStats
 from dist_train.shardset.format import class_names, load_info
 from dist_train.tasks import task_for
 
@@ -42,12 +43,14 @@ def overfit(cfg: Config) -> dict:
     prep = BatchPrep(acc.device, dcfg["mean"], dcfg["std"], cfg.model.channels_last)
     steps = r.max_steps or 100
     losses = []
+    keep_stats = KeepRunningStats(cfg.model.grad_checkpointing)
     model.train()
     for i in range(steps):
         images, targets, _ = fixed[i % len(fixed)]
         loss = criterion(model(prep.images(images)), targets.to(acc.device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with keep_stats(model):
+            loss.backward()
         optimizer.step()
         losses.append(loss.item())
     first, last = float(np.mean(losses[: len(fixed)])), float(np.mean(losses[-len(fixed):]))

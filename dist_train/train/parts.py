@@ -14,6 +14,7 @@ from accelerate.utils import set_seed
 from dist_train.config import Config
 from dist_train.data.transforms import AugmentConfig
 from dist_train.errors import UserError
+from dist_train.model.recompute import set_grad_checkpointing
 from dist_train.system import usable_cpus
 from dist_train.tasks import Task
 
@@ -45,8 +46,12 @@ def augment_config(cfg: Config, dcfg: dict) -> AugmentConfig:
 
 
 def create_run_model(task: Task, cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The model the config asks for, with the head the task builds for `--head`."""
+    """The model the config asks for, with the head the task builds for `--head`, checkpointed with
+    --grad-checkpointing."""
     m = cfg.model
-    return task.create_model(m.model, num_classes, head=cfg.task.head, pretrained=m.pretrained and not m.pretrained_path,
-                             pretrained_path=m.pretrained_path, img_size=m.img_size, drop_rate=m.drop,
-                             drop_path_rate=m.drop_path)
+    model = task.create_model(m.model, num_classes, head=cfg.task.head, pretrained=m.pretrained and not m.pretrained_path,
+                              pretrained_path=m.pretrained_path, img_size=m.img_size, drop_rate=m.drop,
+                              drop_path_rate=m.drop_path)
+    if m.grad_checkpointing:
+        set_grad_checkpointing(model, m.model)
+    return model

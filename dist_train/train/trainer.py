@@ -35,6 +35,7 @@ from dist_train.errors import UserError, atomic_write_json
 from dist_train.infer.accel import make_accelerator
 from dist_train.infer.tta import parse_tta
 from dist_train.model.build import data_config
+from dist_train.model.recompute import KeepRunningStats
 from dist_train.model.stages import count_params
 from dist_train.shardset.format import class_names, cv_splits, label_counts, load_info, split_info
 from dist_train.tasks import Criterion, Task, task_for
@@ -196,6 +197,7 @@ class Trainer:
         if cfg.model.compile:
             model.compile()  # in place, before DDP wraps it; state_dict keys stay plain
         self.model = model
+        self.keep_stats = KeepRunningStats(cfg.model.grad_checkpointing)  # BN updated once, not twice
         self.ema = self.build_ema(model)
         self.stager = Stager(cfg.stages, cfg.optim.epochs, model)
         self.optimizer = build_optimizer(cfg.optim, cfg.stages, model)
@@ -308,7 +310,8 @@ class Trainer:
             with contextlib.nullcontext() if sync else acc.no_sync(model):
                 with acc.autocast():
                     loss = self.criterion(model(x), y)
-                acc.backward(loss / len(batches))
+                with self.keep_stats(model):
+                    acc.backward(loss / len(batches))
             finite = torch.isfinite(loss.detach())
             nonfinite |= ~finite
             self.meter.add(loss.detach(), finite, x.shape[0])

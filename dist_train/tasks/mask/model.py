@@ -68,6 +68,10 @@ class MultiHeadModel(torch.nn.Module):
 
         return match
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's gradient checkpointing, in the backbone (the heads are one Linear each)."""
+        self.backbone.set_grad_checkpointing(enable)
+
     def no_weight_decay(self) -> set[str]:
         nwd = getattr(self.backbone, "no_weight_decay", None)
         return {f"backbone.{n}" for n in nwd()} if nwd is not None else set()
