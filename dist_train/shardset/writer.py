@@ -79,7 +79,9 @@ def _pool_map(fn: Any, items: Sequence[Any], workers: int, desc: str, progress: 
                 bar.update()
             return
         chunk = max(1, min(64, len(items) // (workers * 8)))
-        with multiprocessing.Pool(workers) as pool:
+        # forkserver: a fork of this process would inherit the locks of whatever threads it runs
+        # (onnxruntime, a tracker, a notebook), and a worker forked while one was held hangs
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
             for result in pool.imap(fn, items, chunksize=chunk):
                 yield result
                 bar.update()
