@@ -11,13 +11,16 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from dist_train import tasks
 from dist_train.errors import ArgParser, UserError, cli_main
-from dist_train.shardset.sources import layouts
-from dist_train.shardset.writer import inspect, write_shards
+
+# The writer's worker processes import this module again as their __main__ (forkserver), so
+# the heavy imports (the tasks, torch through webdataset) happen in the functions, not here.
 
 
 def _parser() -> argparse.ArgumentParser:
+    from dist_train import tasks
+    from dist_train.shardset.sources import layouts
+
     p = ArgParser(prog="python -m dist_train.shard",
                 description="Shard a raw image set once into WebDataset tars (format: shards/README.md).")
     p.add_argument("--src", type=Path, help="raw image set (mask: train.csv + images/, mask-eval: info.csv + images/, folder: class subfolders)")
@@ -44,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
 
 @cli_main
 def main(argv: Sequence[str] | None = None) -> None:
+    from dist_train import tasks
+    from dist_train.shardset.writer import inspect, write_shards
+
     args = _parser().parse_args(argv)
     if args.inspect is not None:
         if args.src is not None:

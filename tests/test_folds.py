@@ -184,6 +184,9 @@ def test_kfold_trains_every_fold_and_oof_covers_every_sample_once(cv, fold_shard
     for k in range(3):
         m = json.loads((cv / f"fold-{k}" / "metrics.jsonl").read_text().splitlines()[-1])
         assert m["val_samples"] == sum(f == k for f in fold.values())  # exactly once over 2 ranks
+        s = json.loads((cv / f"fold-{k}" / "summary.json").read_text())
+        assert s["world_size"] == 2 and len(set(s["steps_per_rank"])) == 1  # equal steps on every rank
+        assert len(set(s["param_hash_per_rank"])) == 1
     rows = list(csv.DictReader((cv / "oof.csv").open()))
     assert sorted(r["key"] for r in rows) == sorted(fold)
     assert list(rows[0]) == ["key", "ans", "class", "label", "prob"]

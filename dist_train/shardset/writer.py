@@ -79,9 +79,11 @@ def _pool_map(fn: Any, items: Sequence[Any], workers: int, desc: str, progress: 
                 bar.update()
             return
         chunk = max(1, min(64, len(items) // (workers * 8)))
-        # forkserver: a fork of this process would inherit the locks of whatever threads it runs
-        # (onnxruntime, a tracker, a notebook), and a worker forked while one was held hangs
-        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+        # forkserver: a fork inherits locks other threads hold (tqdm's monitor, onnxruntime's or
+        # torch's pools in a test run) and hangs; workers import `fn`'s module and a light __main__
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([fn.__module__])
+        with ctx.Pool(workers) as pool:
             for result in pool.imap(fn, items, chunksize=chunk):
                 yield result
                 bar.update()
