@@ -69,15 +69,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         fold += [run.fold] * len(res["key"])
     if not acc.is_main_process:
         return None
-    names = class_names(load_info(runs[0].data))
+    info = load_info(runs[0].data)  # read once: it may be remote
+    names = class_names(info)
     order = np.argsort(np.array(keys), kind="stable")
     prob, label, fold = np.concatenate(prob)[order], np.concatenate(label)[order], np.array(fold)[order]
     keys = [keys[i] for i in order]
-    total = split_info(load_info(runs[0].data), runs[0].train_split).num_samples
+    total = split_info(info, runs[0].train_split).num_samples
     if len(set(keys)) != len(keys) or len(keys) != total:
         raise UserError(f"{args.cv}: the folds' held-out samples are {len(keys)} ({len(set(keys))} distinct), the "
                         f"split has {total}: the fold runs do not partition it")
-    meta = read_meta(runs[0].data, load_info(runs[0].data), runs[0].train_split)
+    meta = read_meta(runs[0].data, info, runs[0].train_split)
     preds = Predictions("key", keys, prob.argmax(axis=1), names, label, prob)
     summary = {"cv": str(args.cv), "data": runs[0].data, "folds": len(runs), "tta": args.tta,
                **_scores(preds.ans, label, names),
