@@ -11,8 +11,9 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "dist_train"
 # What each package may import from dist_train (besides itself). The data flow runs one way:
 # sources -> shard set -> data -> model / task -> trainer, inference -> the commands.
-BASE = {"errors", "system", "plugins"}
+BASE = {"errors", "system", "plugins", "trust"}
 ALLOWED = {
+    "trust": {"errors", "system"},
     "shardset": BASE,
     "data": BASE | {"shardset"},
     "model": BASE,
