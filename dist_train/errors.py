@@ -8,12 +8,15 @@ command applies them the same way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
@@ -63,6 +66,41 @@ def error_line(e: Exception) -> str:
     return text
 
 
+# How long a rank other than the main one, holding an error every rank reached, waits for the
+# launcher to end it once the main process has printed the line and exited (torchrun and
+# `accelerate launch` stop the other ranks when one fails). Only if the main process did not
+# fail the same way does the rank print its own line after this wait.
+SIBLING_WAIT_S = 20.0
+
+
+@contextlib.contextmanager
+def same_on_every_rank() -> Any:
+    """UserErrors raised inside come from checks every rank makes on the same inputs (flags,
+    the shard set's _info.json, the run folder): under a launcher only the main process prints
+    the line."""
+    try:
+        yield
+    except UserError as e:
+        e.all_ranks = True
+        raise
+
+
+def _report(e: UserError | RunFailed) -> None:
+    """Print the error line once per run: by the main process, or by any rank whose error is its
+    own. Under torchrun / `accelerate launch` (TORCHELASTIC_RUN_ID) a rank that exited first
+    would make the launcher kill the main process before it printed: the other ranks wait to be
+    ended instead (default signal actions, so a preemption handler does not keep them alive)."""
+    line = f"error: {error_line(e)}"
+    if not e.all_ranks or os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+        return
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", signal.SIGTERM)):
+            signal.signal(sig, signal.SIG_DFL)
+        time.sleep(SIBLING_WAIT_S)
+        print(line, file=sys.stderr, flush=True)  # the main process did not end the run: say it here
+
+
 def cli_main(fn: F) -> F:
     """Wrap a command's main(): UserError -> `error: ...` + exit 2; RunFailed -> exit 1."""
 
@@ -71,12 +109,10 @@ def cli_main(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            if not e.all_ranks or os.environ.get("RANK", "0") == "0":
-                print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
+            _report(e)
             sys.exit(EXIT_USAGE)
         except RunFailed as e:
-            if not e.all_ranks or os.environ.get("RANK", "0") == "0":
-                print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
+            _report(e)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
@@ -142,11 +178,52 @@ def scratch_dir() -> Path:
         raise UserError(f"no folder for temporary files ({e}); set TMPDIR to one you can write") from None
 
 
+def umask() -> int:
+    """This process's umask: from /proc (Linux), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(folder: str | os.PathLike, name: str) -> tuple[int, str]:
+    """`tempfile.mkstemp` for a file that will be renamed to `name` in `folder`, with the mode a
+    plain open() would give it (0666 & ~umask) instead of mkstemp's private 0600."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.fchmod(fd, 0o666 & ~umask())
+    return fd, tmp
+
+
+def temp_dir(folder: str | os.PathLike, name: str) -> Path:
+    """`tempfile.mkdtemp` for a folder that will be renamed to `name` in `folder`, with the mode
+    mkdir would give it (0777 & ~umask) instead of mkdtemp's private 0700."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
+def follow_umask(folder: str | os.PathLike) -> None:
+    """Give every file below `folder` 0666 & ~umask and every folder 0777 & ~umask: for what
+    libraries wrote privately (safetensors' save_file makes its files 0600)."""
+    mask = umask()
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary name in the same folder, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

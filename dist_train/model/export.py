@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +18,7 @@ import timm
 import torch
 from timm.models import split_model_name_tag
 
-from dist_train.errors import UserError, atomic_write_json, replace_dir
+from dist_train.errors import UserError, atomic_write_json, follow_umask, replace_dir, temp_dir
 
 from .build import check_model_name, data_config, describe_load_error, takes_img_size
 
@@ -69,10 +68,11 @@ def save_for_timm(model: torch.nn.Module, out_dir: str | Path, *, model_name: st
                             img_size=img_size, crop_pct=crop_pct, mean=mean, std=std, head=head)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = temp_dir(out_dir.parent, out_dir.name)
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in plain.state_dict().items()}
         safetensors.torch.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        follow_umask(tmp)
         atomic_write_json(tmp / "config.json", config)
         atomic_write_json(tmp / "metrics.json", extra or {})
         replace_dir(tmp, out_dir)

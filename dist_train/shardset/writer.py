@@ -34,7 +34,6 @@ import random
 import re
 import sys
 import tarfile
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any, Iterator, Sequence
 from tqdm import tqdm
 
 from dist_train import __version__
-from dist_train.errors import UserError, atomic_write_text, check_writable_dir
+from dist_train.errors import UserError, atomic_write_text, check_writable_dir, temp_file
 from dist_train.system import usable_cpus
 
 from .format import (
@@ -62,7 +61,7 @@ from .sources import Record, Source, assign_folds, get_layout, load_source, spli
 DEFAULT_OUT = Path("shards")
 DEFAULT_SHARDS = 64
 MAX_DEFAULT_SHARD = 1000
-# Temporary names of this module's files (tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")).
+# Temporary names of this module's files (errors.temp_file: ".NAME.XXXX.tmp").
 TMP_RE = re.compile(r"^\.([A-Za-z0-9_]+-\d{6}\.tar|_info\.json|_rejected\.jsonl)\..+\.tmp$")
 # Fixed tar header fields: determinism must not depend on who ran the job, or when.
 TAR_MTIME = 0
@@ -305,7 +304,7 @@ def _write_plan(out: Path, plan: list[tuple[str, str, list[Record]]], resize: in
     total = 0
     try:
         for _, filename, recs in plan:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=out)
+            fd, tmp_name = temp_file(out, filename)
             tmp = Path(tmp_name)
             try:
                 with os.fdopen(fd, "wb") as f:

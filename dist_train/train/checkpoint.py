@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from dist_train.errors import RunFailed, UserError, atomic_write_json, replace_dir
+from dist_train.errors import RunFailed, UserError, atomic_write_json, follow_umask, replace_dir
 
 from .integrity import FILES_KEY, PROGRESS_NAME, Verdict, check_loadable, files_of, manifest, verify
 
@@ -262,6 +262,7 @@ class Checkpointer:
         self._low_space = free < 2 * size
 
     def _finish(self, tmp: Path, final: Path, progress: Progress) -> None:
+        follow_umask(tmp)  # safetensors writes its files 0600
         atomic_write_json(tmp / PROGRESS_NAME, {**progress.state_dict(), FILES_KEY: manifest(tmp)})  # complete now
         replace_dir(tmp, final)
         fsync_dir(self.root)

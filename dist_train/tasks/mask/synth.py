@@ -22,7 +22,6 @@ import csv
 import hashlib
 import io
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +29,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dist_train.errors import ArgParser, UserError, check_writable_dir, cli_main, replace_dir
+from dist_train.errors import ArgParser, UserError, check_writable_dir, cli_main, replace_dir, temp_dir
 from .labels import GENDER_NAMES, MASK_STEMS, age_group, encode
 
 STEMS: tuple[str, ...] = tuple(MASK_STEMS)  # mask1..mask5, incorrect_mask, normal
@@ -277,7 +276,7 @@ def make_dataset(
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out}: folder exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir(out.parent, out.name)
     try:
         junk = _write_train(tmp / "train", persons, seed, size)
         _write_eval(tmp / "eval", eval_n, seed, size)
