@@ -160,3 +160,111 @@ def test_no_trackers_with_none(mask_shards, tmp_path):
                   "--val-split", "none"])
     assert p.returncode == 0, p.stderr[-2000:]
     assert (out / "metrics.jsonl").is_file() and not (out / "tb").exists()
+
+
+# ----------------------------------------------------------------------------- refused runs leave nothing
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+              "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+
+
+@pytest.fixture
+def mlflow_env(monkeypatch, tmp_path):
+    """No MLflow settings, run from tmp_path (where MLflow 3 would put mlflow.db); whatever the
+    run sets in os.environ is undone afterwards."""
+    for name in MLFLOW_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def test_a_refused_run_writes_nothing(mask_shards, tmp_path):
+    """Every check (here the model name, found only when the model is built) comes before the
+    first write: no config.yaml, run.json or tb/."""
+    out = tmp_path / "run"
+    p = run_main(["--data", str(mask_shards), "--output", str(out), *BASE, "--model", "no_such_model"])
+    assert p.returncode == 2 and "no_such_model" in p.stderr
+    assert not out.exists()
+
+
+def test_mlflow_without_a_server_logs_into_the_run_folder(mask_shards, tmp_path, mlflow_env):
+    """mlflow-skinny (the `trackers` extra) cannot open MLflow 3's default sqlite store: the run
+    folder's file store is used, and nothing lands in the current folder."""
+    out = tmp_path / "run"
+    p = run_main(["--data", str(mask_shards), "--output", str(out), *BASE, "--log-with", "mlflow", "--max-steps", "1",
+                  "--eval-every", "1", "--val-split", "none"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["run"]  # no mlflow.db, no mlruns/ here
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params["model"] == "test_resnet"
+    assert "train_loss" in runs[0].data.metrics
+
+
+def test_a_tracker_failing_after_another_started_leaves_no_debris(mask_shards, tmp_path, mlflow_env):
+    """MLflow starts (external store), TensorBoard then fails: the MLflow run is marked FAILED and
+    deleted (not an empty FINISHED run), no tb/ event file and no run folder remain."""
+    from accelerate.tracking import TensorBoardTracker
+
+    def broken(self, values):
+        raise OSError("disk on fire")
+
+    store = tmp_path / "store"
+    mlflow_env.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    mlflow_env.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow_env.setattr(TensorBoardTracker, "store_init_configuration", broken)
+    out = tmp_path / "run"
+    p = run_main(["--data", str(mask_shards), "--output", str(out), *BASE, "--log-with", "mlflow,tensorboard"])
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a tracker did not start" in lines[0] and "disk on fire" in lines[0], lines
+    assert not out.exists()
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store.as_uri())
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], run_view_type=ViewType.ALL)
+    assert [(r.info.status, r.info.lifecycle_stage) for r in runs] == [("FAILED", "deleted")]
+
+
+def test_a_refused_resume_keeps_the_run_folder_as_it_was(mask_shards, tmp_path, mlflow_env):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("model: earlier\n")
+    (out / "notes.txt").write_text("mine")
+    mlflow_env.setenv("MLFLOW_TRACKING_URI", "nosuch://nowhere")
+    p = run_main(["--data", str(mask_shards), "--output", str(out), *BASE, "--log-with", "tensorboard,mlflow"])
+    assert p.returncode == 2 and "a tracker did not start" in p.stderr
+    assert sorted(x.name for x in out.iterdir()) == ["config.yaml", "notes.txt"]
+    assert (out / "config.yaml").read_text() == "model: earlier\n"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["run"]
+
+
+def test_an_unreachable_mlflow_server_is_one_line_within_the_timeout(mask_shards, tmp_path, mlflow_env):
+    """A closed port: refused at once. A port that accepts and never answers: a line saying what
+    is awaited, then the error after DIST_TRAIN_HTTP_TIMEOUT seconds, not MLflow's minutes of retries."""
+    import socket
+    import time
+
+    from conftest import free_port
+
+    out = tmp_path / "run"
+    mlflow_env.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    p = run_main(["--data", str(mask_shards), "--output", str(out), *BASE, "--log-with", "mlflow"])
+    assert p.returncode == 2 and not out.exists()
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no MLflow tracking server at MLFLOW_TRACKING_URI=http://127.0.0.1:" in lines[0], lines
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        mlflow_env.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        mlflow_env.setenv("DIST_TRAIN_HTTP_TIMEOUT", "3")
+        started = time.monotonic()
+        p = run_main(["--data", str(mask_shards), "--output", str(out), *BASE, "--log-with", "mlflow"])
+        took = time.monotonic() - started
+    assert p.returncode == 2 and not out.exists()
+    assert "mlflow: waiting up to 3 s for the tracking server at http://127.0.0.1:" in p.stdout
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no answer within 3 s, DIST_TRAIN_HTTP_TIMEOUT" in lines[0], lines
+    assert took < 20

@@ -27,11 +27,11 @@ from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.utils.model_ema import ModelEmaV3
 
-from dist_train.config import Config, parse_duration, save_config
+from dist_train.config import Config, parse_duration
 from dist_train.data.device import BatchPrep
 from dist_train.data.loaders import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, sampler_weights
 from dist_train.data.plan import decode_done, encode_done
-from dist_train.errors import UserError, atomic_write_json
+from dist_train.errors import UserError, same_on_every_rank
 from dist_train.infer.accel import make_accelerator
 from dist_train.infer.tta import parse_tta
 from dist_train.model.build import data_config
@@ -48,7 +48,8 @@ from .guard import StepGuard, out_of_memory_hint
 from .logging import Meter, MetricsLog, ProgressBar, SampleLog, broadcast_buffers, start_lines, write_summary
 from .optim import build_optimizer, build_scheduler, schedule_time
 from .stager import Stager
-from .trackers import start_trackers, tracker_names
+from .runfolder import open_run
+from .trackers import check_trackers, stop_trackers, tracker_names
 
 
 STOP_LINES = {
@@ -124,8 +125,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        """Check the input, then build accelerator, model, optimizer, schedule and loaders; resume."""
+        """Check the input and build everything (every rank the same: one line from the main
+        process), then write the run folder's first files and start the trackers."""
         self.guard = self.build_guard()  # first: the time budget starts now
+        with same_on_every_rank():
+            self._checked_setup()
+        open_run(self.acc, self.cfg, self.class_names)
+        acc = self.acc
+        self.meter, self.log = Meter(acc.device, len(self.class_names)), MetricsLog(acc, self.out)
+        self.sample_log = SampleLog(self.cfg.runtime.log_samples) if self.cfg.runtime.log_samples else None
+        if acc.is_main_process:
+            self._print_start()
+        total = self.cfg.optim.epochs * self.steps_per_epoch
+        self.bar = ProgressBar(acc, min(self.cfg.runtime.max_steps or total, total), self.progress.step,
+                               self.cfg.runtime.log_every)
+
+    def _checked_setup(self) -> None:
+        """Accelerator, model, optimizer, schedule and loaders; resume. Writes nothing."""
         self._read_data()
         self.acc = acc = self._part("accelerator")
         self.checkpointer = Checkpointer(self.out, self.cfg.checkpoint.keep_checkpoints,
@@ -134,7 +150,7 @@ class Trainer:
         if self.resume_from is not None:
             check_resume_compatible(self.resume_from, self.cfg.model.model, len(self.class_names), self.cfg.task.head)
         self._check_global_batch()
-        self._runtime_setup()
+        process_setup(acc, self.cfg)
         self._build_model_and_data()
         self.progress = Progress()
         if self.ema is not None:
@@ -146,13 +162,7 @@ class Trainer:
             self._adopt_layout()
         else:
             self._enter_stage(self.stager.stage_at(0))
-        self.meter, self.log = Meter(acc.device, len(self.class_names)), MetricsLog(acc, self.out)
-        self.sample_log = SampleLog(self.cfg.runtime.log_samples) if self.cfg.runtime.log_samples else None
-        if acc.is_main_process:
-            self._print_start()
-        total = self.cfg.optim.epochs * self.steps_per_epoch
-        self.bar = ProgressBar(acc, min(self.cfg.runtime.max_steps or total, total), self.progress.step,
-                               self.cfg.runtime.log_every)
+        check_trackers(acc, self.cfg)
 
     def _read_data(self) -> None:
         d = self.cfg.data
@@ -176,17 +186,6 @@ class Trainer:
             raise UserError(f"global batch {self.global_batch} (batch {o.batch_size} x {world} processes x "
                             f"{o.grad_accum_steps} accumulation) is larger than split '{self.train_split}' "
                             f"({self.n_train} samples)")
-
-    def _runtime_setup(self) -> None:
-        """Seeds, threads, anomaly detection, the run folder and the trackers."""
-        acc, cfg = self.acc, self.cfg
-        process_setup(acc, cfg)
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
-            atomic_write_json(self.out / "run.json", {"model": cfg.model.model, "num_classes": len(self.class_names),
-                                                      "head": cfg.task.head, "classes": self.class_names})
-        start_trackers(acc, cfg)
 
     def _build_model_and_data(self) -> None:
         cfg = self.cfg
@@ -257,6 +256,9 @@ class Trainer:
                     self._save(force=stop or end_of_epoch)
                     if stop or end_of_epoch:
                         break
+        except BaseException:
+            stop_trackers(self.acc, failed=True)  # an MLflow run that failed is not marked FINISHED
+            raise
         finally:
             self.bar.close()
         return self.end(metrics)
