@@ -96,6 +96,62 @@ def test_accelerate_launch_cpu_ddp_gives_two_gloo_ranks(mask_shards, tmp_path):
     assert_two_ranks(out, proc)
 
 
+# ----------------------------------------------------------------------------- dist-train (python -m dist_train)
+def dist_train_cmd(*args: str, cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dist_train", *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_dist_train_train_two_processes(mask_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = dist_train_cmd("train", "--processes", "2", "--data", str(mask_shards), "--output", str(out), *RUN,
+                          cwd=tmp_path)
+    assert_two_ranks(out, proc)
+
+
+def test_dist_train_bad_input_is_one_line_and_exit_2(mask_shards, tmp_path):
+    """Every rank reaches the same refusal (a global batch larger than the split, found after the
+    process group formed): the main process prints it, no launcher text, the rank's exit 2."""
+    out = tmp_path / "run"
+    proc = dist_train_cmd("train", "--processes", "2", "--data", str(mask_shards), "--output", str(out), *RUN,
+                          "--batch-size", "999", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "global batch 1998" in errors[0], lines
+    assert len(lines) - len(errors) == 0, lines
+    assert not out.exists()
+
+
+def test_accelerate_launch_bad_input_prints_the_line_once(tmp_path):
+    """Plain `accelerate launch`: the line once (main process), the root cause is the rank's exit 2;
+    the launcher's own traceback follows (it cannot be avoided from the ranks) and it exits 1."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "launch" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
+                           "dist_train/run.py", "--data", str(tmp_path / "missing"), "--output", str(out), *RUN],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1
+    lines = (proc.stdout + proc.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and str(tmp_path / "missing") in errors[0], lines
+    assert "exitcode  : 2" in proc.stderr  # the root cause is the main rank's bad-input exit
+    assert 10 < len(lines) - 1 < 80  # the launcher's ChildFailedError report, nothing per rank
+    assert not out.exists()
+
+
+def test_dist_train_usage_errors_are_one_line(capsys):
+    from dist_train.launcher import main
+
+    for argv, words in ((["nosuch"], "nosuch: not a command; expected one of train, predict"),
+                        (["train", "--processes", "0"], "--processes 0: expected an integer >= 1"),
+                        (["train", "--processes"], "--processes: expected a value")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+
+
 # ----------------------------------------------------------------------------- shell launchers
 def test_train_sh_cpu_ddp(project, mask_shards, tmp_path):
     out = tmp_path / "run"
