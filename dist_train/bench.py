@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from dist_train.errors import ArgParser, UserError, cli_main, scratch_dir
 from dist_train.perf.loader import bench_loader
 from dist_train.perf.memory import bench_memory
@@ -117,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise UserError(f"--{name.replace('_', '-')} {getattr(a, name)}: expected a positive number")
     if getattr(a, "workers", None) is not None and a.workers < 0:
         raise UserError(f"--workers {a.workers}: expected 0 or more")
+    if getattr(a, "gpu_decode", False) and not torch.cuda.is_available():
+        print("bench: --gpu-decode without CUDA: the GPU decode path runs on the CPU (\"device\": \"cpu\"); "
+              "its figure says nothing about a GPU", file=sys.stderr, flush=True)
     result = {"loader": bench_loader, "train": bench_train, "memory": bench_memory, "shard": bench_shard}[a.command](a)
     print(json.dumps(result), flush=True)
     return result

@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from dist_train.config import build_parser, config_from_args  # noqa: E402
+from dist_train.data.device import check_gpu_decode_device  # noqa: E402
 from dist_train.errors import check_writable_dir, cli_main  # noqa: E402
 from dist_train.train.lr_find import PLOT_NAME, RangeTest, Sweep  # noqa: E402
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = vars(parser.parse_args(argv))
     sweep = Sweep(**{dest: args.pop(dest) for dest in SWEEP_FLAGS})
     cfg = config_from_args(args)
+    check_gpu_decode_device(cfg.data.gpu_decode)
     if cfg.checkpoint.output is None:
         cfg = cfg.replace(output=".")
     check_writable_dir(cfg.checkpoint.output, "--output")

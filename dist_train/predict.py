@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from dist_train.errors import ArgParser, UserError, check_writable_file, cli_main  # noqa: E402
+from dist_train.system import default_workers  # noqa: E402
 from dist_train.infer.calibration import apply_offsets, check_classes, load_calibration  # noqa: E402
 from dist_train.infer.files import predictions_for, probs_path, save_probs, write_csv  # noqa: E402
 from dist_train.infer.load import load_model  # noqa: E402
@@ -45,7 +46,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_loader_args(p: argparse.ArgumentParser) -> None:
     """How to run the model(s): what predict, evaluate and oof share."""
     p.add_argument("--batch-size", type=int, default=64, help="batch size per process (default 64)")
-    p.add_argument("--workers", type=int, default=4, help="data loader workers per process (default 4)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader workers per process (default: the cores per process less one, at most 8)")
     p.add_argument("--tta", default="none", metavar="SPEC",
                    help=f"test-time augmentation, the views' probabilities averaged: {SPEC_HELP} (default none)")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
@@ -55,6 +57,8 @@ def add_loader_args(p: argparse.ArgumentParser) -> None:
 def check_loader_args(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: expected a positive integer")
+    if args.workers is None:
+        args.workers = default_workers()
     if args.workers < 0:
         raise UserError(f"--workers {args.workers}: expected 0 or more")
 

@@ -15,6 +15,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from dist_train.config import parse_config  # noqa: E402
+from dist_train.data.device import check_gpu_decode_device  # noqa: E402
 from dist_train.errors import check_writable_dir, cli_main, same_on_every_rank  # noqa: E402
 from dist_train.train.overfit import overfit  # noqa: E402
 from dist_train.train.trainer import Trainer  # noqa: E402
@@ -24,6 +25,7 @@ from dist_train.train.trainer import Trainer  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     with same_on_every_rank():  # under a launcher: the line from the main process only
         cfg = parse_config(argv)
+        check_gpu_decode_device(cfg.data.gpu_decode)
         if cfg.checkpoint.output is not None:
             check_writable_dir(cfg.checkpoint.output, "--output")
     if cfg.runtime.overfit_batches:

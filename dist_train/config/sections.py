@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from dist_train.errors import UserError
+from dist_train.system import default_workers
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -23,10 +24,15 @@ class DataSection:
     val_split: str | None = _f("validation", "split to evaluate on ('none' to skip evaluation)")
     fold: str | None = _f(None, "shard sets with --folds K: hold fold k (0..K-1) of the training split out as "
                                 "validation, or 'all' to train on every fold without validation")
-    workers: int = _f(4, "data loader worker processes per rank")
+    workers: int | None = _f(None, "data loader worker processes per rank (default: the cores available per "
+                                   "process less one, at most 8; 0 loads in the process itself)")
     sampler: str = _f("none", "balanced (equal class shares), sqrt (shares ~ sqrt of class size) or none")
     gpu_decode: bool = _f(False, "workers only read bytes; JPEG decode and crop/flip run on the GPU")
     secure: bool = _f(False, "refuse pipe: data URLs (webdataset secure mode for remote shards)")
+
+    def __post_init__(self) -> None:
+        if self.workers is None:  # resolved here, so config.yaml records the number used
+            object.__setattr__(self, "workers", default_workers())
 
 
 @dataclass(frozen=True)

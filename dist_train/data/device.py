@@ -95,6 +95,15 @@ def check_gpu_augment(aug: AugmentConfig) -> None:
         )
 
 
+def check_gpu_decode_device(gpu_decode: bool) -> None:
+    """Training with --gpu-decode on a machine without CUDA is refused (one line): the decode would
+    run in the training process on the CPU, slower than the loader workers' default. The
+    benchmarks and the library run that path on the CPU on purpose (tests, launch/gpu_check.sh)."""
+    if gpu_decode and not torch.cuda.is_available():
+        raise UserError("--gpu-decode: no CUDA GPU here (it decodes JPEGs on the GPU); drop it: without it the "
+                        "loader workers decode on the CPU")
+
+
 def decode_device(gpu_decode: bool, device: torch.device | str | None) -> torch.device | None:
     """Where gpu_decode decodes: `device`, else cuda when there is one, else the CPU; None
     without gpu_decode (so callers may always pass their device)."""
