@@ -7,11 +7,12 @@ python -m dist_train.synth --out "$DEMO/raw" --persons "${DEMO_PERSONS:-240}" --
 python -m dist_train.shard --src "$DEMO/raw/train" --out "$DEMO/shards" --samples-per-shard 64 --overwrite
 python -m dist_train.shard --inspect "$DEMO/shards"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  NPROC="$(nvidia-smi -L | wc -l)"; CFG=launch/multi_gpu.yaml
+  NPROC="$(nvidia-smi -L | wc -l)"
 else
-  NPROC=2; CFG=launch/cpu_ddp.yaml
+  NPROC=2
 fi
 rm -rf "$DEMO/run"
-accelerate launch --config_file "$CFG" --num_processes "$NPROC" dist_train/run.py \
+# dist-train (python -m dist_train): N ranks, one error line and the run's own exit status on failure
+python -m dist_train train --processes "$NPROC" \
   --config launch/configs/demo.yaml --data "$DEMO/shards" --output "$DEMO/run" "$@"
 echo "demo: run folder $DEMO/run (metrics.jsonl, best/, checkpoints/, tb/)"
