@@ -87,14 +87,17 @@ def same_on_every_rank() -> Any:
 
 def _report(e: UserError | RunFailed) -> None:
     """Print the error line once per run: by the main process, or by any rank whose error is its
-    own. Under torchrun / `accelerate launch` (TORCHELASTIC_RUN_ID) a rank that exited first
+    own. Under torchrun / `accelerate launch` (TORCHELASTIC_RUN_ID) every UserError counts as
+    reached by every rank (bad input is the same input everywhere), and a rank that exited first
     would make the launcher kill the main process before it printed: the other ranks wait to be
-    ended instead (default signal actions, so a preemption handler does not keep them alive)."""
+    ended instead (default signal actions, so a preemption handler does not keep them alive), and
+    print their own line only if that does not happen within SIBLING_WAIT_S."""
     line = f"error: {error_line(e)}"
-    if not e.all_ranks or os.environ.get("RANK", "0") == "0":
+    launched = "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if os.environ.get("RANK", "0") == "0" or not (e.all_ranks or (launched and isinstance(e, UserError))):
         print(line, file=sys.stderr, flush=True)
         return
-    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched:
         for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", signal.SIGTERM)):
             signal.signal(sig, signal.SIG_DFL)
         time.sleep(SIBLING_WAIT_S)

@@ -158,3 +158,33 @@ def test_replace_dir_failing_second_rename_keeps_the_old_folder_in_place(tmp_pat
         replace_dir(new, final)
     assert tree(final) == OLD_TREE and tree(new) == NEW_TREE
     assert not (tmp_path / ".final.old").exists()
+
+
+# ----------------------------------------------------------------------------- the line once under a launcher
+@pytest.mark.parametrize("rank, launcher, error, printed_after_wait", [
+    ("0", True, errors.UserError("bad"), False),  # the main process prints at once
+    ("1", True, errors.UserError("bad"), True),  # waits for the launcher to end it; prints if it does not
+    ("1", True, errors.RunFailed("rank 1 only"), False),  # a failure of its own: at once
+    ("1", False, errors.UserError("bad", all_ranks=True), None),  # no launcher to end it: the main prints
+])
+def test_an_error_line_is_printed_once_per_run(monkeypatch, capsys, rank, launcher, error, printed_after_wait):
+    slept = []
+    monkeypatch.setattr(errors.time, "sleep", slept.append)
+    monkeypatch.setattr(errors.signal, "signal", lambda *a: None)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if launcher:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+
+    @errors.cli_main
+    def main():
+        raise error
+
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == (2 if isinstance(error, errors.UserError) else 1)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ([] if printed_after_wait is None else [f"error: {error}"])
+    assert slept == ([errors.SIBLING_WAIT_S] if printed_after_wait else [])
