@@ -70,3 +70,24 @@ def check_writers(src: Path, tmp_path: Path) -> None:
                   img_size=16, crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
     assert mode(tmp_path / "best") == 0o755
     assert {mode(p) for p in (tmp_path / "best").iterdir()} == {0o644}
+
+
+def test_a_run_folder_follows_the_umask(mask_shards, tmp_path):
+    """Everything a 1-step run writes (config.yaml, run.json, metrics, confusion.csv/png, best/,
+    the checkpoint's safetensors and progress.json) under umask 027: files 0640, folders 0750."""
+    from conftest import run_main
+
+    out = tmp_path / "run"
+    old = os.umask(0o027)
+    try:
+        p = run_main(["--data", str(mask_shards), "--output", str(out), "--model", "test_resnet", "--img-size", "32",
+                      "--batch-size", "8", "--workers", "0", "--max-steps", "1", "--eval-every", "1",
+                      "--log-with", "none"])
+    finally:
+        os.umask(old)
+    assert p.returncode == 0, p.stderr[-2000:]
+    files = [q for q in out.rglob("*") if q.is_file()]
+    names = {q.name for q in files}
+    assert {"config.yaml", "run.json", "model.safetensors", "progress.json", "confusion.png"} <= names, names
+    assert {str(q.relative_to(out)): oct(mode(q)) for q in files if mode(q) != 0o640} == {}
+    assert {str(q.relative_to(out)): oct(mode(q)) for q in out.rglob("*") if q.is_dir() and mode(q) != 0o750} == {}
