@@ -39,7 +39,8 @@ def end_report(trainer: Trainer) -> None:
     so a picture that cannot be drawn is no reason to fail."""
     shown = trainer.evaluator.shown
     if shown is None:
-        print("report.png: not drawn (no validation in this run)", flush=True)
+        print("report.png: not drawn (nothing was evaluated: no validation split, or the run ended before an "
+              "evaluation)", flush=True)
         return
     try:
         from dist_train.report import draw_training_report

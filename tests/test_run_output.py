@@ -143,7 +143,7 @@ def test_max_steps_before_any_evaluation_reports_none(mask_shards, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] is True and summary["best_val_macro_f1"] is None and summary["best"] is None
     assert "done: step 2 (0 epochs completed); no evaluation yet" in p.stdout
-    assert "report.png: not drawn (no validation in this run)" in p.stdout and not (out / "report.png").exists()
+    assert "report.png: not drawn (nothing was evaluated" in p.stdout and not (out / "report.png").exists()
 
 
 def test_compact_line_and_table_formats():
