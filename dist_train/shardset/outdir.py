@@ -18,7 +18,7 @@ from typing import Iterable
 from dist_train.errors import UserError, atomic_write_json
 from dist_train.trust.media import tar_counts
 
-from .format import INFO_NAME, REJECTED_NAME, SHARD_RE, read_local_info, split_info, summary
+from .format import INFO_NAME, REJECTED_NAME, SHARD_RE, read_local_info, split_info, summary, write_info
 
 JOURNAL_NAME = "_writing.json"
 # Temporary names of the writer's files (tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")).
@@ -55,9 +55,10 @@ def owned_files(out: Path) -> set[str]:
     return names
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an OUT holding other files and no shard set (nor a stopped run's journal), unless overwrite."""
-    if not out.is_dir() or overwrite or (out / INFO_NAME).is_file() or (out / JOURNAL_NAME).is_file():
+def check_out_dir(out: Path) -> None:
+    """Refuse an OUT holding other files and no shard set (nor a stopped run's journal); the writer
+    asks only without --overwrite."""
+    if not out.is_dir() or (out / INFO_NAME).is_file() or (out / JOURNAL_NAME).is_file():
         return
     others = sorted(p.name for p in out.iterdir() if not TMP_RE.match(p.name))
     if others:
@@ -79,8 +80,10 @@ def begin_replacing(out: Path, new_names: Iterable[str]) -> set[str]:
     return owned
 
 
-def finish_replacing(out: Path) -> None:
-    """The new `_info.json` is written: the journal has done its work."""
+def publish(out: Path, info: dict) -> None:
+    """Write the new `_info.json` (last and atomically: it marks the set complete); then the journal
+    has done its work."""
+    write_info(out, info)
     (out / JOURNAL_NAME).unlink(missing_ok=True)
 
 

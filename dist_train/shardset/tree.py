@@ -48,7 +48,7 @@ class SourceTree:
 
 
 def inside(rel: str) -> bool:
-    """Whether a path read from an index file (a csv's `path`, an ImageID) names something below
+    """Whether a path read from an index file (a csv's path column, an image name) names something below
     its folder: relative, no `..`, no drive, not empty."""
     if not rel or rel.startswith(("/", "\\")):
         return False

@@ -48,9 +48,9 @@ from dist_train.errors import UserError, atomic_write_text, check_writable_dir
 from dist_train.system import usable_cpus
 from dist_train.trust.media import DEFAULT_MAX_PIXELS
 
-from .format import REJECTED_NAME, SPLIT_RE, num_images, read_local_info, summary, write_info
+from .format import REJECTED_NAME, SPLIT_RE, num_images, read_local_info, summary
 from .images import check_image, encode_image
-from .outdir import begin_replacing, check_out_dir, finish_replacing, inspect  # noqa: F401 (inspect: the API)
+from .outdir import begin_replacing, check_out_dir, inspect, publish  # noqa: F401 (inspect: the API)
 from .outdir import sha256_file as _sha256
 from .sources import Record, Source, assign_folds, get_layout, load_source, split_records
 
@@ -139,6 +139,7 @@ def _up_to_date(out: Path, params: dict, fingerprint: str) -> dict | None:
     """The info of the same set already in OUT (None: OUT holds none); a different one is refused."""
     old = read_local_info(out)
     if old is None:
+        check_out_dir(out)  # a folder of other files is no set to replace
         return None
     diffs = _differences(old, params, fingerprint, out)
     if diffs:
@@ -207,7 +208,6 @@ def write_shards(
     if folds and not source.labeled:
         raise UserError(f"--folds {folds}: {src} is an unlabeled set (nothing to validate on)")
     out = check_writable_dir(out if out is not None else default_out(source), "--out")
-    check_out_dir(out, overwrite)
     params = {
         "layout": source.layout, "val_fraction": val_fraction, "seed": seed, "resize": resize,
         "quality": quality, "samples_per_shard": samples_per_shard, "as_split": as_split, **source.options,
@@ -229,8 +229,7 @@ def write_shards(
             for i, (pos, size) in enumerate(_offsets(shard_sizes(len(recs), samples_per_shard)))]
     sha, nbytes = _replace_shards(out, plan, rejected, resize, quality, workers, progress, fold_of)
     info = _make_info(out, source, splits, plan, sha, params, fingerprint, len(rejected), fold_of, folds)
-    write_info(out, info)
-    finish_replacing(out)
+    publish(out, info)
     elapsed = time.perf_counter() - start
     print(summary(out, info))
     images = sum(len(r) for r in splits.values()) + len(rejected)
