@@ -101,7 +101,7 @@ def test_bomb_is_rejected_at_shard_time_without_decoding(tmp_path, capsys, monke
     rejected = [json.loads(x) for x in (tmp_path / "out" / "_rejected.jsonl").read_text().splitlines()]
     assert [r["path"] for r in rejected] == ["a/bomb.jpg"] and "not decoded" in rejected[0]["reason"]
     assert (BOMB_SIDE, BOMB_SIDE) not in loads
-    # the bound is a flag: raised, the header passes and the (truncated) image is then decoded
+    # the bound is a flag, checked like every other number
     code, err = call(shard.main, ["--src", str(src), "--out", str(tmp_path / "o2"), "--max-image-pixels", "0"], capsys)
     assert_one_line(code, err, "--max-image-pixels 0: expected a positive number")
 
