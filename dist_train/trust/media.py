@@ -254,9 +254,12 @@ def tar_members(url: str, handler: Callable[[Exception], bool]) -> Iterator[tupl
     try:
         head = stream.read(tarfile.BLOCKSIZE)
         check_tar_head(head, url)
-        chained = io.BufferedReader(_Chain(head, stream))
+        if stream.seekable():
+            stream.seek(0)
+        else:
+            stream = io.BufferedReader(_Chain(head, stream), buffer_size=1 << 16)
         try:
-            with tarfile.open(fileobj=chained, mode="r|") as tar:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for info in tar:
                     if info.isdir() or _META_RE.match(info.name):
                         continue
