@@ -250,14 +250,14 @@ def tar_members(url: str, handler: Callable[[Exception], bool]) -> Iterator[tupl
     Directories and webdataset's `__x__` names are passed over. A shard that is compressed or not a
     tar is a UserError; a read error further on (a truncated tar) goes to `handler` and ends the shard.
     """
-    stream = _open(url)
+    source = stream = _open(url)
     try:
-        head = stream.read(tarfile.BLOCKSIZE)
+        head = source.read(tarfile.BLOCKSIZE)
         check_tar_head(head, url)
-        if stream.seekable():
-            stream.seek(0)
+        if getattr(source, "seekable", lambda: False)():  # webdataset's Pipe has no seekable()
+            source.seek(0)
         else:
-            stream = io.BufferedReader(_Chain(head, stream), buffer_size=1 << 16)
+            stream = io.BufferedReader(_Chain(head, source), buffer_size=1 << 16)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for info in tar:
@@ -274,7 +274,7 @@ def tar_members(url: str, handler: Callable[[Exception], bool]) -> Iterator[tupl
             handler(ValueError(f"{url}: {e}"))
     finally:
         with contextlib.suppress(Exception):  # a URL's command stopped early exits non-zero
-            stream.close()
+            source.close()
 
 
 class _Chain(io.RawIOBase):
