@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -27,6 +28,7 @@ from .data.transforms import decode_rgb
 from .errors import UserError, atomic_write_bytes
 from .infer.metrics import draw_confusion
 from .shardset.format import class_names, image_bytes, is_labeled, iter_samples, label_counts, split_info
+from .trust.media import DEFAULT_MAX_PIXELS, check_image_bytes
 
 THUMB = 96  # thumbnail side in pixels (longer side)
 # metrics.jsonl fields as the curves' legend names them: what each loss is
@@ -35,12 +37,23 @@ CURVE_LABELS = {"train_loss": "train loss (the configured --loss)", "val_loss": 
 
 # ----------------------------------------------------------------------------- thumbnails
 def thumbnail(data: bytes, side: int = THUMB) -> np.ndarray:
-    """Image bytes -> HWC uint8 array whose longer side is `side` (aspect kept)."""
+    """Image bytes -> HWC uint8 array whose longer side is `side` (aspect kept).
+    ImageRefused for an image whose header declares too many pixels (it is never decoded)."""
+    check_image_bytes(data, DEFAULT_MAX_PIXELS, ("JPEG", "PNG"))
     img = decode_rgb(data)
     h, w = img.shape[-2:]
     scale = side / max(h, w)
     img = TF.resize(img, [max(1, round(h * scale)), max(1, round(w * scale))], antialias=True)
     return img.permute(1, 2, 0).numpy()
+
+
+def _thumbnail_or_none(data: bytes, side: int = THUMB) -> np.ndarray | None:
+    """`thumbnail`, or None (warned) for an image from a shard that is refused or does not decode."""
+    try:
+        return thumbnail(data, side)
+    except (ValueError, RuntimeError) as e:
+        warnings.warn(f"skipping an image that cannot be drawn: {e}", stacklevel=2)
+        return None
 
 
 def _short(text: str, n: int) -> str:
@@ -57,8 +70,10 @@ def load_thumbnails(root: str, info: dict, split: str, keys: Iterable[str], side
     for s in iter_samples(root, info, split):
         key = s["__key__"]
         if key in wanted and (data := image_bytes(s)) is not None:
-            out[key] = thumbnail(data, side)
-            if len(out) == len(wanted):
+            if (thumb := _thumbnail_or_none(data, side)) is not None:
+                out[key] = thumb
+            wanted.discard(key)
+            if not wanted:
                 break
     return out
 
@@ -187,8 +202,8 @@ def contact_sheet(root: str | Path, info: dict, out_png: str | Path, per_class: 
                 continue
         else:
             row = filled // per_class
-        if len(cells[row]) < per_class:
-            cells[row].append((s["__key__"], thumbnail(data)))
+        if len(cells[row]) < per_class and (thumb := _thumbnail_or_none(data)) is not None:
+            cells[row].append((s["__key__"], thumb))
             filled += 1
 
     fig = Figure(figsize=(1.6 * per_class + 2.2, 1.75 * n_rows + 0.6), layout="constrained")
