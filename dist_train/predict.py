@@ -55,12 +55,14 @@ def add_model_args(p: argparse.ArgumentParser, data_required: bool = True) -> No
     add_loader_args(p)
 
 
-def add_loader_args(p: argparse.ArgumentParser) -> None:
-    """How to run the model(s): what predict, evaluate and oof share."""
+def add_loader_args(p: argparse.ArgumentParser, tta_default: str | None = "none") -> None:
+    """How to run the model(s): what predict, evaluate and oof share. `tta_default` None: the
+    caller's own default (oof: each fold's --val-tta)."""
     p.add_argument("--batch-size", type=int, default=64, help="batch size per process (default 64)")
     p.add_argument("--workers", type=int, default=4, help="data loader workers per process (default 4)")
-    p.add_argument("--tta", default="none", metavar="SPEC",
-                   help=f"test-time augmentation, the views' probabilities averaged: {SPEC_HELP} (default none)")
+    default = tta_default or "each model's own validation TTA (its config's val_tta)"
+    p.add_argument("--tta", default=tta_default, metavar="SPEC",
+                   help=f"test-time augmentation, the views' probabilities averaged: {SPEC_HELP} (default {default})")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
                    help="autocast for inference (default: Accelerate's config)")
 
