@@ -87,3 +87,40 @@ def test_contact_sheets(mask_shards, eval_shards, tmp_path):  # noqa: F811
     assert tall > 18 * 100  # one row per class
     unlabeled = contact_sheet(eval_shards, load_info(str(eval_shards)), tmp_path / "eval.png", per_class=3)
     assert_png(unlabeled)
+
+
+def test_each_tta_gets_its_own_folder(tmp_path, mask_shards):
+    import shutil
+
+    from test_predict import save_random_model
+
+    run = tmp_path / "run"
+    save_random_model(run / "best")
+    assert evaluate.eval_folder("validation", "none") == "eval-validation"
+    assert evaluate.eval_folder("validation", "hflip, five-crop") == "eval-validation-tta-hflip+five-crop"
+    assert evaluate.eval_folder("test", "scales:0.9/1.1") == "eval-test-tta-scales-0.9-1.1"
+    plain = evaluate.main(["--run", str(run), "--data", str(mask_shards), "--workers", "0"])
+    flipped = evaluate.main(["--run", str(run), "--data", str(mask_shards), "--workers", "0", "--tta", "hflip"])
+    assert json.loads((run / "eval-validation" / "metrics.json").read_text()) == plain  # not overwritten
+    assert json.loads((run / "eval-validation-tta-hflip" / "metrics.json").read_text()) == flipped
+    assert flipped["tta"] == "hflip" and plain["tta"] == "none"
+    shutil.rmtree(run / "best")
+
+
+def test_a_cv_folder_or_a_run_without_best_says_what_exists(tmp_path, capsys):
+    cv = tmp_path / "cv"
+    (cv / "fold-0").mkdir(parents=True)
+    (cv / "fold-0" / "config.yaml").write_text("data: shards\n")
+    empty = tmp_path / "run"
+    (empty / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (empty / "checkpoints" / "step-00000010" / "model.safetensors").write_bytes(b"")
+    (empty / "checkpoints" / "step-00000020").mkdir()  # no weights in it: not suggested
+    for run, says in [(cv, f"--run {cv}: a cross-validation folder (fold-k/ runs), not one run: pass one fold's run "
+                           f"(--run {cv}/fold-0), or score all folds with python -m dist_train.oof {cv}"),
+                      (empty, f"pass --checkpoint {empty}/checkpoints/step-00000010 to use its newest checkpoint"),
+                      (tmp_path / "cv" / "fold-0", "and it has no checkpoints/step-*/ either: train it first")]:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--run", str(run), "--data", str(tmp_path), "--workers", "0"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+        assert "checkpoints/step-...\n" not in err
