@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                "acc": stats["acc"], "macro_f1": stats["macro_f1"], **stats["extra"]}
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "per_class.csv", per_class_csv(stats))
-    save_confusion(stats["confusion"], names, out / "confusion.csv", out / "confusion.png")
+    save_confusion(stats["confusion"], names, out / "confusion.csv", out / "confusion.png",
+                   title=f"{loaded.source} on {args.split}" + (f", TTA {args.tta}" if args.tta != "none" else ""))
     mistakes = mistakes_of(res["key"], target, prob)
     atomic_write_text(out / "errors.csv", errors_csv(mistakes, names))
     worst = mistakes[: args.worst]

@@ -124,3 +124,20 @@ def test_a_cv_folder_or_a_run_without_best_says_what_exists(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
         assert "checkpoints/step-...\n" not in err
+
+
+def test_picture_labels_keep_the_start_of_keys_and_confusion_says_what_it_is_of():
+    from matplotlib.figure import Figure
+
+    from dist_train.infer.metrics import cell_fontsize, draw_confusion
+    from dist_train.report import key_label
+
+    assert key_label("000123_female_Asian_45/incorrect_mask", 24) == "000123_female_Asian_45/\nincorrect_mask"
+    assert key_label("short/key", 24) == "short/key"
+    long = "a" * 30 + "/" + "b" * 40 + "/photo.jpg"
+    first, second = key_label(long, 24).split("\n")
+    assert first == "a" * 24 and second == "…" + long[-23:] and second.endswith("/photo.jpg")
+    ax = Figure().add_subplot()
+    draw_confusion(ax, np.eye(3, dtype=int) * 5, ["a", "b", "c"], title="validation, epoch 2, step 40")
+    assert ax.get_title() == "confusion matrix: validation, epoch 2, step 40\n(15 samples, rows normalised)"
+    assert cell_fontsize(3) == 12 and 9 <= cell_fontsize(18) <= 10 and cell_fontsize(30) == 6

@@ -55,7 +55,7 @@ class Evaluator:
                               extra={"epoch": progress.epoch, "step": progress.step, **self.meta, "weights": which,
                                      "validation": None})
             return {}
-        m = self.metrics(model, acc)
+        m = self.metrics(model, acc, when=f"epoch {progress.epoch}, step {progress.step}")
         log_confusion(acc, self.out / "confusion.png", progress.step)
         candidates = [("model", acc.unwrap_model(model), m["val_macro_f1"])]
         if ema is not None:
@@ -70,8 +70,9 @@ class Evaluator:
         progress.best_f1 = float(acc.reduce(torch.tensor(progress.best_f1, device=acc.device), "max").item())
         return m
 
-    def metrics(self, model: torch.nn.Module, acc: Accelerator, write_confusion: bool = True) -> dict:
-        """Loss, accuracy, macro F1, sample count and the task's metrics; confusion files on the main process."""
+    def metrics(self, model: torch.nn.Module, acc: Accelerator, write_confusion: bool = True, when: str = "") -> dict:
+        """Loss, accuracy, macro F1, sample count and the task's metrics; confusion files on the
+        main process, titled `when` (the epoch and step)."""
         res = infer(model, self.loader, acc, self.prep, tta=self.tta, limit=self.limit)
         logits, target = torch.from_numpy(res["logits"]), torch.from_numpy(res["target"])
         labeled = target >= 0
@@ -80,7 +81,8 @@ class Evaluator:
         y_pred, y_true = preds[labeled.numpy()], res["target"][labeled.numpy()]
         stats = summarize(y_pred, y_true, len(self.class_names), self.class_names)
         if acc.is_main_process and write_confusion:
-            save_confusion(stats["confusion"], self.class_names, self.out / "confusion.csv", self.out / "confusion.png")
+            save_confusion(stats["confusion"], self.class_names, self.out / "confusion.csv", self.out / "confusion.png",
+                           title=f"validation, {when}" if when else "validation")
         m = {"val_loss": val_loss, "val_acc": stats["acc"], "val_macro_f1": stats["macro_f1"],
              "val_samples": int(len(preds))}
         m.update({f"val_{k}": v for k, v in self.task.extra_metrics(y_pred, y_true).items()})
