@@ -263,3 +263,11 @@ def test_training_says_what_relabel_changed(mask_shards, tmp_path):
                     "1 of the file's 1 persons are in this split; classes present 18 -> 18"), line
     assert MASK_TASK.describe_targets(SimpleNamespace(relabel=None, age_bins="30,60"), str(mask_shards), info,
                                       "train") is None
+    # training prints it at the start
+    from conftest import run_main
+
+    proc = run_main(["--data", str(mask_shards), "--output", str(tmp_path / "run"), "--relabel", cfg.relabel,
+                     "--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--workers", "0",
+                     "--max-steps", "1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert line in proc.stdout
