@@ -90,21 +90,18 @@ def test_contact_sheets(mask_shards, eval_shards, tmp_path):  # noqa: F811
 
 
 def test_each_tta_gets_its_own_folder(tmp_path, mask_shards):
-    import shutil
+    from test_cv_outputs import fake_cv
 
-    from test_predict import save_random_model
-
-    run = tmp_path / "run"
-    save_random_model(run / "best")
+    run = fake_cv(tmp_path / "cv", mask_shards, ["none"]) / "fold-0"  # a random test_resnet run folder
     assert evaluate.eval_folder("validation", "none") == "eval-validation"
     assert evaluate.eval_folder("validation", "hflip, five-crop") == "eval-validation-tta-hflip+five-crop"
     assert evaluate.eval_folder("test", "scales:0.9/1.1") == "eval-test-tta-scales-0.9-1.1"
-    plain = evaluate.main(["--run", str(run), "--data", str(mask_shards), "--workers", "0"])
-    flipped = evaluate.main(["--run", str(run), "--data", str(mask_shards), "--workers", "0", "--tta", "hflip"])
+    plain = evaluate.main(["--run", str(run), "--data", str(mask_shards), "--workers", "0", "--worst", "0"])
+    flipped = evaluate.main(["--run", str(run), "--data", str(mask_shards), "--workers", "0", "--worst", "0",
+                             "--tta", "hflip"])
     assert json.loads((run / "eval-validation" / "metrics.json").read_text()) == plain  # not overwritten
     assert json.loads((run / "eval-validation-tta-hflip" / "metrics.json").read_text()) == flipped
     assert flipped["tta"] == "hflip" and plain["tta"] == "none"
-    shutil.rmtree(run / "best")
 
 
 def test_a_cv_folder_or_a_run_without_best_says_what_exists(tmp_path, capsys):
