@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from PIL import Image
 
 from dist_train import oof, predict
 from dist_train.infer import files
-from dist_train.infer.cv import FoldRun
+from dist_train.infer.cv import FoldRun, fold_runs
+from dist_train.infer.tta import parse_tta
 from dist_train.model.build import data_config
 from dist_train.model.export import save_for_timm
 from dist_train.tasks import build_model
@@ -42,7 +44,7 @@ def hflip_cv(fold_shards, tmp_path_factory) -> Path:
     return fake_cv(tmp_path_factory.mktemp("cv") / "cv", fold_shards, ["hflip"] * 3)
 
 
-def test_oof_prints_each_fold_and_uses_the_folds_tta(hflip_cv, tmp_path, capsys):
+def test_oof_prints_each_fold_and_uses_the_folds_tta(hflip_cv, tmp_path, capsys, monkeypatch):
     s = oof.main([str(hflip_cv), "--workers", "0"])
     out = capsys.readouterr().out
     assert s["tta"] == "hflip (the folds' --val-tta)" and "TTA hflip (the folds' --val-tta)" in out
@@ -50,13 +52,15 @@ def test_oof_prints_each_fold_and_uses_the_folds_tta(hflip_cv, tmp_path, capsys)
         assert f"  fold {f['fold']}: {f['num_samples']} samples, accuracy {f['acc']:.4f}, macro F1 " \
                f"{f['macro_f1']:.4f}" in out
     assert f"  OOF (210 samples): accuracy {s['acc']:.4f}" in out and "over the folds: accuracy" in out
-    default = files.load_probs(hflip_cv / "oof.probs.npz").prob
     assert json.loads((hflip_cv / "oof.json").read_text())["tta"] == s["tta"]
 
-    s = oof.main([str(hflip_cv), "--workers", "0", "--tta", "none"])
-    assert s["tta"] == "none (--tta)" and "TTA none (--tta)" in capsys.readouterr().out
-    plain = files.load_probs(hflip_cv / "oof.probs.npz").prob
-    assert np.abs(default - plain).max() > 1e-4  # the default really used the flip
+    # what each fold model is run with: its own --val-tta, or --tta when given
+    seen = []
+    monkeypatch.setattr(oof, "run_inference", lambda *a, tta, **kw: seen.append(tta))
+    run = fold_runs(hflip_cv)[0]
+    for given in (None, "none", "five-crop"):
+        oof._fold_result(run, SimpleNamespace(tta=given, batch_size=8, workers=0, mixed_precision=None))
+    assert seen == [parse_tta("hflip"), parse_tta("none"), parse_tta("five-crop")]
 
 
 def test_oof_names_each_folds_tta_when_they_differ(tmp_path):
