@@ -39,7 +39,7 @@ from dist_train.infer.files import (PATH_COLUMN, Predictions, predictions_for, p
 from dist_train.infer.load import Loaded, load_model  # noqa: E402
 from dist_train.infer.cv import fold_runs, is_cv  # noqa: E402
 from dist_train.infer.run import default_split, run_models, run_on_images, soft_vote  # noqa: E402
-from dist_train.infer.tta import SPEC_HELP, parse_tta  # noqa: E402
+from dist_train.infer.tta import SPEC_HELP, TTA, parse_tta  # noqa: E402
 from dist_train.shardset.format import load_info  # noqa: E402
 from dist_train.tasks import task_for  # noqa: E402
 from dist_train.tasks.base import RowIds  # noqa: E402
@@ -106,7 +106,8 @@ def load_models(args: argparse.Namespace) -> list[Loaded]:
     return [load_model(args.run, args.checkpoint)]
 
 
-def predict_images(args: argparse.Namespace, models: list[Loaded], tta) -> tuple[Accelerator, Predictions | None, str]:
+def predict_images(args: argparse.Namespace, models: list[Loaded], tta: TTA
+                   ) -> tuple[Accelerator, Predictions | None, str]:
     """--images: (accelerator, rows on the main process, what the summary line adds)."""
     images = find_images(args.images)
     kw = dict(batch_size=args.batch_size, workers=args.workers, tta=tta, mixed_precision=args.mixed_precision)
@@ -125,7 +126,8 @@ def predict_images(args: argparse.Namespace, models: list[Loaded], tta) -> tuple
     return acc, predictions_for(res, rows, models[0].info["label_names"]), note
 
 
-def predict_split(args: argparse.Namespace, models: list[Loaded], tta) -> tuple[Accelerator, Predictions | None, str]:
+def predict_split(args: argparse.Namespace, models: list[Loaded], tta: TTA
+                  ) -> tuple[Accelerator, Predictions | None, str]:
     """--data: (accelerator, rows on the main process, what the summary line adds)."""
     info = load_info(args.data)
     split = args.split or default_split(info)
