@@ -29,6 +29,8 @@ from .infer.metrics import draw_confusion
 from .shardset.format import class_names, image_bytes, is_labeled, iter_samples, label_counts, split_info
 
 THUMB = 96  # thumbnail side in pixels (longer side)
+# metrics.jsonl fields as the curves' legend names them: what each loss is
+CURVE_LABELS = {"train_loss": "train loss (the configured --loss)", "val_loss": "val loss (plain cross-entropy)"}
 
 
 # ----------------------------------------------------------------------------- thumbnails
@@ -110,7 +112,7 @@ def _curve(ax, history: list[dict], fields: Sequence[str], ylabel: str) -> None:
                and math.isfinite(r[field])]
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", markersize=3, label=field)
+            ax.plot(xs, ys, marker="o", markersize=3, label=CURVE_LABELS.get(field, field))
             drawn = True
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
@@ -231,3 +233,26 @@ def draw_suspects(out_png: str | Path, items: Sequence[dict], title: str, cols: 
     for ax in axes[len(items):]:
         ax.set_axis_off()
     return _save(fig, out_png)
+
+
+def draw_training_report(run: str | Path, data: str, info: dict, split: str, shown: dict,
+                         class_names: Sequence[str], worst: int = 16) -> Path:
+    """RUN/report.png at the end of training: the curves of RUN/metrics.jsonl, and the confusion
+    matrix and worst mistakes of `shown` (the Evaluator's best evaluation of the run, else its
+    last: epoch, step, weights, key, target, prob, confusion, acc, macro_f1)."""
+    target, prob = np.asarray(shown["target"]), np.asarray(shown["prob"])
+    pred = prob.argmax(axis=1) if len(prob) else np.zeros(0, dtype=np.int64)
+    p_true = prob[np.arange(len(target)), target] if len(target) else np.zeros(0)
+    wrong = np.flatnonzero(pred != target)
+    order = wrong[np.argsort(p_true[wrong], kind="stable")][:worst]
+    mistakes = [{"key": shown["key"][i], "true": int(target[i]), "pred": int(pred[i]), "prob_true": float(p_true[i]),
+                 "prob_pred": float(prob[i, pred[i]])} for i in order]
+    thumbs = load_thumbnails(data, info, split, [m["key"] for m in mistakes])
+    for m in mistakes:
+        m["image"] = thumbs.get(m["key"])
+    which = "best" if shown["best"] else "last"
+    weights = " (EMA weights)" if shown["weights"] == "ema" else ""
+    title = (f"{Path(run).name}: {which} evaluation, epoch {shown['epoch']} step {shown['step']}{weights}, on {split} "
+             f"({len(target)} samples): accuracy {shown['acc']:.4f}, macro F1 {shown['macro_f1']:.4f}")
+    return draw_report(Path(run) / "report.png", history=read_history(run), confusion=shown["confusion"],
+                       class_names=class_names, mistakes=mistakes, title=title)

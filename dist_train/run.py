@@ -15,6 +15,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
 from dist_train.config import parse_config  # noqa: E402
 from dist_train.errors import check_writable_dir, cli_main  # noqa: E402
 from dist_train.train.overfit import overfit  # noqa: E402
+from dist_train.train.results import done_line  # noqa: E402
 from dist_train.train.trainer import Trainer  # noqa: E402
 
 
@@ -25,12 +26,32 @@ def main(argv: list[str] | None = None) -> dict:
         check_writable_dir(cfg.checkpoint.output, "--output")
     if cfg.runtime.overfit_batches:
         return overfit(cfg)
-    result = Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    result = trainer.train()
     if result["is_main"] and not result.get("stopped"):
-        scores = (f" val_macro_f1={result['val_macro_f1']:.4f} val_acc={result['val_acc']:.4f}"
-                  if "val_macro_f1" in result else "")
-        print(f"done: step {result['step']}{scores} run={result['output']}")
+        print(done_line(result), flush=True)
+        end_report(trainer)
     return result
+
+
+def end_report(trainer: Trainer) -> None:
+    """RUN/report.png (main process), or one line saying why there is none: training is done,
+    so a picture that cannot be drawn is no reason to fail."""
+    shown = trainer.evaluator.shown
+    if shown is None:
+        print("report.png: not drawn (nothing was evaluated: no validation split, or the run ended before an "
+              "evaluation)", flush=True)
+        return
+    try:
+        from dist_train.report import draw_training_report
+
+        path = draw_training_report(trainer.out, trainer.cfg.data.data, trainer.info, trainer.val_split, shown,
+                                    trainer.class_names)
+    except Exception as e:  # matplotlib missing or broken, a shard unreadable now
+        print(f"report.png: not drawn ({type(e).__name__}: {str(e).strip()[:200]})", flush=True)
+        return
+    print(f"report: {path} (curves, confusion matrix and worst mistakes of the {'best' if shown['best'] else 'last'} "
+          "evaluation)", flush=True)
 
 
 if __name__ == "__main__":

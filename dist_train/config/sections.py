@@ -112,7 +112,7 @@ class RuntimeSection:
     mixed_precision: str | None = _f(None, "no|bf16|fp16 (default: Accelerate's config)")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (saves a checkpoint)")
     eval_every: int | None = _f(None, "evaluate every N optimizer steps (always at epoch end)")
-    log_every: int = _f(10, "update the progress bar every N steps")
+    log_every: int = _f(10, "update the progress bar, and log the train loss and LR to the trackers, every N steps")
     log_samples: str | None = _f(None, "append one JSON line per optimizer step and rank: epoch, step, rank, lr, keys")
     log_with: str = _f("tensorboard", "experiment trackers, comma separated: any of Accelerate's (tensorboard, wandb, "
                        "mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio), or none")
@@ -124,7 +124,8 @@ class RuntimeSection:
     patience: int | None = _f(None, "stop after N evaluations without a better val macro F1 (with a checkpoint)")
     time_limit: str | None = _f(None, "stop cleanly before this much time has passed (90s, 45m, 2h, 1h30m), with a "
                                       "checkpoint that --resume auto continues")
-    debug: bool = _f(False, "one process, workers 0, fp32, a few batches, anomaly detection")
+    debug: bool = _f(False, "a smoke run: one process, workers 0, fp32, anomaly detection, --debug-steps train "
+                            "batches then one validation of at most as many")
     debug_steps: int = _f(5, "train and val batches in --debug")
     overfit_batches: int = _f(0, "train on N fixed batches and report whether the loss falls")
 

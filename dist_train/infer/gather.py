@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -37,9 +38,7 @@ def infer(model: torch.nn.Module, loader: Any, acc: Accelerator, prep: BatchPrep
     """
     model.eval()
     logits, targets, orders, keys = [], [], [], []
-    for i, batch in enumerate(loader):
-        if limit is not None and i >= limit:
-            break
+    for batch in itertools.islice(loader, limit):  # limit None: every batch; else not one more is read
         x = prep.images(batch["image"])
         with acc.autocast():
             out = tta.predict(model, x)

@@ -82,6 +82,49 @@ def describe_load_error(err: Exception) -> str:
     return "; ".join(parts) if parts else text.strip().splitlines()[0][:300]
 
 
+def _classifier_classes(shapes: dict, name: str) -> int:
+    """The class count of the classifier among a state dict's shapes (0: none, a headless file)."""
+    cfg = get_pretrained_cfg(name)
+    classifier = cfg.classifier if cfg is not None else None
+    for c in (classifier,) if isinstance(classifier, str) else tuple(classifier or ()):
+        shape = shapes.get(f"{c}.weight")
+        if shape:
+            return int(shape[0])
+    return 0
+
+
+def _file_classes(file: Path, name: str) -> int:
+    """The classifier's class count in a weights file (a safetensors file: from its header only)."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as f:
+            return _classifier_classes({k: f.get_slice(k).get_shape() for k in f.keys()}, name)
+    return _classifier_classes({k: tuple(v.shape) for k, v in load_state_dict(str(file), weights_only=True).items()},
+                               name)
+
+
+def describe_weights(name: str, num_classes: int, *, pretrained: bool, pretrained_path: str | None,
+                     head: str = "single") -> str:
+    """Where a model's weights come from, for the start summary: the file or the timm hub tag,
+    and whether the classifier was replaced (its new weights random) or kept; or random init."""
+    if pretrained_path:
+        file = resolve_weights_file(pretrained_path)
+        source, theirs = f"weights from {file}", _file_classes(file, name)
+    elif pretrained:
+        cfg = get_pretrained_cfg(name)
+        tag = f"{cfg.architecture}.{cfg.tag}" if cfg is not None and cfg.tag else name
+        source, theirs = f"weights from the timm hub ({tag})", int(getattr(cfg, "num_classes", 0) or 0)
+    else:
+        return "randomly initialised (no --pretrained / --pretrained-path)"
+    if head != "single":
+        return f"{source}, backbone only; the {head} head is new (random init)"
+    if theirs == num_classes:
+        return f"{source}, classifier kept ({theirs} classes)"
+    had = f"had {theirs} classes" if theirs else "had none"
+    return f"{source}; classifier replaced: a new {num_classes}-class one, random init (the weights {had})"
+
+
 def _load_local(name: str, num_classes: int, file: Path, kwargs: dict) -> torch.nn.Module:
     """Build `name` with weights from `file` through timm's loader (so its checkpoint filters,
     e.g. ViT position-embedding resampling, apply), strictly: every non-classifier key must fit.
@@ -93,15 +136,7 @@ def _load_local(name: str, num_classes: int, file: Path, kwargs: dict) -> torch.
         sd = load_state_dict(str(file), weights_only=True)  # never unpickle code from a weights file
     except Exception as e:
         raise UserError(f"--pretrained-path {file}: cannot read weights ({type(e).__name__}: {e})") from None
-    cfg = get_pretrained_cfg(name)
-    classifier = cfg.classifier if cfg is not None else None
-    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
-    ckpt_classes = 0
-    for c in classifiers:
-        w = sd.get(f"{c}.weight")
-        if w is not None:
-            ckpt_classes = int(w.shape[0])
-            break
+    ckpt_classes = _classifier_classes({k: tuple(v.shape) for k, v in sd.items()}, name)
     del sd
     try:
         model = _timm(name, pretrained=True, num_classes=ckpt_classes,

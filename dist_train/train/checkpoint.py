@@ -46,6 +46,7 @@ class Progress:
     step: int = 0  # optimizer steps taken
     updates: int = 0  # optimizer steps not skipped by the fp16 scaler
     best_f1: float = -1.0
+    best: dict | None = None  # the best evaluation: epoch, step, weights, val_macro_f1, val_acc, val_loss
     stale: int = 0  # evaluations since val macro F1 last improved (--patience)
     stage: int = 0
     stage_start: int = 0  # step at which the current stage began (for --unfreeze-warmup)

@@ -38,6 +38,11 @@ class Evaluator:
         self.meta = meta  # recorded beside the metrics in best/metrics.json (the task options)
         self.tta = tta  # --val-tta: the views whose probabilities val_* metrics average
         self.limit = limit
+        # The predictions behind the best evaluation of this process (else its last one), for the
+        # end-of-training report: epoch, step, weights, key, target, prob, confusion.
+        self.shown: dict | None = None
+        self._latest: dict = {}
+        self._when = ""  # the evaluation in progress: "epoch E, step S"
 
     def should_evaluate(self, step: int, end_of_epoch: bool) -> bool:
         return end_of_epoch or bool(self.every and step % self.every == 0)
@@ -48,21 +53,33 @@ class Evaluator:
         best/ gets whichever weights scored the better val macro F1 when it beats the best so far;
         without a validation split, at each epoch end, the current weights (the EMA's if kept)."""
         if self.loader is None:
-            if end_of_epoch and acc.is_main_process:
+            if end_of_epoch:
                 which, weights = ("ema", ema) if ema is not None else ("model", acc.unwrap_model(model))
+                progress.best = {"epoch": progress.epoch, "step": progress.step, "weights": which}
+            if end_of_epoch and acc.is_main_process:
                 save_for_timm(weights, self.out / "best", label_names=self.class_names,
                               num_classes=len(self.class_names), **self.export,
                               extra={"epoch": progress.epoch, "step": progress.step, **self.meta, "weights": which,
                                      "validation": None})
             return {}
-        m = self.metrics(model, acc, when=f"epoch {progress.epoch}, step {progress.step}")
+        self._when = f"epoch {progress.epoch}, step {progress.step}"  # confusion.png's title
+        m = self.metrics(model, acc)
+        views = {"model": {**self._latest, "weights": "model"}}  # the predictions behind m
         log_confusion(acc, self.out / "confusion.png", progress.step)
         candidates = [("model", acc.unwrap_model(model), m["val_macro_f1"])]
         if ema is not None:
             m_ema = self.metrics(ema, acc, write_confusion=False)
+            views["ema"] = {**self._latest, "weights": "ema"}
             m.update({f"{k}_ema": v for k, v in m_ema.items() if k != "val_samples"})
             candidates.append(("ema", ema, m_ema["val_macro_f1"]))
         which, weights, score = max(candidates, key=lambda c: c[2])  # the model's on a tie
+        where = {"epoch": progress.epoch, "step": progress.step}
+        if score > progress.best_f1:  # the same gathered predictions, so the same verdict, on every rank
+            chosen = m if which == "model" else m_ema
+            progress.best = {**where, "weights": which, **{k: chosen[k] for k in ("val_macro_f1", "val_acc", "val_loss")}}
+            self.shown = {**views[which], **where, "best": True}
+        elif self.shown is None or not self.shown["best"]:
+            self.shown = {**views["model"], **where, "best": False}
         if acc.is_main_process and score > progress.best_f1:
             progress.best_f1 = score
             save_for_timm(weights, self.out / "best", label_names=self.class_names, num_classes=len(self.class_names),
@@ -70,9 +87,9 @@ class Evaluator:
         progress.best_f1 = float(acc.reduce(torch.tensor(progress.best_f1, device=acc.device), "max").item())
         return m
 
-    def metrics(self, model: torch.nn.Module, acc: Accelerator, write_confusion: bool = True, when: str = "") -> dict:
+    def metrics(self, model: torch.nn.Module, acc: Accelerator, write_confusion: bool = True) -> dict:
         """Loss, accuracy, macro F1, sample count and the task's metrics; confusion files on the
-        main process, titled `when` (the epoch and step)."""
+        main process, titled with the evaluation's epoch and step."""
         res = infer(model, self.loader, acc, self.prep, tta=self.tta, limit=self.limit)
         logits, target = torch.from_numpy(res["logits"]), torch.from_numpy(res["target"])
         labeled = target >= 0
@@ -82,7 +99,10 @@ class Evaluator:
         stats = summarize(y_pred, y_true, len(self.class_names), self.class_names)
         if acc.is_main_process and write_confusion:
             save_confusion(stats["confusion"], self.class_names, self.out / "confusion.csv", self.out / "confusion.png",
-                           title=f"validation, {when}" if when else "validation")
+                           title=f"validation, {self._when}" if self._when else "validation")
+        self._latest = {"key": [k for k, ok in zip(res["key"], labeled.tolist()) if ok], "target": y_true,
+                        "prob": torch.softmax(logits[labeled].float(), 1).numpy(), "confusion": stats["confusion"],
+                        "acc": stats["acc"], "macro_f1": stats["macro_f1"]}
         m = {"val_loss": val_loss, "val_acc": stats["acc"], "val_macro_f1": stats["macro_f1"],
              "val_samples": int(len(preds))}
         m.update({f"val_{k}": v for k, v in self.task.extra_metrics(y_pred, y_true).items()})

@@ -1,5 +1,5 @@
-"""What a run reports: the progress bar, metrics.jsonl and the trackers, the start summary, and
-summary.json (per-rank step counts and parameter hashes, so divergence cannot go unnoticed)."""
+"""What a run reports: the progress bar (and the trackers' per-step loss and LR), the start
+summary, and summary.json (per-rank step counts and parameter hashes, so divergence cannot go unnoticed)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 from dist_train.errors import atomic_write_json
 
 from .checkpoint import Progress
-from .trackers import flat_metrics
 
 
 class Meter:
@@ -54,34 +53,28 @@ class Meter:
 
 
 class ProgressBar:
-    """tqdm on the main process; the postfix (loss, lr, images/s) every `every` steps, the only
-    moments the loss leaves the device."""
+    """tqdm on the main process; every `every` steps, the only moments the loss leaves the device,
+    the postfix (loss, lr, images/s) and the trackers get the main process's mean loss over those
+    steps (`train_loss_step`, the configured loss) and the head's LR (`lr_step`)."""
 
     def __init__(self, acc: Accelerator, total: int, initial: int, every: int) -> None:
         self.bar = tqdm(total=total, initial=initial, disable=not acc.is_main_process, dynamic_ncols=True)
-        self.every = every
+        self.acc, self.every = acc, every
+        self.window, self.n = torch.zeros((), device=acc.device), 0
 
     def step(self, step: int, loss: torch.Tensor, lr: float, images_per_s: float) -> None:
         self.bar.update(1)
+        self.window += loss.detach().float()
+        self.n += 1
         if step % self.every == 0:
-            self.bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+            mean = self.window.item() / self.n
+            self.window.zero_()
+            self.n = 0
+            self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+            self.acc.log({"train_loss_step": mean, "lr_step": lr}, step=step)
 
     def close(self) -> None:
         self.bar.close()
-
-
-class MetricsLog:
-    """One line per evaluation: `metrics.jsonl` and the console (main process), the trackers."""
-
-    def __init__(self, acc: Accelerator, out: Path) -> None:
-        self.acc, self.path = acc, Path(out) / "metrics.jsonl"
-
-    def write(self, m: dict, step: int) -> None:
-        if self.acc.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
-        self.acc.log(flat_metrics(m), step=step)
 
 
 class SampleLog:
@@ -123,8 +116,12 @@ def write_summary(acc: Accelerator, model: torch.nn.Module, progress: Progress, 
     """`summary.json`: per-rank step and batch counts and a hash of every parameter and buffer.
 
     Under DDP all of them must agree; a difference means ranks diverged, which would otherwise
-    go unnoticed until someone compares the weights. `stopped_by`: why the run stopped early
-    (signal, time-limit, patience), None when it ran to its end.
+    go unnoticed until someone compares the weights. `finished`: the run reached its end
+    (--epochs, --max-steps, or --patience): nothing is left for --resume auto; `stopped_by`: why
+    it stopped early (signal, time-limit, patience), None when it ran to its end. `best`: the
+    best evaluation (epoch, step, weights, val_macro_f1, val_acc, val_loss), null before the
+    first; `best_val_macro_f1` null when no evaluation scored one (no validation split, or none
+    ran yet).
     """
     raw = acc.unwrap_model(model)
     if acc.num_processes > 1:
@@ -136,8 +133,10 @@ def write_summary(acc: Accelerator, model: torch.nn.Module, progress: Progress, 
              "ema": None if ema is None else state_hash(ema)}]
     everyone = gather_object(mine) if acc.num_processes > 1 else mine
     if acc.is_main_process:
-        summary = {"finished": finished, "stopped_by": stopped_by, "world_size": acc.num_processes, "epoch": progress.epoch, "step": progress.step,
-                   "best_val_macro_f1": progress.best_f1,
+        summary = {"finished": finished, "stopped_by": stopped_by, "world_size": acc.num_processes,
+                   "epoch": progress.epoch, "step": progress.step,
+                   "best_val_macro_f1": progress.best_f1 if progress.best_f1 >= 0 else None,
+                   "best": progress.best,
                    "steps_per_rank": [r["step"] for r in everyone],
                    "batches_per_rank": [r["batches"] for r in everyone],
                    "param_hash_per_rank": [r["hash"] for r in everyone]}
@@ -148,16 +147,23 @@ def write_summary(acc: Accelerator, model: torch.nn.Module, progress: Progress, 
         atomic_write_json(out / "summary.json", summary)
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def start_lines(acc: Accelerator, facts: dict[str, Any]) -> str:
     """The start summary: world size first, so a launch that did not form a group shows at once."""
-    f = facts
-    text = (f"dist_train: world size {acc.num_processes} ({acc.distributed_type.value}), device {acc.device}, "
+    f, world = facts, acc.num_processes
+    workers = ("0 workers (loading in the main process)" if f["workers"] == 0
+               else _count(f["workers"], "worker") + " each")
+    text = (f"dist_train: world size {world} ({acc.distributed_type.value}), device {acc.device}, "
             f"precision {acc.mixed_precision}\n"
-            f"  model {f['model']}: {f['params']:,} params, {f['trainable']:,} trainable\n"
+            f"  model {f['model']}: {f['params']:,} params, {f['trainable']:,} trainable; {f['weights']}\n"
             f"  global batch {f['global_batch']}, {f['batches']} batches / {f['steps_per_epoch']} steps per epoch, "
-            f"{f['train_samples']} train samples, {f['shards']} shards, "
-            f"{f['shards_per_rank']} per rank ({acc.num_processes} ranks x {f['workers']} workers)\n"
-            f"  output {f['output']}")
+            f"{f['train_samples']} train samples in {_count(f['shards'], 'shard')}; {_count(world, 'rank')} x {workers}")
+    if world * max(1, f["workers"]) > 1:  # readers read contiguous pieces; neighbours share their edge shards
+        text += f"; rank 0's readers read from {f['shards_per_rank']} of the {f['shards']} shards"
+    text += f"\n  output {f['output']}"
     if f.get("validation"):
         text += f"\n  validation: split {f['validation']}"
     else:

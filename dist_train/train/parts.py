@@ -20,13 +20,26 @@ from dist_train.tasks import Task
 
 
 def run_config(cfg: Config) -> Config:
-    """The config a run uses: --debug means one process's worth of everything (a copy; `cfg` stays)."""
+    """The config a run uses: --debug means one process's worth of everything and a smoke run of
+    --debug-steps train batches (then validation of at most as many batches) (a copy; `cfg` stays)."""
     if not cfg.runtime.debug:
         if cfg.checkpoint.output is None:
             raise UserError("--output is required (the run folder)")
         return cfg
     output = cfg.checkpoint.output or tempfile.mkdtemp(prefix="dist_train-debug-")
-    return cfg.replace(workers=0, output=output, mixed_precision="no")
+    r, accum = cfg.runtime, cfg.optim.grad_accum_steps
+    steps = -(-r.debug_steps // accum)  # --debug-steps batches, grouped per optimizer step
+    return cfg.replace(workers=0, output=output, mixed_precision="no", max_steps=min(r.max_steps or steps, steps))
+
+
+def global_batch(cfg: Config, world: int, n_train: int, split: str) -> int:
+    """Samples per optimizer step over all processes; more than the split holds is a UserError."""
+    o = cfg.optim
+    n = o.batch_size * world * o.grad_accum_steps
+    if n > n_train:
+        raise UserError(f"global batch {n} (batch {o.batch_size} x {world} processes x {o.grad_accum_steps} "
+                        f"accumulation) is larger than split '{split}' ({n_train} samples)")
+    return n
 
 
 def process_setup(acc: Accelerator, cfg: Config) -> None:

@@ -31,10 +31,10 @@ from dist_train.config import Config, parse_duration, save_config
 from dist_train.data.device import BatchPrep
 from dist_train.data.loaders import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, sampler_weights
 from dist_train.data.plan import decode_done, encode_done
-from dist_train.errors import UserError, atomic_write_json
+from dist_train.errors import atomic_write_json
 from dist_train.infer.accel import make_accelerator
 from dist_train.infer.tta import parse_tta
-from dist_train.model.build import data_config
+from dist_train.model.build import data_config, describe_weights
 from dist_train.model.recompute import KeepRunningStats
 from dist_train.model.stages import count_params
 from dist_train.shardset.format import class_names, cv_splits, label_counts, load_info, split_info
@@ -43,21 +43,13 @@ from dist_train.tasks import Criterion, Task, task_for
 from .checkpoint import Checkpointer, Progress, check_resume_compatible, read_progress
 from .elastic import relayout
 from .evaluator import Evaluator
-from .parts import augment_config, create_run_model, process_setup, run_config
+from .parts import augment_config, create_run_model, global_batch, process_setup, run_config
 from .guard import StepGuard, out_of_memory_hint
-from .logging import Meter, MetricsLog, ProgressBar, SampleLog, broadcast_buffers, start_lines, write_summary
+from .logging import Meter, ProgressBar, SampleLog, broadcast_buffers, start_lines, write_summary
 from .optim import build_optimizer, build_scheduler, schedule_time
+from .results import Results, loss_label, stop_line
 from .stager import Stager
 from .trackers import start_trackers, tracker_names
-
-
-STOP_LINES = {
-    "signal": "dist_train: stopped by signal at step {step}; checkpoint saved, continue with --resume auto",
-    "time-limit": "dist_train: stopped at step {step} to stay within --time-limit {limit}; checkpoint saved, "
-                  "continue with --resume auto",
-    "patience": "dist_train: early stop at step {step}: val macro F1 has not improved for {stale} evaluations "
-                "(best {best:.4f}, --patience); checkpoint saved",
-}
 
 
 class Trainer:
@@ -133,7 +125,7 @@ class Trainer:
         self.resume_from = self.checkpointer.resume_path(self.cfg.checkpoint.resume, str(self.out), acc)
         if self.resume_from is not None:
             check_resume_compatible(self.resume_from, self.cfg.model.model, len(self.class_names), self.cfg.task.head)
-        self._check_global_batch()
+        self.global_batch = global_batch(self.cfg, acc.num_processes, self.n_train, self.train_split)
         self._runtime_setup()
         self._build_model_and_data()
         self.progress = Progress()
@@ -146,7 +138,8 @@ class Trainer:
             self._adopt_layout()
         else:
             self._enter_stage(self.stager.stage_at(0))
-        self.meter, self.log = Meter(acc.device, len(self.class_names)), MetricsLog(acc, self.out)
+        self.meter = Meter(acc.device, len(self.class_names))
+        self.log = Results(acc, self.out, loss_label(self.cfg), since_step=self.progress.step)
         self.sample_log = SampleLog(self.cfg.runtime.log_samples) if self.cfg.runtime.log_samples else None
         if acc.is_main_process:
             self._print_start()
@@ -170,14 +163,6 @@ class Trainer:
         self.task.check(self.cfg.task, self.info)
         self.val_tta = parse_tta(self.cfg.augment.val_tta, "--val-tta")
         self.out = Path(self.cfg.checkpoint.output)
-
-    def _check_global_batch(self) -> None:
-        o, world = self.cfg.optim, self.acc.num_processes
-        self.global_batch = o.batch_size * world * o.grad_accum_steps
-        if self.global_batch > self.n_train:
-            raise UserError(f"global batch {self.global_batch} (batch {o.batch_size} x {world} processes x "
-                            f"{o.grad_accum_steps} accumulation) is larger than split '{self.train_split}' "
-                            f"({self.n_train} samples)")
 
     def _runtime_setup(self) -> None:
         """Seeds, threads, anomaly detection, the run folder and the trackers."""
@@ -225,12 +210,15 @@ class Trainer:
         self.model, self.optimizer = self.stager.enter(self.acc, self.model, self.optimizer, stage, self.progress)
 
     def _print_start(self) -> None:
-        st = self.stager
+        st, m = self.stager, self.cfg.model
+        weights = describe_weights(m.model, len(self.class_names), pretrained=m.pretrained,
+                                   pretrained_path=m.pretrained_path, head=self.cfg.task.head)
         print(start_lines(self.acc, dict(
-            model=self.cfg.model.model, params=count_params(self.model), trainable=count_params(self.model, st.trainable),
+            model=m.model, weights=weights, params=count_params(self.model),
+            trainable=count_params(self.model, st.trainable),
             global_batch=self.global_batch, batches=self.batches, steps_per_epoch=self.steps_per_epoch,
             train_samples=self.n_train, shards=len(split_info(self.info, self.train_split).filenames),
-            shards_per_rank=self.train_loader.shards_per_rank, workers=max(1, self.cfg.data.workers),
+            shards_per_rank=self.train_loader.shards_per_rank, workers=self.cfg.data.workers,
             output=self.out, resumed_from=self.resume_from,
             validation=self.val_split and f"{self.val_split} ({split_info(self.info, self.val_split).num_samples} samples)")))
         print("\n".join(st.summary(self.model)), flush=True)
@@ -374,7 +362,7 @@ class Trainer:
             p.stale = 0 if p.best_f1 > best else p.stale + 1
             if self.cfg.runtime.patience and p.stale >= self.cfg.runtime.patience:
                 self.stop_reason = "patience"
-        self.log.write(m, p.step)
+        self.log.write(m, p.step, p.best)
         self.meter.reset()
         self.stager.train_mode(self.model, acc)
         return m
@@ -390,9 +378,11 @@ class Trainer:
         finished = (self.finished() and why is None) or why == "patience"  # nothing left to resume
         write_summary(acc, self.model, p, self.batches_seen, self.out, finished=finished, stopped_by=why,
                       ema=None if self.ema is None else self.ema.module)
-        if why is not None and acc.is_main_process:
-            print(STOP_LINES[why].format(step=p.step, stale=p.stale, best=p.best_f1,
-                                         limit=self.cfg.runtime.time_limit), flush=True)
+        if acc.is_main_process:
+            if self.log.rows:
+                print(self.log.table(p.best), flush=True)
+            if why is not None:
+                print(stop_line(why, p, self.cfg.runtime.time_limit), flush=True)
         acc.end_training()
-        return {**metrics, "step": p.step, "output": str(self.out), "stopped": why in ("signal", "time-limit"),
-                "is_main": acc.is_main_process}
+        return {**metrics, "step": p.step, "epoch": p.epoch, "best": p.best, "output": str(self.out),
+                "stopped": why in ("signal", "time-limit"), "is_main": acc.is_main_process}
