@@ -144,6 +144,8 @@ class Trainer:
         self.sample_log = SampleLog(self.cfg.runtime.log_samples) if self.cfg.runtime.log_samples else None
         if acc.is_main_process:
             self._print_start()
+            if relabel := self.task.describe_targets(self.cfg.task, self.cfg.data.data, self.info, self.train_split):
+                print(relabel, flush=True)  # --relabel: how many labels it changed
         total = self.cfg.optim.epochs * self.steps_per_epoch
         self.bar = ProgressBar(acc, min(self.cfg.runtime.max_steps or total, total), self.progress.step,
                                self.cfg.runtime.log_every)
