@@ -1,6 +1,7 @@
 """Evaluate a trained run: `python -m dist_train.evaluate --run runs/NAME --data SHARDS [--split validation]`.
 
-Writes into `--out` (default `RUN/eval-SPLIT/`):
+Writes into `--out` (default `RUN/eval-SPLIT/`, with `--tta SPEC` `RUN/eval-SPLIT-tta-SPEC/`: each
+TTA keeps its own folder, e.g. `eval-validation-tta-hflip+five-crop`):
 - `metrics.json`: loss, accuracy, macro F1 and the task's own metrics (the competition's: per-task
   accuracy of mask, gender, age) — always against the stored labels (for the competition the
   true 30/60 age groups, whatever `--age-bins` the model was trained with);
@@ -20,6 +21,7 @@ import argparse
 import csv
 import io
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +81,20 @@ def errors_csv(mistakes: list[dict], names: list[str]) -> str:
     return buf.getvalue()
 
 
+def eval_folder(split: str, tta: str) -> str:
+    """`eval-SPLIT`, or `eval-SPLIT-tta-SPEC` with the spec made a file name (',' -> '+', ':' and
+    '/' -> '-', spaces dropped): a TTA try never overwrites another's results."""
+    if tta.strip() == "none":
+        return f"eval-{split}"
+    spec = re.sub(r"[^A-Za-z0-9.+_-]", "", tta.replace(",", "+").replace(":", "-").replace("/", "-"))
+    return f"eval-{split}-tta-{spec}"
+
+
 def parser() -> argparse.ArgumentParser:
     p = ArgParser(prog="python -m dist_train.evaluate", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--split", default="validation", help="labeled split to evaluate (default validation)")
-    p.add_argument("--out", type=Path, help="output folder (default RUN/eval-SPLIT)")
+    p.add_argument("--out", type=Path, help="output folder (default RUN/eval-SPLIT, with --tta RUN/eval-SPLIT-tta-SPEC)")
     p.add_argument("--worst", type=int, default=16, help="mistakes drawn in report.png (default 16)")
     return p
 
@@ -97,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise UserError(f"--worst {args.worst}: expected 0 or more")
     out = check_writable_dir(args.out, "--out") if args.out is not None else None  # before the model loads
     loaded = load_model(args.run, args.checkpoint)
-    out = out or check_writable_dir(loaded.run / f"eval-{args.split}", "--out")
+    out = out or check_writable_dir(loaded.run / eval_folder(args.split, args.tta), "--out")
     info = load_info(args.data)
     split_info(info, args.split)
     if not is_labeled(info, args.split):
@@ -121,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                "acc": stats["acc"], "macro_f1": stats["macro_f1"], **stats["extra"]}
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "per_class.csv", per_class_csv(stats))
-    save_confusion(stats["confusion"], names, out / "confusion.csv", out / "confusion.png")
+    save_confusion(stats["confusion"], names, out / "confusion.csv", out / "confusion.png",
+                   title=f"{loaded.source} on {args.split}" + (f", TTA {args.tta}" if args.tta != "none" else ""))
     mistakes = mistakes_of(res["key"], target, prob)
     atomic_write_text(out / "errors.csv", errors_csv(mistakes, names))
     worst = mistakes[: args.worst]

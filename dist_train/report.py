@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -27,6 +28,7 @@ from .data.transforms import decode_rgb
 from .errors import UserError, atomic_write_bytes
 from .infer.metrics import draw_confusion
 from .shardset.format import class_names, image_bytes, is_labeled, iter_samples, label_counts, split_info
+from .trust.media import DEFAULT_MAX_PIXELS, check_image_bytes
 
 THUMB = 96  # thumbnail side in pixels (longer side)
 # metrics.jsonl fields as the curves' legend names them: what each loss is
@@ -35,7 +37,9 @@ CURVE_LABELS = {"train_loss": "train loss (the configured --loss)", "val_loss": 
 
 # ----------------------------------------------------------------------------- thumbnails
 def thumbnail(data: bytes, side: int = THUMB) -> np.ndarray:
-    """Image bytes -> HWC uint8 array whose longer side is `side` (aspect kept)."""
+    """Image bytes -> HWC uint8 array whose longer side is `side` (aspect kept).
+    ImageRefused for an image whose header declares too many pixels (it is never decoded)."""
+    check_image_bytes(data, DEFAULT_MAX_PIXELS, ("JPEG", "PNG"))
     img = decode_rgb(data)
     h, w = img.shape[-2:]
     scale = side / max(h, w)
@@ -43,9 +47,27 @@ def thumbnail(data: bytes, side: int = THUMB) -> np.ndarray:
     return img.permute(1, 2, 0).numpy()
 
 
-def _short(text: str, n: int) -> str:
-    """Keep the end of a long key (the file name part), marking the cut."""
-    return text if len(text) <= n else "…" + text[-(n - 1):]
+def _thumbnail_or_none(data: bytes, side: int = THUMB) -> np.ndarray | None:
+    """`thumbnail`, or None (warned) for an image from a shard that is refused or does not decode."""
+    try:
+        return thumbnail(data, side)
+    except (ValueError, RuntimeError) as e:
+        warnings.warn(f"skipping an image that cannot be drawn: {e}", stacklevel=2)
+        return None
+
+
+def key_label(key: str, width: int) -> str:
+    """A key in at most two lines of `width` characters. Its start is always kept (the person or
+    folder: `000123_female_Asian_45/`), broken after a '/', '_', '-' or '.' where one is near the
+    end of the first line; a key too long for two lines keeps its end as well (the file name),
+    the middle cut and marked."""
+    if len(key) <= width:
+        return key
+    cut = next((i + 1 for i in range(width - 1, width // 2, -1) if key[i] in "/_-."), width)
+    first, rest = key[:cut], key[cut:]
+    if len(rest) > width:
+        rest = "…" + rest[-(width - 1):]
+    return f"{first}\n{rest}"
 
 
 def load_thumbnails(root: str, info: dict, split: str, keys: Iterable[str], side: int = THUMB) -> dict[str, np.ndarray]:
@@ -57,8 +79,10 @@ def load_thumbnails(root: str, info: dict, split: str, keys: Iterable[str], side
     for s in iter_samples(root, info, split):
         key = s["__key__"]
         if key in wanted and (data := image_bytes(s)) is not None:
-            out[key] = thumbnail(data, side)
-            if len(out) == len(wanted):
+            if (thumb := _thumbnail_or_none(data, side)) is not None:
+                out[key] = thumb
+            wanted.discard(key)
+            if not wanted:
                 break
     return out
 
@@ -125,21 +149,21 @@ def draw_report(out_png: str | Path, *, history: list[dict], confusion: np.ndarr
     k = len(class_names)
     top_h = max(6.0, 0.3 * k + 3.0)
     rows = math.ceil(len(mistakes) / cols) if mistakes else 1
-    fig = Figure(figsize=(16, top_h + 2.3 * rows), layout="constrained")
+    fig = Figure(figsize=(16, top_h + 2.7 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    fig.suptitle(title)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[top_h, 2.3 * rows])
+    fig.suptitle(title, fontsize=13)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[top_h, 2.7 * rows])
     grid = top.add_gridspec(2, 2, width_ratios=[1, 1.3])
     _curve(top.add_subplot(grid[0, 0]), history, ("train_loss", "val_loss"), "loss")
     _curve(top.add_subplot(grid[1, 0]), history, ("val_macro_f1", "val_acc"), "validation")
-    draw_confusion(top.add_subplot(grid[:, 1]), np.asarray(confusion), class_names, fontsize=6)
+    draw_confusion(top.add_subplot(grid[:, 1]), np.asarray(confusion), class_names, fontsize=8)
     if mistakes:
-        bottom.suptitle(f"worst {len(mistakes)} mistakes (lowest probability on the true class)", fontsize=10)
+        bottom.suptitle(f"worst {len(mistakes)} mistakes (lowest probability on the true class)", fontsize=12)
         axes = bottom.subplots(rows, cols, squeeze=False).ravel()
         for ax, m in zip(axes, mistakes):
-            _show(ax, m.get("image"), f"{_short(m['key'], 30)}\ntrue {class_names[m['true']]} ({m['prob_true']:.2f})\n"
-                                      f"pred {class_names[m['pred']]} ({m['prob_pred']:.2f})", fontsize=6.5,
-                  color="darkred")
+            _show(ax, m.get("image"), f"{key_label(m['key'], 30)}\ntrue {class_names[m['true']]} "
+                                      f"({m['prob_true']:.2f})\npred {class_names[m['pred']]} ({m['prob_pred']:.2f})",
+                  fontsize=7.5, color="darkred")
         for ax in axes[len(mistakes):]:
             ax.set_axis_off()
     else:
@@ -187,11 +211,11 @@ def contact_sheet(root: str | Path, info: dict, out_png: str | Path, per_class: 
                 continue
         else:
             row = filled // per_class
-        if len(cells[row]) < per_class:
-            cells[row].append((s["__key__"], thumbnail(data)))
+        if len(cells[row]) < per_class and (thumb := _thumbnail_or_none(data)) is not None:
+            cells[row].append((s["__key__"], thumb))
             filled += 1
 
-    fig = Figure(figsize=(1.6 * per_class + 2.2, 1.75 * n_rows + 0.6), layout="constrained")
+    fig = Figure(figsize=(1.7 * per_class + 2.2, 2.0 * n_rows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(f"{Path(str(root)).name} / {split}: {per_class} per class" if labeled
                  else f"{Path(str(root)).name} / {split} (unlabeled): first samples")
@@ -200,11 +224,11 @@ def contact_sheet(root: str | Path, info: dict, out_png: str | Path, per_class: 
         for c in range(per_class):
             ax = axes[r, c]
             key, img = cells[r][c] if c < len(cells[r]) else ("", None)
-            _show(ax, img, _short(key, 24), fontsize=5.5)
+            _show(ax, img, key_label(key, 24), fontsize=8.5)
             if img is None and c == 0:
                 ax.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=7, transform=ax.transAxes)
         if labeled:
-            axes[r, 0].set_ylabel(names[r], fontsize=7, rotation=0, ha="right", va="center")
+            axes[r, 0].set_ylabel(names[r], fontsize=9, rotation=0, ha="right", va="center")
     return _save(fig, out_png)
 
 
@@ -212,13 +236,13 @@ def draw_suspects(out_png: str | Path, items: Sequence[dict], title: str, cols: 
     """A grid of suspects, most suspect first. `items`: dicts with `key`, `label` and `pred`
     (class names), `p_label`, `p_pred` and `image` (HWC uint8 thumbnail, or None if not found)."""
     rows = max(1, math.ceil(len(items) / cols))
-    fig = Figure(figsize=(1.9 * cols, 2.1 * rows + 0.5), layout="constrained")
+    fig = Figure(figsize=(2.1 * cols, 2.6 * rows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=14)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for n, (ax, it) in enumerate(zip(axes, items), start=1):
-        _show(ax, it.get("image"), f"{n}. {_short(it['key'], 26)}\ngiven {it['label']} ({it['p_label']:.2f})\n"
-                                   f"pred {it['pred']} ({it['p_pred']:.2f})", fontsize=6, color="darkred")
+        _show(ax, it.get("image"), f"{n}. {key_label(it['key'], 28)}\ngiven {it['label']} ({it['p_label']:.2f})\n"
+                                   f"pred {it['pred']} ({it['p_pred']:.2f})", fontsize=8, color="darkred")
         if it.get("image") is None:
             ax.text(0.5, 0.5, "image not found", ha="center", va="center", fontsize=7, transform=ax.transAxes)
     for ax in axes[len(items):]:

@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=95, help="JPEG quality with --resize (default 95)")
     p.add_argument("--samples-per-shard", type=int, help="max images per shard (default: >= 64 shards per split, <= 1000 images each)")
     p.add_argument("--workers", type=int, help="decode/resize processes (default: all cores)")
+    p.add_argument("--max-image-pixels", type=int, metavar="N", default=89_478_485,
+                   help="reject, without decoding, images whose header declares more pixels (default 89478485, PIL's "
+                        "limit; training skips images over max(that, 1024 x --img-size^2): raise it with --resize)")
     p.add_argument("--overwrite", action="store_true", help="rebuild OUT even if it holds a set made from another source or arguments, or an up-to-date one")
     p.add_argument("--strict", action="store_true", help="fail on any unreadable image instead of skipping it")
     p.add_argument("--as-split", metavar="NAME", help="put every image into one split NAME (no train/validation split; labels kept)")
@@ -71,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         val_fraction=args.val_fraction if args.val_fraction is not None else 0.0 if args.folds else 0.2,
         resize=args.resize, quality=args.quality, samples_per_shard=args.samples_per_shard,
         workers=args.workers, overwrite=args.overwrite, strict=args.strict, as_split=args.as_split,
+        max_image_pixels=args.max_image_pixels,
         options={k: v for t in tasks.all_tasks() for k, v in t.shard_options(args).items()}, progress=not args.quiet,
     )
 

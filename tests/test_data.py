@@ -25,7 +25,7 @@ from dist_train.data.device import normalize
 from dist_train.data.loaders import build_eval_loader, build_train_loader
 from dist_train.data.readers import train_batches_per_epoch
 from dist_train.data.transforms import AugmentConfig
-from dist_train.errors import UserError
+from dist_train.errors import RunFailed, UserError
 from dist_train.shardset.format import load_info, shard_urls, split_info
 
 LENGTHS7 = [5, 9, 3, 12, 7, 4, 8]  # 48 samples in 7 uneven shards
@@ -369,7 +369,7 @@ def test_truncated_tar_is_skipped_and_the_step_count_holds(tmp_path):
 def test_all_bad_samples_raise_instead_of_hanging(tmp_path):
     root = write_set(tmp_path / "s", {"train": [6, 6]}, corrupt={k: b"bad" for k in range(12)})
     loader = train_loader(root, batch_size=2, workers=0)
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="bad samples in a row"):
+    with pytest.warns(UserWarning), pytest.raises(RunFailed, match="bad samples in a row"):
         epoch_batches(loader, 0)
 
 

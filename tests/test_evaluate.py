@@ -87,3 +87,54 @@ def test_contact_sheets(mask_shards, eval_shards, tmp_path):  # noqa: F811
     assert tall > 18 * 100  # one row per class
     unlabeled = contact_sheet(eval_shards, load_info(str(eval_shards)), tmp_path / "eval.png", per_class=3)
     assert_png(unlabeled)
+
+
+def test_each_tta_gets_its_own_folder(tmp_path, mask_shards):
+    from test_cv_outputs import fake_cv
+
+    run = fake_cv(tmp_path / "cv", mask_shards, ["none"]) / "fold-0"  # a random test_resnet run folder
+    assert evaluate.eval_folder("validation", "none") == "eval-validation"
+    assert evaluate.eval_folder("validation", "hflip, five-crop") == "eval-validation-tta-hflip+five-crop"
+    assert evaluate.eval_folder("test", "scales:0.9/1.1") == "eval-test-tta-scales-0.9-1.1"
+    plain = evaluate.main(["--run", str(run), "--data", str(mask_shards), "--workers", "0", "--worst", "0"])
+    flipped = evaluate.main(["--run", str(run), "--data", str(mask_shards), "--workers", "0", "--worst", "0",
+                             "--tta", "hflip"])
+    assert json.loads((run / "eval-validation" / "metrics.json").read_text()) == plain  # not overwritten
+    assert json.loads((run / "eval-validation-tta-hflip" / "metrics.json").read_text()) == flipped
+    assert flipped["tta"] == "hflip" and plain["tta"] == "none"
+
+
+def test_a_cv_folder_or_a_run_without_best_says_what_exists(tmp_path, capsys):
+    cv = tmp_path / "cv"
+    (cv / "fold-0").mkdir(parents=True)
+    (cv / "fold-0" / "config.yaml").write_text("data: shards\n")
+    empty = tmp_path / "run"
+    (empty / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (empty / "checkpoints" / "step-00000010" / "model.safetensors").write_bytes(b"")
+    (empty / "checkpoints" / "step-00000020").mkdir()  # no weights in it: not suggested
+    for run, says in [(cv, f"--run {cv}: a cross-validation folder (fold-k/ runs), not one run: pass one fold's run "
+                           f"(--run {cv}/fold-0), or score all folds with python -m dist_train.oof {cv}"),
+                      (empty, f"pass --checkpoint {empty}/checkpoints/step-00000010 to use its newest checkpoint"),
+                      (tmp_path / "cv" / "fold-0", "and it has no checkpoints/step-*/ either: train it first")]:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--run", str(run), "--data", str(tmp_path), "--workers", "0"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+        assert "checkpoints/step-...\n" not in err
+
+
+def test_picture_labels_keep_the_start_of_keys_and_confusion_says_what_it_is_of():
+    from matplotlib.figure import Figure
+
+    from dist_train.infer.metrics import cell_fontsize, draw_confusion
+    from dist_train.report import key_label
+
+    assert key_label("000123_female_Asian_45/incorrect_mask", 24) == "000123_female_Asian_45/\nincorrect_mask"
+    assert key_label("short/key", 24) == "short/key"
+    long = "a" * 30 + "/" + "b" * 40 + "/photo.jpg"
+    first, second = key_label(long, 24).split("\n")
+    assert first == "a" * 24 and second == "…" + long[-23:] and second.endswith("/photo.jpg")
+    ax = Figure().add_subplot()
+    draw_confusion(ax, np.eye(3, dtype=int) * 5, ["a", "b", "c"], title="validation, epoch 2, step 40")
+    assert ax.get_title() == "confusion matrix: validation, epoch 2, step 40\n(15 samples, rows normalised)"
+    assert cell_fontsize(3) == 12 and 9 <= cell_fontsize(18) <= 10 and cell_fontsize(30) == 6

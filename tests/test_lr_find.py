@@ -84,3 +84,14 @@ def test_lr_find_that_diverges_at_once_says_so(mask_shards, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert code == 1 and "too few for a suggestion; lower --start-lr" in lines[-1], err[-2000:]
     assert out == "" and os.listdir(tmp_path / "o") == ["lr_find.png"]
+
+
+def test_plot_keeps_the_lowest_loss_and_cuts_a_diverging_tail():
+    from dist_train.train.lr_find import y_limits
+
+    raw = [3.0, 2.9, 1.2, 2.5, 2.0, 40.0, float("nan")]  # a dip the smoothed curve never reaches, then divergence
+    smoothed = [3.0, 2.95, 2.5, 2.5, 2.4, 9.0, float("inf")]
+    lo, hi = y_limits(raw, smoothed)
+    assert lo < 1.2 < 3.0 < hi  # the raw minimum and the start are on the plot
+    assert hi < 9.0  # the divergence leaves the top: start + as much as it fell (3.0 + 1.8), padded
+    assert y_limits([float("nan")], [float("nan")]) is None

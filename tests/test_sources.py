@@ -74,7 +74,7 @@ def test_mask_layout_counts_every_quirk(tmp_path):
     assert src.layout == "mask" and detect_layout(root) == "mask"
     assert len(src.records) == 3 * 7
     assert src.ignored == {"appledouble": 2, "dotfiles": 1, "checkpoints": 2, "unknown_stem": 1,
-                           "not_image": 1, "unlisted": 1}
+                           "not_image": 1, "unlisted": 1, "outside_source": 0, "repeated": 0, "special": 0}
     by_key = {r.key: r for r in src.records}
     assert {f"{p0.name}/mask1", f"{p0.name}/mask2", f"{p0.name}/normal"} <= set(by_key)
     r = by_key[f"{p0.name}/normal"]
@@ -188,7 +188,7 @@ def test_folder_layout_sorted_classes_and_junk(tmp_path):
     assert src.layout == "folder" and src.classes == ["ant", "cat", "dog", "zebra"]
     assert len(src.records) == 16
     assert src.ignored == {"appledouble": 1, "dotfiles": 0, "checkpoints": 1, "unknown_stem": 0,
-                           "not_image": 1, "unlisted": 1}
+                           "not_image": 1, "unlisted": 1, "outside_source": 0, "repeated": 0, "special": 0}
     r = next(r for r in src.records if r.rel == "dog/sub/x.y.jpg")
     assert r.key == "dog/sub/x_y" and r.label == 2 and r.meta == {"path": "dog/sub/x.y.jpg", "class_name": "dog"}
 

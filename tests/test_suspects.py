@@ -14,7 +14,7 @@ from PIL import Image
 
 from dist_train import suspects as suspects_cli
 from dist_train.infer import files
-from dist_train.infer.suspects import confident_issues, find_suspects, write_table
+from dist_train.infer.suspects import confident_issues, find_suspects, judge_models, write_table
 from dist_train.shardset.format import iter_samples, load_info
 from dist_train.tasks import CLASSIFY
 from dist_train.tasks.mask import TASK as MASK_TASK
@@ -190,3 +190,84 @@ def test_bad_input_is_one_line_exit_2(planted_oof, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert not (tmp_path / "suspects.csv").exists()
+
+
+def weak_oof(tmp_path: Path, mask_shards: Path) -> Path:
+    """An OOF file of models that learned nothing (accuracy about chance) over 40 persons."""
+    metas, _, given = mask_persons(40, seed=3)
+    prob = model_probs(np.zeros_like(given), L.NUM_CLASSES, margin=0.0, rng=np.random.default_rng(4))
+    keys = [f"s{i:05d}" for i in range(len(given))]
+    preds = files.Predictions("key", keys, prob.argmax(1), L.class_names(), given, prob)
+    files.save_oof(tmp_path / "oof.probs.npz", preds, np.arange(len(keys)) % 5, metas, str(mask_shards), "train")
+    return tmp_path / "oof.probs.npz"
+
+
+def test_judge_models_against_the_majority_class():
+    classes = ["a", "b", "c"]
+    given = np.array([0] * 6 + [1] * 2 + [2] * 2)
+    q = judge_models(files.Predictions("key", list("0123456789"), given, classes, given, np.eye(3)[np.zeros(10, int)]))
+    assert (q.accuracy, q.majority, q.majority_class) == (0.6, 0.6, "a") and not q.ok  # always 'a': no better
+    assert q.needed == pytest.approx(0.7)
+    right = np.eye(3)[given]
+    right[:3] = np.eye(3)[1]  # 7 of 10 right: 0.1 above the majority rate
+    assert judge_models(files.Predictions("key", list("0123456789"), given, classes, given, right)).ok
+
+
+def test_weak_models_are_refused_and_forced_runs_are_capped(tmp_path, mask_shards, capsys):
+    oof = weak_oof(tmp_path, mask_shards)
+    with pytest.raises(SystemExit) as e:
+        suspects_cli.main([str(oof)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "too weak to judge labels: OOF accuracy" in err and "--force" in err
+    assert "\n" not in err and not (tmp_path / "suspects.csv").exists()
+
+    s = suspects_cli.main([str(oof), "--force", "--top", "0"])
+    out, err = capsys.readouterr()
+    assert err.startswith("WARNING: ") and "too weak" in err
+    n = len(s.score)
+    assert s.flagged > 0.3 * n and s.issue.sum() == np.ceil(0.1 * n)  # capped to 10% of the samples
+    assert set(np.flatnonzero(s.issue)) == set(s.order[s.issue[s.order]][:28])  # the most suspect flagged ones
+    (table,) = s.tables
+    assert len(table.rows) <= 4 and "capped to the 4 most suspect (0.1 of 40" in table.summary  # 10% of persons
+    assert "before the cap" in out
+    with (tmp_path / "suspects.csv").open() as f:
+        assert sum(r["issue"] == "1" for r in csv.DictReader(f)) == 28
+    rows = list(csv.DictReader((tmp_path / "suspects.relabel.csv").open()))
+    assert len(rows) == len(table.rows)
+
+
+def test_relabel_summary_counts_changes_per_task_and_warns_on_lost_classes():
+    metas, _, given = mask_persons(40, seed=1)
+    fixes = {"000": {"gender": 1 - metas[0]["gender"]}, "001": {"swap_mask": True}, "999": {"age": 20}}
+    line = L.relabel_summary("f.csv", metas, fixes, L.DEFAULT_AGE_BINS)
+    assert line == ("--relabel f.csv: 9 of 280 training labels changed (mask 2, gender 7, age 0); 2 of the file's "
+                    f"3 persons are in this split; classes present {len(set(given.tolist()))} -> "
+                    f"{len(set(given.tolist()))}")
+    collapse = {m["person_id"]: {"gender": 0, "age": 20} for m in metas}
+    line = L.relabel_summary("bad.csv", metas, collapse, L.DEFAULT_AGE_BINS)
+    assert "classes present 18 -> 3" in line.splitlines()[0]
+    assert line.splitlines()[1].startswith("WARNING: after --relabel no training sample has class ")
+
+
+def test_training_says_what_relabel_changed(mask_shards, tmp_path):
+    from types import SimpleNamespace
+
+    info = load_info(str(mask_shards))
+    person = json.loads(next(iter_samples(str(mask_shards), info, "train"))["json"])["person_id"]
+    (tmp_path / "fix.csv").write_text(f"id,gender,age,swap_mask\n{person},,,1\n")
+    cfg = SimpleNamespace(relabel=str(tmp_path / "fix.csv"), age_bins="30,60")
+    line = MASK_TASK.describe_targets(cfg, str(mask_shards), info, "train")
+    n = info["splits"]["train"]["num_samples"]
+    assert line == (f"--relabel {tmp_path / 'fix.csv'}: 2 of {n} training labels changed (mask 2, gender 0, age 0); "
+                    "1 of the file's 1 persons are in this split; classes present 18 -> 18"), line
+    assert MASK_TASK.describe_targets(SimpleNamespace(relabel=None, age_bins="30,60"), str(mask_shards), info,
+                                      "train") is None
+    # training prints it at the start
+    from conftest import run_main
+
+    proc = run_main(["--data", str(mask_shards), "--output", str(tmp_path / "run"), "--relabel", cfg.relabel,
+                     "--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--workers", "0",
+                     "--max-steps", "1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert line in proc.stdout

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dist_train.errors import UserError
-from dist_train.shardset.format import is_labeled, shard_urls, split_info
+from dist_train.shardset.format import is_labeled, is_url, shard_urls, split_info
+from dist_train.trust.media import check_local_shards
 
 from .device import check_gpu_augment, decode_device, decode_on_device
 from .plan import Plan
@@ -169,6 +170,13 @@ class EvalLoader:
                 "key": [k for k, keep in zip(batch["key"], ok.tolist()) if keep],
                 "order": batch["order"][ok],
             }
+
+
+def check_split_shards(root: str, info: dict, splits: Sequence[str | None]) -> None:
+    """The splits (None: none) are in `_info.json` and their local shards are present, plain tars:
+    one line naming the first that is not, before a run writes anything (URLs: when read)."""
+    for split in filter(None, splits):
+        check_local_shards(u for u in shard_urls(root, info, split) if not is_url(u))
 
 
 def build_train_loader(

@@ -25,17 +25,17 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dist_train.errors import UserError, is_out_of_memory
-from dist_train.shardset.format import image_bytes
+from dist_train.errors import RunFailed, UserError, is_out_of_memory
+from dist_train.shardset.format import image_bytes, is_url
+from dist_train.trust.media import check_image_bytes, check_local_shards, max_pixels_for, refused, tar_samples
 
 from .plan import Plan, mix_seed, shard_groups
 from .transforms import Transform, decode_rgb
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+IMAGE_FORMATS = ("JPEG", "PNG")  # what a shard's image member may hold (shards/README.md)
 
 TargetFn = Callable[[dict, "int | None"], int]  # (sample json metadata, stored class) -> class
 
@@ -74,6 +74,9 @@ class ShardReader(IterableDataset):
         self.encoded = encoded  # yield the image file bytes; decoding happens on the device
         self.folds = folds  # a fold view: only samples of these folds exist (lengths count them alone)
         self.bad = mp.Value("q", 0)  # summed over workers; reset by the owner each epoch
+        # images whose header declares more pixels are bad samples, never decoded (trust.media)
+        self.max_pixels = max_pixels_for(transform.aug.img_size)
+        check_local_shards(u for u in self.urls if not is_url(u))  # missing / not a tar: one line now
 
     def _count_bad(self, what: str, exn: BaseException) -> None:
         warnings.warn(f"skipping bad sample: {what}: {exn!r}", stacklevel=2)
@@ -93,7 +96,7 @@ class ShardReader(IterableDataset):
 
     def _shard_samples(self, shard: int) -> Iterator[tuple[int, dict]]:
         """(position in the split, raw sample) for the samples of one shard, in tar order."""
-        samples = wds.tarfile_samples([dict(url=self.urls[shard])], handler=self._tar_error)
+        samples = tar_samples([self.urls[shard]], handler=self._tar_error)
         if self.folds is not None:
             samples = (s for s in samples if self._in_folds(s))
         for i, sample in enumerate(samples):
@@ -109,17 +112,17 @@ class ShardReader(IterableDataset):
 
     def _load(self, sample: dict, seed: int | None) -> tuple[torch.Tensor, int] | None:
         """(uint8 image, target), or None for an undecodable sample (warned and counted).
-        Encoded mode: (the file's bytes as a 1-D uint8 tensor, target), checked by magic only.
+        Encoded mode: (the file's bytes as a 1-D uint8 tensor, target), checked from its header only.
         Only reading and decoding count as bad data; the transform's errors are the settings'."""
         try:
+            if refused(sample):
+                raise ValueError(refused(sample))
             data = image_bytes(sample)
             if data is None:
                 raise ValueError(f"no image member (members: {sorted(sample)})")
+            check_image_bytes(data, self.max_pixels, IMAGE_FORMATS)  # from the header, before decoding
             img = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            if self.encoded:
-                if not (data.startswith(JPEG_MAGIC) or data.startswith(PNG_MAGIC)):
-                    raise ValueError("neither JPEG nor PNG data")
-            else:
+            if not self.encoded:
                 img = decode_rgb(img)
             cls = int(sample["cls"]) if "cls" in sample else None
             if self.needs_label and ("json" if self.target_fn is not None else "cls") not in sample:
@@ -265,8 +268,8 @@ class TrainReader(ShardReader):
                  for q, (p, c) in enumerate(zip(pos, copy))]
         good = [q for q in range(first, len(pos)) if items[q] is not None]
         if not good:
-            raise RuntimeError(f"{len(pos) - first} bad samples in a row on reader {self.rank * self.workers}: "
-                               "the shards look broken")
+            raise RunFailed(f"{len(pos) - first} bad samples in a row on reader {self.rank * self.workers}: "
+                            "the shards look broken")
         for q in range(first, len(pos)):
             if items[q] is None:
                 items[q] = items[next((g for g in good if g > q), good[0])]

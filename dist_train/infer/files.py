@@ -17,6 +17,7 @@ from dist_train.errors import UserError, atomic_write_bytes, atomic_write_text
 from dist_train.tasks.base import RowIds
 
 KEY_COLUMN = "key"
+PATH_COLUMN = "path"  # predict --images: rows named by image file, with class names like `key` rows
 ID_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # an id column's header
 
 
@@ -24,8 +25,8 @@ ID_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # an id column's header
 class Predictions:
     """What a prediction file holds: ids, answers, and optionally labels and probabilities.
 
-    With the id column `key` the file is `key,ans,class[,label]`; with any other id column (a
-    task's submission format) it is just `ID,ans`.
+    With the id column `key` the file is `key,ans,class[,label]`, with `path` (image files)
+    `path,ans,class`; with any other id column (a task's submission format) it is just `ID,ans`.
     """
 
     id_column: str
@@ -45,14 +46,14 @@ def predictions_for(res: dict, rows: RowIds, classes: Sequence[str]) -> Predicti
 
 
 def write_csv(path: str | Path, p: Predictions) -> None:
-    """`ID,ans` or `key,ans,class[,label]`, written atomically."""
+    """`ID,ans` or `key|path,ans,class[,label]`, written atomically."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    if p.id_column != KEY_COLUMN:
+    if p.id_column not in (KEY_COLUMN, PATH_COLUMN):
         w.writerow([p.id_column, "ans"])
         w.writerows(zip(p.ids, (int(a) for a in p.ans)))
     else:
-        w.writerow(["key", "ans", "class"] + (["label"] if p.label is not None else []))
+        w.writerow([p.id_column, "ans", "class"] + (["label"] if p.label is not None else []))
         for i, (k, a) in enumerate(zip(p.ids, p.ans)):
             w.writerow([k, int(a), p.classes[int(a)]] + ([int(p.label[i])] if p.label is not None else []))
     atomic_write_text(path, buf.getvalue())

@@ -16,6 +16,8 @@ from dist_train.model.export import load_trained
 from dist_train.model.stages import strip_wrappers
 from dist_train.tasks import build_model
 
+from .cv import is_cv
+
 
 @dataclass
 class Loaded:
@@ -65,6 +67,19 @@ def load_checkpoint(ckpt: Path, run: Path) -> tuple[torch.nn.Module, dict]:
     return model.eval(), info
 
 
+def _no_best(run: Path, best: Path) -> str:
+    """Why `--run` has no model, and what to pass instead: a fold of a CV folder, or a
+    checkpoint that exists."""
+    if is_cv(run):
+        return (f"--run {run}: a cross-validation folder (fold-k/ runs), not one run: pass one fold's run "
+                f"(--run {run}/fold-0), or score all folds with python -m dist_train.oof {run} "
+                f"(predict --run {run} averages the fold models)")
+    steps = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "model.safetensors").is_file())
+    hint = (f"pass --checkpoint {steps[-1]} to use its newest checkpoint" if steps
+            else "and it has no checkpoints/step-*/ either: train it first")
+    return f"--run {run}: no trained model in {best} (it is written at the first evaluation); {hint}"
+
+
 def load_model(run: str | Path | None, checkpoint: str | Path | None = None) -> Loaded:
     """`RUN/best/` by default; `checkpoint` may be a best/-style folder (config.json +
     model.safetensors) or an Accelerate checkpoint folder holding model.safetensors."""
@@ -76,8 +91,7 @@ def load_model(run: str | Path | None, checkpoint: str | Path | None = None) -> 
             raise UserError("--run RUN or --checkpoint PATH is required")
         best = run / "best"
         if not (best / "config.json").is_file() or not (best / "model.safetensors").is_file():
-            raise UserError(f"--run {run}: no trained model in {best} (it is written at the first evaluation); "
-                            f"pass --checkpoint {run}/checkpoints/step-... to use a checkpoint")
+            raise UserError(_no_best(run, best))
         model, info = load_trained(best)
         return Loaded(model, info, run, best)
     ckpt = Path(checkpoint)

@@ -62,8 +62,17 @@ def summarize(preds: Sequence[int], targets: Sequence[int], num_classes: int,
     return out
 
 
-def draw_confusion(ax, cm: np.ndarray, class_names: Sequence[str], fontsize: int = 7) -> object:
-    """Row-normalised heatmap with counts on a matplotlib axis; returns the image for a colorbar."""
+def cell_fontsize(k: int) -> float:
+    """Points for the counts in a k x k matrix: as large as a cell holds three digits (12 for a
+    few classes, 9.4 for 18), never under 6."""
+    return float(min(12.0, max(6.0, 170.0 / max(k, 1))))
+
+
+def draw_confusion(ax, cm: np.ndarray, class_names: Sequence[str], fontsize: float = 7,
+                   title: str | None = None) -> object:
+    """Row-normalised heatmap with counts on a matplotlib axis; returns the image for a colorbar.
+    `fontsize`: the class names; the counts get `cell_fontsize`. `title`: what the matrix is of
+    (e.g. "epoch 3, step 120"), above the sample count."""
     k = len(class_names)
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
@@ -76,14 +85,17 @@ def draw_confusion(ax, cm: np.ndarray, class_names: Sequence[str], fontsize: int
         for i in range(k):
             for j in range(k):
                 if cm[i, j]:
-                    ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=fontsize - 1,
+                    ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=cell_fontsize(k),
                             color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_title(f"confusion matrix ({int(cm.sum())} samples, rows normalised)", fontsize=fontsize + 2)
+    what = f"confusion matrix: {title}\n" if title else "confusion matrix "
+    ax.set_title(f"{what}({int(cm.sum())} samples, rows normalised)", fontsize=11)
     return im
 
 
-def save_confusion(cm: np.ndarray, class_names: Sequence[str], csv_path: str | Path, png_path: str | Path) -> None:
-    """Confusion matrix as CSV (rows true, columns predicted) and as a row-normalised heatmap PNG."""
+def save_confusion(cm: np.ndarray, class_names: Sequence[str], csv_path: str | Path, png_path: str | Path,
+                   title: str | None = None) -> None:
+    """Confusion matrix as CSV (rows true, columns predicted) and as a row-normalised heatmap PNG
+    whose title says what it is of (`title`: the epoch and step, or the model and split)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -100,7 +112,8 @@ def save_confusion(cm: np.ndarray, class_names: Sequence[str], csv_path: str | P
     fig = Figure(figsize=(side, side))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    fig.colorbar(draw_confusion(ax, cm, class_names), ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    fig.colorbar(draw_confusion(ax, cm, class_names, fontsize=8, title=title), ax=ax, fraction=0.046, pad=0.04,
+                 label="fraction of true class")
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)

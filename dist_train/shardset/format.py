@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -23,6 +24,7 @@ import webdataset as wds
 from webdataset.gopen import Pipe
 
 from dist_train.errors import UserError, atomic_write_json
+from dist_train.trust.media import refused, tar_samples
 
 from .remote import ReadFailed, read_gopen, read_http
 
@@ -218,9 +220,13 @@ def iter_samples(root: str, info: dict, split: str) -> Iterator[dict]:
     """Undecoded samples of a split in shard order: `__key__`, image bytes (`jpg`/`png`), `cls`, `json`.
 
     A generator: stop iterating as soon as you have what you need and the rest is never read.
+    Samples with a member `trust.media` refuses (links, sparse, oversized, ...) are warned about and left out.
     """
-    urls = shard_urls(root, info, split)
-    yield from wds.tarfile_samples([dict(url=u) for u in urls], handler=wds.warn_and_continue)
+    for sample in tar_samples(shard_urls(root, info, split), handler=wds.warn_and_continue):
+        if refused(sample):
+            warnings.warn(f"skipping sample {sample['__key__']} of {sample['__url__']}: {refused(sample)}", stacklevel=2)
+        else:
+            yield sample
 
 
 def read_meta(root: str, info: dict, split: str) -> dict[str, dict]:

@@ -3,24 +3,46 @@ encode it as the shard stores it."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
+from dist_train.trust.media import DEFAULT_MAX_PIXELS, ImageRefused, check_image_file
+
 JPEG_FORMATS = ("JPEG", "MPO")
 
 
-def check_image(path: str) -> str | None:
-    """Decode `path` fully; None if it decodes, else the reason.
-
-    `verify()` alone misses truncated JPEGs, so the image is loaded; JPEGs decode in draft
-    (1/8 scale) mode, which still reads the whole entropy-coded stream but is several times
-    faster.
-    """
+@contextlib.contextmanager
+def pil_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """PIL's own decompression-bomb limit set to ours while decoding (None: PIL's default is kept),
+    so an image the user allowed with --max-image-pixels is not refused by PIL's smaller one."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(max_pixels or 0, DEFAULT_MAX_PIXELS)
     try:
-        with Image.open(path) as im:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def check_image(task: tuple[str, int]) -> str | None:
+    """(path, max pixels) -> None if the image decodes, else the reason.
+
+    The header is read first (`trust.media`): a special file, or an image declaring more than
+    max pixels, is refused without decoding. `verify()` alone misses truncated JPEGs, so the
+    image is loaded; JPEGs decode in draft (1/8 scale) mode, which still reads the whole
+    entropy-coded stream but is several times faster.
+    """
+    path, max_pixels = task
+    try:
+        check_image_file(path, max_pixels)
+    except (ImageRefused, OSError) as e:
+        return f"{type(e).__name__}: {e}"
+    try:
+        with pil_pixel_limit(max_pixels), Image.open(path) as im:
             if im.format in JPEG_FORMATS:
                 im.draft(None, (max(1, im.width // 8), max(1, im.height // 8)))
             im.load()
@@ -51,7 +73,8 @@ def encode_image(task: tuple[str, int | None, int]) -> tuple[str, bytes]:
     `quality`; alpha is dropped since JPEG has none.
     """
     path, resize, quality = task
-    with Image.open(path) as im:
+    # check_image bounded the pixels from the header (--max-image-pixels): PIL's default must not refuse them
+    with pil_pixel_limit(1 << 62), Image.open(path) as im:
         fmt = im.format
         if resize is None:
             if fmt in JPEG_FORMATS or fmt == "PNG":

@@ -8,7 +8,8 @@ Detection tries the registered layouts first, then `folder`.
 
 Junk that real image sets carry (macOS `._*` AppleDouble files, other dot-files, Jupyter's
 `.ipynb_checkpoints`, stray files) is skipped but counted by reason in `Source.ignored`, so the
-user sees it instead of it silently vanishing or failing at decode time. Structural problems
+user sees it instead of it silently vanishing or failing at decode time. Links out of the
+source, entries reached twice and special files are skipped and counted too (`tree`). Structural problems
 (missing folders, duplicated stems, unparseable csv values, key clashes) raise `UserError`
 naming the offenders: they mean the labels cannot be trusted.
 """
@@ -25,10 +26,12 @@ from typing import Callable, Iterable, Sequence
 from dist_train import plugins
 from dist_train.errors import UserError
 
+from .tree import TREE_REASONS, SourceTree
+
 # The extensions torchvision's ImageFolder accepts: common formats every PIL build decodes.
 FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Every ignore reason, always reported (zero included) so summaries have a fixed shape.
-IGNORE_REASONS = ("appledouble", "dotfiles", "checkpoints", "unknown_stem", "not_image", "unlisted")
+IGNORE_REASONS = ("appledouble", "dotfiles", "checkpoints", "unknown_stem", "not_image", "unlisted", *TREE_REASONS)
 
 
 @dataclass(frozen=True)
@@ -162,10 +165,14 @@ def read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
         raise UserError(f"{path}: not found; expected a csv with columns {','.join(columns)}")
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"{path}: missing column(s) {','.join(missing)}; expected {','.join(columns)}")
-        rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+        try:
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(f"{path}: missing column(s) {','.join(missing)}; expected {','.join(columns)}")
+            rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+        except (UnicodeDecodeError, csv.Error) as e:  # not UTF-8; a field over csv's 128 KB limit
+            raise UserError(f"{path}: line {reader.line_num + 1}: unreadable ({e}); expected a UTF-8 csv "
+                            f"with columns {','.join(columns)}") from None
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows
@@ -212,19 +219,20 @@ def load_source(src: str | Path, layout: str | None = None, options: dict | None
 
 
 # ----------------------------------------------------------------------------- folder
-def _walk_images(folder: Path, ignored: dict[str, int]) -> Iterable[Path]:
-    """Image files below `folder` in sorted order, junk counted and skipped."""
+def _walk_images(folder: Path, ignored: dict[str, int], tree: SourceTree) -> Iterable[Path]:
+    """Image files below `folder` in sorted order, junk, links out and repeats counted and skipped."""
     for p in sorted(folder.iterdir()):
         reason = junk_reason(p)
-        if reason is None and p.is_dir():
-            yield from _walk_images(p, ignored)
-            continue
-        if reason is None and p.suffix.lower() not in FOLDER_EXTENSIONS:
+        if reason is None and not p.is_dir() and p.suffix.lower() not in FOLDER_EXTENSIONS:
             reason = "not_image"
         if reason:
             ignored[reason] += 1
             continue
-        yield p
+        kind = tree.kind(p)
+        if kind == "dir":
+            yield from _walk_images(p, ignored, tree)
+        elif kind == "file":
+            yield p
 
 
 def _detect_folder(src: Path) -> bool:
@@ -233,11 +241,13 @@ def _detect_folder(src: Path) -> bool:
 
 def _load_folder(src: Path, options: dict) -> Source:
     ignored = new_ignored()
+    tree = SourceTree(src, ignored)
     class_dirs = []
     for p in sorted(src.iterdir()):
         reason = junk_reason(p)
         if reason is None and p.is_dir():
-            class_dirs.append(p)
+            if tree.kind(p) == "dir":  # a link out of SRC, or to a class already seen, is no class
+                class_dirs.append(p)
         else:
             ignored[reason or "unlisted"] += 1
     if not class_dirs:
@@ -245,7 +255,7 @@ def _load_folder(src: Path, options: dict) -> Source:
     classes = [d.name for d in class_dirs]
     records, empty = [], []
     for idx, d in enumerate(class_dirs):
-        files = list(_walk_images(d, ignored))
+        files = list(_walk_images(d, ignored, tree))
         if not files:
             empty.append(d.name)
         for p in files:

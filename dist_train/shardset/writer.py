@@ -7,8 +7,10 @@ The format is the contract in shards/README.md. Design choices that matter to us
   rebuilds (also the way to repair a set that `--inspect` found damaged).
 - Never half-finished: `_info.json` is what readers look for, so an existing one is deleted
   before any shard is touched and the new one is written last; every tar goes to a temporary
-  name and is renamed when complete. Shard-named files in OUT that the new set does not
-  list (the previous set's, or a killed run's) are removed once the new shards are in place.
+  name and is renamed when complete. Files of the previous set (or of a killed run) that the
+  new set does not list are removed once the new shards are in place; nothing else is (`outdir`).
+- Bounded memory: an image whose header declares more than `--max-image-pixels` is rejected
+  without being decoded (`trust.media`).
 - Deterministic: tar headers carry fixed mtime/owner/mode and members go in a fixed order, so
   the same input gives byte-identical shards (checked by sha256 in `_info.json`).
 - Every image is decoded once before anything is written, so a corrupt file is skipped and
@@ -31,7 +33,6 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import sys
 import tarfile
 import time
@@ -44,25 +45,17 @@ from tqdm import tqdm
 from dist_train import __version__
 from dist_train.errors import UserError, atomic_write_text, check_writable_dir, temp_file
 from dist_train.system import usable_cpus
+from dist_train.trust.media import DEFAULT_MAX_PIXELS
 
-from .format import (
-    INFO_NAME,
-    REJECTED_NAME,
-    SHARD_RE,
-    SPLIT_RE,
-    num_images,
-    read_local_info,
-    summary,
-    write_info,
-)
+from .format import REJECTED_NAME, SPLIT_RE, num_images, read_local_info, summary
 from .images import check_image, encode_image
+from .outdir import begin_replacing, check_out_dir, inspect, publish  # noqa: F401 (inspect: the API)
+from .outdir import sha256_file as _sha256
 from .sources import Record, Source, assign_folds, get_layout, load_source, split_records
 
 DEFAULT_OUT = Path("shards")
 DEFAULT_SHARDS = 64
 MAX_DEFAULT_SHARD = 1000
-# Temporary names of this module's files (errors.temp_file: ".NAME.XXXX.tmp").
-TMP_RE = re.compile(r"^\.([A-Za-z0-9_]+-\d{6}\.tar|_info\.json|_rejected\.jsonl)\..+\.tmp$")
 # Fixed tar header fields: determinism must not depend on who ran the job, or when.
 TAR_MTIME = 0
 TAR_MODE = 0o444
@@ -129,14 +122,6 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _differences(old: dict, params: dict, fingerprint: str, out: Path) -> list[str]:
     old_params = old.get("params", {})
     keys = [*params, *(["folds"] if "folds" not in params else [])]  # a fold count dropped is a change too
@@ -153,6 +138,7 @@ def _up_to_date(out: Path, params: dict, fingerprint: str) -> dict | None:
     """The info of the same set already in OUT (None: OUT holds none); a different one is refused."""
     old = read_local_info(out)
     if old is None:
+        check_out_dir(out)  # a folder of other files is no set to replace
         return None
     diffs = _differences(old, params, fingerprint, out)
     if diffs:
@@ -162,7 +148,9 @@ def _up_to_date(out: Path, params: dict, fingerprint: str) -> dict | None:
 
 
 def _validate(val_fraction: float, resize: int | None, quality: int, samples_per_shard: int | None,
-              workers: int | None, as_split: str | None) -> None:
+              workers: int | None, as_split: str | None, max_pixels: int) -> None:
+    if max_pixels < 1:
+        raise UserError(f"--max-image-pixels {max_pixels}: expected a positive number of pixels")
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction {val_fraction}: expected 0 <= fraction < 1")
     if resize is not None and resize < 1:
@@ -204,6 +192,7 @@ def write_shards(
     as_split: str | None = None,
     folds: int = 0,
     progress: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict:
     """Shard SRC into OUT (default: see `default_out`); returns the `_info.json` dict.
 
@@ -213,7 +202,7 @@ def write_shards(
     When OUT already holds the same set, prints "up to date" and returns its info unchanged.
     """
     start = time.perf_counter()
-    _validate(val_fraction, resize, quality, samples_per_shard, workers, as_split)
+    _validate(val_fraction, resize, quality, samples_per_shard, workers, as_split, max_image_pixels)
     source = load_source(src, layout, options)
     if folds and not source.labeled:
         raise UserError(f"--folds {folds}: {src} is an unlabeled set (nothing to validate on)")
@@ -230,7 +219,7 @@ def write_shards(
 
     workers = workers or usable_cpus()
     splits = {as_split: list(source.records)} if as_split else split_records(source, val_fraction, seed)
-    splits, rejected = _drop_unreadable(source, splits, workers, strict, progress)
+    splits, rejected = _drop_unreadable(source, splits, workers, strict, progress, max_image_pixels)
     fold_of = assign_folds(splits.get(as_split or "train", []), folds, seed) if folds else {}
     if "train" in splits:
         random.Random(seed).shuffle(splits["train"])
@@ -239,7 +228,7 @@ def write_shards(
             for i, (pos, size) in enumerate(_offsets(shard_sizes(len(recs), samples_per_shard)))]
     sha, nbytes = _replace_shards(out, plan, rejected, resize, quality, workers, progress, fold_of)
     info = _make_info(out, source, splits, plan, sha, params, fingerprint, len(rejected), fold_of, folds)
-    write_info(out, info)
+    publish(out, info)
     elapsed = time.perf_counter() - start
     print(summary(out, info))
     images = sum(len(r) for r in splits.values()) + len(rejected)
@@ -256,10 +245,12 @@ def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
 
 
 def _drop_unreadable(source: Source, splits: dict[str, list[Record]], workers: int, strict: bool,
-                     progress: bool) -> tuple[dict[str, list[Record]], list[dict]]:
-    """Decode every image once; the unreadable ones leave the splits (or, strict, stop everything)."""
+                     progress: bool, max_pixels: int) -> tuple[dict[str, list[Record]], list[dict]]:
+    """Decode every image once (those over `max_pixels` are not); the unreadable ones leave the
+    splits (or, strict, stop everything)."""
     everything = [r for recs in splits.values() for r in recs]
-    reasons = list(_pool_map(check_image, [str(r.path) for r in everything], workers, "checking", progress))
+    tasks = [(str(r.path), max_pixels) for r in everything]
+    reasons = list(_pool_map(check_image, tasks, workers, "checking", progress))
     rejected = [{"key": r.key, "path": r.rel, "reason": why} for r, why in zip(everything, reasons) if why]
     if rejected and strict:
         lines = [f"{x['path']} ({x['reason']})" for x in rejected[:5]]
@@ -280,17 +271,13 @@ def _replace_shards(out: Path, plan: list[tuple[str, str, list[Record]]], reject
     """Write the new shards into OUT, which holds no finished set until the new _info.json lands;
     then remove the files of the previous set. Returns (sha256 per shard, bytes written)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / INFO_NAME).unlink(missing_ok=True)
-    for p in out.iterdir():
-        if TMP_RE.match(p.name):  # left by a killed run
-            p.unlink()
+    owned = begin_replacing(out, [filename for _, filename, _ in plan])
     sha, nbytes = _write_plan(out, plan, resize, quality, workers, progress, fold_of)
-    for p in out.iterdir():
-        if SHARD_RE.match(p.name) and p.name not in sha:
-            p.unlink()
+    for name in sorted(owned - set(sha) - {REJECTED_NAME}):  # only what the old set (or a killed run) wrote
+        (out / name).unlink(missing_ok=True)
     if rejected:
         atomic_write_text(out / REJECTED_NAME, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rejected))
-    else:
+    elif REJECTED_NAME in owned:
         (out / REJECTED_NAME).unlink(missing_ok=True)
     return sha, nbytes
 
@@ -369,31 +356,3 @@ def _fold_counts(recs: list[Record], fold_of: dict[str, int]) -> dict[str, dict[
     for r in recs:
         counts[str(fold_of[r.key])][str(r.label)] += 1
     return {f: dict(sorted(c.items(), key=lambda x: int(x[0]))) for f, c in sorted(counts.items(), key=lambda x: int(x[0]))}
-
-
-# ---------------------------------------------------------------- reading back
-
-
-def inspect(out: str | Path) -> tuple[dict, bool]:
-    """Print the summary of the shard set in OUT and verify every shard's sha256.
-
-    Returns (info, all shards present and matching).
-    """
-    out = Path(out)
-    info = read_local_info(out)
-    if info is None:
-        raise UserError(f"{out}: no {INFO_NAME}; not a finished shard set (run python -m dist_train.shard --src ... --out {out})")
-    print(summary(out, info))
-    total, ok = 0, True
-    for filename, expected in info.get("sha256", {}).items():
-        path = out / filename
-        if not path.is_file():
-            print(f"  MISSING  {filename}")
-            ok = False
-            continue
-        total += path.stat().st_size
-        if _sha256(path) != expected:
-            print(f"  MISMATCH {filename}: sha256 differs from {INFO_NAME}")
-            ok = False
-    print(f"  {total / 1e6:.1f} MB; checksums " + ("ok" if ok else "FAILED"))
-    return info, ok

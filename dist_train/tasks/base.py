@@ -53,8 +53,9 @@ class SuspectTable:
 
     name: str
     header: list[str]
-    rows: list[list]
+    rows: list[list]  # most suspect first
     summary: str  # one line for the console
+    units: int = 0  # how many groups (e.g. persons) the rows were chosen from: the cap's base; 0: no cap
 
 
 class Task:
@@ -94,6 +95,11 @@ class Task:
 
     def target_fn(self, cfg: "TaskSection", info: dict) -> TargetFn | None:
         """Training labels recomputed from each sample's metadata at load time; None: as stored."""
+        return None
+
+    def describe_targets(self, cfg: "TaskSection", data: str, info: dict, split: str) -> str | None:
+        """A line for the start of training saying how `target_fn` changes the stored labels of
+        `split` (e.g. how many a relabel file changed); None when it changes nothing to report."""
         return None
 
     def create_model(self, name: str, num_classes: int, head: str = "single", **kwargs: Any) -> torch.nn.Module:

@@ -42,6 +42,7 @@ class Evaluator:
         # end-of-training report: epoch, step, weights, key, target, prob, confusion.
         self.shown: dict | None = None
         self._latest: dict = {}
+        self._when = ""  # the evaluation in progress: "epoch E, step S"
 
     def should_evaluate(self, step: int, end_of_epoch: bool) -> bool:
         return end_of_epoch or bool(self.every and step % self.every == 0)
@@ -61,6 +62,7 @@ class Evaluator:
                               extra={"epoch": progress.epoch, "step": progress.step, **self.meta, "weights": which,
                                      "validation": None})
             return {}
+        self._when = f"epoch {progress.epoch}, step {progress.step}"  # confusion.png's title
         m = self.metrics(model, acc)
         views = {"model": {**self._latest, "weights": "model"}}  # the predictions behind m
         log_confusion(acc, self.out / "confusion.png", progress.step)
@@ -86,7 +88,8 @@ class Evaluator:
         return m
 
     def metrics(self, model: torch.nn.Module, acc: Accelerator, write_confusion: bool = True) -> dict:
-        """Loss, accuracy, macro F1, sample count and the task's metrics; confusion files on the main process."""
+        """Loss, accuracy, macro F1, sample count and the task's metrics; confusion files on the
+        main process, titled with the evaluation's epoch and step."""
         res = infer(model, self.loader, acc, self.prep, tta=self.tta, limit=self.limit)
         logits, target = torch.from_numpy(res["logits"]), torch.from_numpy(res["target"])
         labeled = target >= 0
@@ -95,7 +98,8 @@ class Evaluator:
         y_pred, y_true = preds[labeled.numpy()], res["target"][labeled.numpy()]
         stats = summarize(y_pred, y_true, len(self.class_names), self.class_names)
         if acc.is_main_process and write_confusion:
-            save_confusion(stats["confusion"], self.class_names, self.out / "confusion.csv", self.out / "confusion.png")
+            save_confusion(stats["confusion"], self.class_names, self.out / "confusion.csv", self.out / "confusion.png",
+                           title=f"validation, {self._when}" if self._when else "validation")
         self._latest = {"key": [k for k, ok in zip(res["key"], labeled.tolist()) if ok], "target": y_true,
                         "prob": torch.softmax(logits[labeled].float(), 1).numpy(), "confusion": stats["confusion"],
                         "acc": stats["acc"], "macro_f1": stats["macro_f1"]}

@@ -196,6 +196,21 @@ class RangeTest(Trainer):
                 "is_main": acc.is_main_process}
 
 
+def y_limits(losses: list[float], smoothed: list[float]) -> tuple[float, float] | None:
+    """The loss axis: from below the lowest loss, raw or smoothed (the minimum is always on the
+    plot), up to the start of the curve plus as much again as it fell (a diverging tail leaves
+    the top rather than flattening the interesting part)."""
+    low = [v for v in [*losses, *smoothed] if math.isfinite(v)]
+    start = next((v for v in smoothed if math.isfinite(v)), None)
+    if not low or start is None:
+        return None
+    lo = min(low)
+    top = max(v for v in smoothed if math.isfinite(v))
+    hi = max(start, min(top, start + (start - lo)))
+    pad = 0.05 * (hi - lo + 1e-12)
+    return lo - pad, hi + pad
+
+
 def draw(lrs: list[float], losses: list[float], smoothed: list[float], idx: int | None, model: str) -> bytes:
     """The PNG: raw and smoothed loss against the LR (log axis), the suggestion marked."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -206,10 +221,9 @@ def draw(lrs: list[float], losses: list[float], smoothed: list[float], idx: int 
     ax = fig.add_subplot()
     ax.plot(lrs, losses, color="0.75", linewidth=1, label="loss")
     ax.plot(lrs, smoothed, color="C0", linewidth=2, label="smoothed loss")
-    finite = [v for v in smoothed if math.isfinite(v)]
-    if finite:  # raw spikes of a diverging run must not flatten the curve
-        lo, hi = min(finite), max(finite)
-        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-12), hi + 0.1 * (hi - lo + 1e-12))
+    limits = y_limits(losses, smoothed)
+    if limits:
+        ax.set_ylim(*limits)
     if idx is not None:
         ax.axvline(lrs[idx], color="C3", linestyle="--", linewidth=1)
         ax.plot([lrs[idx]], [smoothed[idx]], "o", color="C3", label=f"suggested lr {lrs[idx]:.2e}")

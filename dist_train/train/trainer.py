@@ -29,7 +29,8 @@ from timm.utils.model_ema import ModelEmaV3
 
 from dist_train.config import Config, parse_duration
 from dist_train.data.device import BatchPrep
-from dist_train.data.loaders import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, sampler_weights
+from dist_train.data.loaders import (EvalLoader, TrainLoader, build_eval_loader, build_train_loader, check_split_shards,
+                                     sampler_weights)
 from dist_train.data.plan import decode_done, encode_done
 from dist_train.errors import same_on_every_rank
 from dist_train.infer.accel import make_accelerator
@@ -129,6 +130,8 @@ class Trainer:
         self.sample_log = SampleLog(self.cfg.runtime.log_samples) if self.cfg.runtime.log_samples else None
         if acc.is_main_process:
             self._print_start()
+            if relabel := self.task.describe_targets(self.cfg.task, self.cfg.data.data, self.info, self.train_split):
+                print(relabel, flush=True)  # --relabel: how many labels it changed
         total = self.cfg.optim.epochs * self.steps_per_epoch
         self.bar = ProgressBar(acc, min(self.cfg.runtime.max_steps or total, total), self.progress.step,
                                self.cfg.runtime.log_every)
@@ -164,8 +167,7 @@ class Trainer:
             webdataset.utils.enforce_security = True
         self.info, self.train_split, self.val_split = cv_splits(load_info(d.data), d.train_split, d.val_split, d.fold)
         self.n_train = split_info(self.info, self.train_split).num_samples
-        if self.val_split:
-            split_info(self.info, self.val_split)
+        check_split_shards(d.data, self.info, [self.train_split, self.val_split])  # before anything is written
         self.class_names = class_names(self.info)
         self.task: Task = task_for(self.info)
         self.task.check(self.cfg.task, self.info)

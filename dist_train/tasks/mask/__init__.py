@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from dist_train.errors import UserError
-from dist_train.shardset.format import read_meta
+from dist_train.shardset.format import iter_samples, read_meta, split_info
 from dist_train.tasks import register
 from dist_train.tasks.base import Criterion, RowIds, SuspectTable, TargetFn, Task
 from dist_train.tasks.losses import class_weights_from_counts, make_loss
@@ -74,6 +75,16 @@ class MaskTask(Task):
             return None
         fixes = L.load_relabel(cfg.relabel) if cfg.relabel else {}
         return functools.partial(L.target_from_meta, bins=bins, fixes=fixes)
+
+    def describe_targets(self, cfg: Any, data: str, info: dict, split: str) -> str | None:
+        """--relabel: how many of the split's labels the file changes, per task (one pass over
+        the split's shards, the metadata only)."""
+        if not cfg.relabel:
+            return None
+        keep = split_info(info, split).keep_folds
+        metas = [json.loads(s["json"]) for s in iter_samples(data, info, split)
+                 if "json" in s and (keep is None or int(s.get("fold", b"-1")) in keep)]
+        return L.relabel_summary(cfg.relabel, metas, L.load_relabel(cfg.relabel), L.parse_age_bins(cfg.age_bins))
 
     def create_model(self, name: str, num_classes: int, head: str = "single", **kwargs: Any) -> torch.nn.Module:
         if head == "multi":

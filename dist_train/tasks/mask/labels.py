@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 MASK_NAMES = ("wear", "incorrect", "not_wear")
 GENDER_NAMES = ("male", "female")
 DEFAULT_AGE_BINS: tuple[int, int] = (30, 60)
@@ -148,3 +150,23 @@ def target_from_meta(meta: dict, cls: int | None, bins: Sequence[int] = DEFAULT_
     if fix.get("swap_mask") and int(m["mask"]) in (1, 2):
         m["mask"] = 3 - int(m["mask"])
     return label_from_meta(m, bins)
+
+
+def relabel_summary(path: str, metas: Sequence[dict], fixes: dict[str, dict], bins: Sequence[int]) -> str:
+    """What `--relabel path` does to these samples: labels changed in all and per task (mask,
+    gender, age group), persons of the file found, classes present before and after; a loud
+    WARNING when classes disappear."""
+    before = np.array([label_from_meta(m, bins) for m in metas], dtype=np.int64)
+    after = np.array([target_from_meta(m, None, bins, fixes) for m in metas], dtype=np.int64)
+    parts = {"mask": lambda c: c // 6, "gender": lambda c: (c // 3) % 2, "age": lambda c: c % 3}
+    per_task = ", ".join(f"{name} {int((f(before) != f(after)).sum())}" for name, f in parts.items())
+    found = len(set(fixes) & {str(m.get("person_id")) for m in metas})
+    n_before, n_after = len(set(before.tolist())), len(set(after.tolist()))
+    line = (f"--relabel {path}: {int((before != after).sum())} of {len(metas)} training labels changed "
+            f"({per_task}); {found} of the file's {len(fixes)} persons are in this split; "
+            f"classes present {n_before} -> {n_after}")
+    lost = sorted(set(before.tolist()) - set(after.tolist()))
+    if lost:
+        names = ", ".join(class_name(c, bins) for c in lost)
+        line += f"\nWARNING: after --relabel no training sample has class {names}: check the file"
+    return line

@@ -27,6 +27,7 @@ from dist_train.shardset.sources import (
     read_csv,
     resolve_dir,
 )
+from dist_train.shardset.tree import SourceTree, inside
 
 from .labels import (
     DEFAULT_AGE_BINS,
@@ -73,9 +74,10 @@ def _detect_mask_eval(src: Path) -> bool:
     return False
 
 
-def _person_images(folder: Path, rel: str, ignored: dict[str, int], dups: list[str]) -> dict[str, Path]:
-    """A person's photos by lower-case stem; junk, non-images and unknown stems counted, a stem
-    seen twice (mask1.jpg + mask1.png) added to `dups`."""
+def _person_images(folder: Path, rel: str, ignored: dict[str, int], dups: list[str],
+                   tree: SourceTree) -> dict[str, Path]:
+    """A person's photos by lower-case stem; junk, non-images, unknown stems, links out of images/,
+    repeats and special files counted, a stem seen twice (mask1.jpg + mask1.png) added to `dups`."""
     by_stem: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         reason = junk_reason(p)
@@ -88,12 +90,22 @@ def _person_images(folder: Path, rel: str, ignored: dict[str, int], dups: list[s
         if reason:
             ignored[reason] += 1
             continue
+        if tree.kind(p) != "file":  # counted by the tree
+            continue
         stem = p.stem.lower()
         if stem in by_stem:
             dups.append(f"{rel}/{{{by_stem[stem].name},{p.name}}}")
             continue
         by_stem[stem] = p
     return by_stem
+
+
+def _check_paths_inside(index: Path, paths: list[tuple[int, str]], image_root: Path) -> None:
+    """Every path the csv gives names something below images/: relative, no '..', not empty."""
+    bad = [f"line {line}: {p!r}" if p else f"line {line}: (empty)" for line, p in paths if not inside(p)]
+    if bad:
+        raise UserError(f"{index}: paths that do not stay under {image_root}: {offenders(bad)}; expected a "
+                        "relative name without '..'")
 
 
 def _load_mask(src: Path, options: dict) -> Source:
@@ -105,25 +117,28 @@ def _load_mask(src: Path, options: dict) -> Source:
     if not image_root.is_dir():
         raise UserError(f"{image_root}: not found; the mask layout expects images/<path>/ next to train.csv")
 
+    _check_paths_inside(index, [(line, row["path"]) for line, row in enumerate(rows, start=2)], image_root)
+    ignored = new_ignored()
+    tree = SourceTree(image_root, ignored)
     bad_values, missing, people = [], [], []
     for line, row in enumerate(rows, start=2):
         try:
             people.append((row, parse_gender(row["gender"]), parse_age(row["age"])))
         except ValueError as e:
             bad_values.append(f"line {line} ({row['path']}): {e}")
-        if not row["path"] or not (image_root / row["path"]).is_dir():
-            missing.append(f"line {line}: {row['path'] or '(empty path)'}")
+        if not (image_root / row["path"]).is_dir() or tree.kind(image_root / row["path"]) != "dir":
+            missing.append(f"line {line}: {row['path']}")
     if bad_values:
         raise UserError(f"{index}: unparseable values: {offenders(bad_values)}")
     if missing:
-        raise UserError(f"{index}: rows whose folder is missing under {image_root}: {offenders(missing)}")
+        raise UserError(f"{index}: rows whose folder is missing under {image_root} (or leads out of it, or is "
+                        f"listed twice): {offenders(missing)}")
 
-    ignored = new_ignored()
     count_top_junk(image_root, {r["path"] for r in rows}, ignored)
     records: list[Record] = []
     dups, empty = [], []
     for row, gender, age in people:
-        by_stem = _person_images(image_root / row["path"], row["path"], ignored, dups)
+        by_stem = _person_images(image_root / row["path"], row["path"], ignored, dups, tree)
         if not by_stem:
             empty.append(row["path"])
         for p in by_stem.values():
@@ -154,10 +169,14 @@ def _load_mask_eval(src: Path, options: dict) -> Source:
     image_root = root / "images"
     if not image_root.is_dir():
         raise UserError(f"{image_root}: not found; the mask-eval layout expects images/ next to info.csv")
-    missing = [f"line {i + 2}: {r['ImageID'] or '(empty)'}" for i, r in enumerate(rows) if not r["ImageID"] or not (image_root / r["ImageID"]).is_file()]
-    if missing:
-        raise UserError(f"{index}: images missing under {image_root}: {offenders(missing)}")
+    _check_paths_inside(index, [(i + 2, r["ImageID"]) for i, r in enumerate(rows)], image_root)
     ignored = new_ignored()
+    tree = SourceTree(image_root, ignored)
+    missing = [f"line {i + 2}: {r['ImageID']}" for i, r in enumerate(rows)
+               if not (image_root / r["ImageID"]).is_file() or tree.kind(image_root / r["ImageID"]) != "file"]
+    if missing:
+        raise UserError(f"{index}: images missing under {image_root} (or not regular files in it, or listed "
+                        f"twice): {offenders(missing)}")
     count_top_junk(image_root, {r["ImageID"] for r in rows}, ignored)
     records = []
     for i, row in enumerate(rows):

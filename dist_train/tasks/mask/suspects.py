@@ -109,4 +109,4 @@ def person_suspects(metas: Sequence[dict], prob: np.ndarray, labels: np.ndarray)
     counts = [sum(1 for r in rows if r[c] != "") for c in (1, 2, 3)]
     summary = (f"{len(rows)} of {len(persons)} persons with suggested corrections (gender {counts[0]}, "
                f"age {counts[1]}, mask swap {counts[2]})")
-    return SuspectTable("relabel", HEADER, rows, summary)
+    return SuspectTable("relabel", HEADER, rows, summary, units=len(persons))

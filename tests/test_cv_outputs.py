@@ -1,0 +1,86 @@
+"""A cross-validation folder's outputs, on fold runs made by hand (random models, no training):
+oof prints each fold's scores and uses the folds' own --val-tta unless told; predict --images
+averages the fold models as predict --data does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dist_train import oof, predict
+from dist_train.infer import files
+from dist_train.infer.cv import FoldRun, fold_runs
+from dist_train.infer.tta import parse_tta
+from dist_train.model.build import data_config
+from dist_train.model.export import save_for_timm
+from dist_train.tasks import build_model
+from dist_train.tasks.mask import labels as L
+
+
+def fake_cv(root: Path, shards: Path, val_tta: list[str]) -> Path:
+    """CV/fold-k/ for each fold of `shards`: config.yaml, a finished summary.json, a random best/."""
+    for k, tta in enumerate(val_tta):
+        run = root / f"fold-{k}"
+        torch.manual_seed(k)
+        m = build_model("test_resnet", L.NUM_CLASSES, img_size=32)
+        d = data_config(m)
+        save_for_timm(m, run / "best", model_name="test_resnet", num_classes=L.NUM_CLASSES,
+                      label_names=L.class_names(), img_size=32, crop_pct=1.0, mean=d["mean"], std=d["std"])
+        (run / "config.yaml").write_text(yaml.safe_dump({"data": str(shards), "fold": str(k), "val_tta": tta,
+                                                         "model": "test_resnet", "img_size": 32}))
+        (run / "summary.json").write_text(json.dumps({"finished": True}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def hflip_cv(fold_shards, tmp_path_factory) -> Path:
+    return fake_cv(tmp_path_factory.mktemp("cv") / "cv", fold_shards, ["hflip"] * 3)
+
+
+def test_oof_prints_each_fold_and_uses_the_folds_tta(hflip_cv, tmp_path, capsys, monkeypatch):
+    s = oof.main([str(hflip_cv), "--workers", "0"])
+    out = capsys.readouterr().out
+    assert s["tta"] == "hflip (the folds' --val-tta)" and "TTA hflip (the folds' --val-tta)" in out
+    for f in s["per_fold"]:
+        assert f"  fold {f['fold']}: {f['num_samples']} samples, accuracy {f['acc']:.4f}, macro F1 " \
+               f"{f['macro_f1']:.4f}" in out
+    assert f"  OOF (210 samples): accuracy {s['acc']:.4f}" in out and "over the folds: accuracy" in out
+    assert json.loads((hflip_cv / "oof.json").read_text())["tta"] == s["tta"]
+
+    # what each fold model is run with: its own --val-tta, or --tta when given
+    seen = []
+    monkeypatch.setattr(oof, "run_inference", lambda *a, tta, **kw: seen.append(tta))
+    run = fold_runs(hflip_cv)[0]
+    for given in (None, "none", "five-crop"):
+        oof._fold_result(run, SimpleNamespace(tta=given, batch_size=8, workers=0, mixed_precision=None))
+    assert seen == [parse_tta("hflip"), parse_tta("none"), parse_tta("five-crop")]
+
+
+def test_oof_names_each_folds_tta_when_they_differ(tmp_path):
+    runs = [FoldRun(k, tmp_path / f"fold-{k}", {"data": "x", "val_tta": t}) for k, t in enumerate(["none", "hflip"])]
+    assert oof._tta_note(runs, None) == "fold 0: none, fold 1: hflip (each fold's --val-tta)"
+    assert oof._tta_note(runs, "five-crop") == "five-crop (--tta)"
+    assert oof.fold_tta(FoldRun(0, tmp_path, {"data": "x"}), None) == "none"  # a config from before val_tta
+
+
+def test_predict_images_with_a_cv_folder_averages_the_folds(hflip_cv, tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    probs = []
+    for k in range(3):
+        out = predict.main(["--run", str(hflip_cv / f"fold-{k}"), "--images", str(tmp_path), "--out",
+                            str(tmp_path / f"f{k}.csv"), "--save-probs", "--workers", "0"])
+        probs.append(files.load_probs(files.probs_path(out)).prob)
+    out = predict.main(["--run", str(hflip_cv), "--images", str(tmp_path), "--out", str(tmp_path / "cv.csv"),
+                        "--save-probs", "--workers", "0"])
+    p = files.load_probs(files.probs_path(out))
+    assert p.ids == [str(tmp_path / f"{i}.png") for i in range(3)] and p.id_column == "path"
+    np.testing.assert_allclose(p.prob, np.mean(probs, axis=0), atol=1e-6)

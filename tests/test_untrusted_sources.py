@@ -1,0 +1,166 @@
+"""`shard` on a source folder from someone else (issue 20): it stays inside the folder (links,
+loops, special files, csv paths), reads bad csvs as one line, and never deletes a file it did not
+write in --out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from dist_train import shard
+from dist_train.shardset.sources import load_source
+from test_bad_input import assert_one_line, call
+from test_sources import demo_persons, image_bytes, make_mask_set
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Fail instead of hanging the suite (a FIFO opened for reading blocks forever)."""
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"did not finish in {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def folder_set(src: Path, classes: tuple[str, ...] = ("a", "b"), n: int = 8) -> Path:
+    for c, cls in enumerate(classes):
+        (src / cls).mkdir(parents=True)
+        for i in range(n):
+            (src / cls / f"{i}.png").write_bytes(image_bytes(c * 100 + i, "PNG", size=(16, 16)))
+    return src
+
+
+def shard_args(src: Path, out: Path, *more: str) -> list[str]:
+    return ["--src", str(src), "--out", str(out), "--workers", "1", "--quiet", "--val-fraction", "0.25", *more]
+
+
+# ----------------------------------------------------------------------------- links and special files
+def test_symlink_loop_packs_each_image_once(tmp_path):
+    src = folder_set(tmp_path / "src")
+    os.symlink("..", src / "a" / "loop")  # a/loop -> src: a/loop/a/loop/... and a/loop/b/...
+    os.symlink(src / "b", src / "b" / "self")
+    source = load_source(src)
+    assert len(source.records) == 16 and len({r.path.resolve() for r in source.records}) == 16
+    assert source.ignored["repeated"] == 2
+    shard.main(shard_args(src, tmp_path / "out"))
+    info = json.loads((tmp_path / "out" / "_info.json").read_text())
+    assert sum(s["num_samples"] for s in info["splits"].values()) == 16
+
+
+def test_links_out_of_the_source_are_not_followed(tmp_path):
+    outside = folder_set(tmp_path / "elsewhere", classes=("secret",), n=3)
+    (tmp_path / "private.png").write_bytes(image_bytes(7, "PNG", size=(16, 16)))
+    src = folder_set(tmp_path / "src")
+    os.symlink(outside / "secret", src / "c")  # would be packed as a class
+    os.symlink(tmp_path / "private.png", src / "a" / "x.png")
+    os.symlink(src / "a" / "0.png", src / "b" / "dup.png")  # inside, but the same image twice
+    os.symlink(src / "gone.png", src / "a" / "broken.png")
+    source = load_source(src)
+    assert source.classes == ["a", "b"] and len(source.records) == 16
+    assert source.ignored["outside_source"] == 3 and source.ignored["repeated"] == 1
+
+
+def test_fifo_named_like_an_image_is_skipped_not_opened(tmp_path):
+    src = folder_set(tmp_path / "src")
+    os.mkfifo(src / "a" / "x.jpg")
+    with time_limit(60):
+        shard.main(shard_args(src, tmp_path / "out"))
+    info = json.loads((tmp_path / "out" / "_info.json").read_text())
+    assert info["ignored"]["special"] == 1 and sum(s["num_samples"] for s in info["splits"].values()) == 16
+
+
+def test_mask_layout_person_folder_links_and_fifos(tmp_path):
+    root = make_mask_set(tmp_path / "src", demo_persons(3))
+    people = sorted((root / "images").iterdir())
+    (people[0] / "mask1.jpg").unlink()
+    os.mkfifo(people[0] / "mask1.jpg")
+    (people[1] / "mask2.jpg").unlink()
+    os.symlink(people[2] / "mask2.jpg", people[1] / "mask2.jpg")  # inside, but packed once only
+    with time_limit(60):
+        source = load_source(root)
+    assert len(source.records) == 19 and source.ignored["special"] == 1 and source.ignored["repeated"] == 1
+
+
+# ----------------------------------------------------------------------------- csv
+@pytest.mark.parametrize("path", ["/abs/dir", "../../dir", "ok/../../dir", "C:/dir"])
+def test_csv_paths_must_stay_under_images(tmp_path, capsys, path):
+    root = make_mask_set(tmp_path / "src", demo_persons(2))
+    outside = tmp_path / "dir"
+    outside.mkdir()
+    csv = root / "train.csv"
+    lines = csv.read_text().splitlines()
+    lines[2] = ",".join(lines[2].split(",")[:4] + [path])
+    csv.write_text("\n".join(lines) + "\n")
+    code, err = call(shard.main, shard_args(root, tmp_path / "out"), capsys)
+    assert_one_line(code, err, f"{csv}: paths that do not stay under", f"line 3: {path!r}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_csv_image_ids_must_stay_under_images(tmp_path, capsys):
+    root = tmp_path / "eval"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "a.jpg").write_bytes(image_bytes(1))
+    (tmp_path / "secret.jpg").write_bytes(image_bytes(2))
+    (root / "info.csv").write_text("ImageID,ans\na.jpg,0\n../../secret.jpg,0\n")
+    code, err = call(shard.main, shard_args(root, tmp_path / "out"), capsys)
+    assert_one_line(code, err, "info.csv: paths that do not stay under", "line 3: '../../secret.jpg'")
+
+
+@pytest.mark.parametrize("case", ["latin1", "huge_field"])
+def test_unreadable_csv_is_one_line(tmp_path, capsys, case):
+    root = make_mask_set(tmp_path / "src", demo_persons(2))
+    csv = root / "train.csv"
+    if case == "latin1":
+        csv.write_bytes(csv.read_bytes().replace(b"Asian", "Asiático".encode("latin-1")))
+        expected = "codec can't decode"
+    else:
+        lines = csv.read_text().splitlines()
+        csv.write_text("\n".join([*lines, f'9,male,"{"x" * (129 << 10)}",30,p']) + "\n")
+        expected = "field larger than field limit"
+    code, err = call(shard.main, shard_args(root, tmp_path / "out"), capsys)
+    assert_one_line(code, err, f"{csv}: line ", expected, "expected a UTF-8 csv")
+
+
+# ----------------------------------------------------------------------------- --out
+def test_out_with_other_files_is_refused_and_they_survive(tmp_path, capsys):
+    src = folder_set(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    backup = out / "backup-000001.tar"
+    backup.write_bytes(b"the user's own backup")
+    code, err = call(shard.main, shard_args(src, out), capsys)
+    assert_one_line(code, err, f"--out {out}: holds backup-000001.tar and no shard set", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["backup-000001.tar"]
+
+    shard.main(shard_args(src, out, "--overwrite"))
+    assert backup.read_bytes() == b"the user's own backup" and (out / "_info.json").is_file()
+    assert len(list(out.glob("train-*.tar"))) == 12
+    # replacing the set (another shard count) removes the old set's shards, still not the backup
+    shard.main(shard_args(src, out, "--overwrite", "--samples-per-shard", "3"))
+    info = json.loads((out / "_info.json").read_text())
+    assert backup.read_bytes() == b"the user's own backup"
+    assert {p.name for p in out.iterdir()} == {"backup-000001.tar", "_info.json", *info["sha256"]}
+    assert len(list(out.glob("train-*.tar"))) == 4  # 12 training images, 3 per shard: none left over
+
+
+def test_a_set_listing_a_foreign_file_never_gets_it_deleted_unless_listed(tmp_path):
+    """Only files listed in the replaced set's _info.json go: an unlisted shard-named file stays."""
+    src = folder_set(tmp_path / "src")
+    out = tmp_path / "out"
+    shard.main(shard_args(src, out))
+    stray = out / "extra-000000.tar"
+    stray.write_bytes(b"not ours")
+    shard.main(shard_args(src, out, "--overwrite", "--samples-per-shard", "5"))
+    assert stray.read_bytes() == b"not ours"
