@@ -11,6 +11,7 @@ into paths and `pipe:` commands, so `split_info` accepts only the writer's shard
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -256,3 +257,39 @@ def summary(out: Path | str, info: dict) -> str:
     ignored = info.get("ignored", {})
     lines.append("  ignored: " + ", ".join(f"{k} {v}" for k, v in ignored.items()))
     return "\n".join(lines)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- reading back
+
+
+def inspect(out: str | Path) -> tuple[dict, bool]:
+    """Print the summary of the shard set in OUT and verify every shard's sha256.
+
+    Returns (info, all shards present and matching).
+    """
+    out = Path(out)
+    info = read_local_info(out)
+    if info is None:
+        raise UserError(f"{out}: no {INFO_NAME}; not a finished shard set (run python -m dist_train.shard --src ... --out {out})")
+    print(summary(out, info))
+    total, ok = 0, True
+    for filename, expected in info.get("sha256", {}).items():
+        path = out / filename
+        if not path.is_file():
+            print(f"  MISSING  {filename}")
+            ok = False
+            continue
+        total += path.stat().st_size
+        if file_sha256(path) != expected:
+            print(f"  MISMATCH {filename}: sha256 differs from {INFO_NAME}")
+            ok = False
+    print(f"  {total / 1e6:.1f} MB; checksums " + ("ok" if ok else "FAILED"))
+    return info, ok

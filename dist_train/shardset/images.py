@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .dedup import fingerprint
+
 JPEG_FORMATS = ("JPEG", "MPO")
 
 
@@ -27,6 +29,17 @@ def check_image(path: str) -> str | None:
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def check_and_fingerprint(path: str) -> tuple[str | None, tuple[bytes, int, int, bool] | None]:
+    """Decode `path` fully and fingerprint its pixels (`dedup.fingerprint`): (None, fingerprint),
+    or (the reason, None) when it does not decode."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return None, fingerprint(_to_rgb(im))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        return f"{type(e).__name__}: {e}", None
 
 
 WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")

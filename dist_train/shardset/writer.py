@@ -13,7 +13,8 @@ The format is the contract in shards/README.md. Design choices that matter to us
   the same input gives byte-identical shards (checked by sha256 in `_info.json`).
 - Every image is decoded once before anything is written, so a corrupt file is skipped and
   listed in `_rejected.jsonl` (or, with `--strict`, stops the run before it writes anything)
-  instead of failing a training job hours later.
+  instead of failing a training job hours later. That decode also fingerprints it: duplicates
+  join the layout's groups before the split is decided (`duplicates`, `--dup-threshold`).
 - Default shard count per split: max(min(64, n), ceil(n / 1000)) shards of near-equal length,
   so the train split has >= 64 shards once it has >= 64 images (8 GPUs x 8 loader workers each
   read their own) and no shard holds more than 1000 images. `--samples-per-shard S` instead
@@ -51,19 +52,22 @@ from .format import (
     REJECTED_NAME,
     SHARD_RE,
     SPLIT_RE,
+    file_sha256,
+    inspect,  # noqa: F401 (python -m dist_train.shard --inspect; kept importable from here)
     num_images,
     read_local_info,
     summary,
     write_info,
 )
-from .images import check_image, encode_image
+from . import duplicates as dups
+from .images import check_and_fingerprint, encode_image
 from .sources import Record, Source, assign_folds, get_layout, load_source, split_records
 
 DEFAULT_OUT = Path("shards")
 DEFAULT_SHARDS = 64
 MAX_DEFAULT_SHARD = 1000
 # Temporary names of this module's files (tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")).
-TMP_RE = re.compile(r"^\.([A-Za-z0-9_]+-\d{6}\.tar|_info\.json|_rejected\.jsonl)\..+\.tmp$")
+TMP_RE = re.compile(r"^\.([A-Za-z0-9_]+-\d{6}\.tar|_info\.json|_rejected\.jsonl|_fingerprints\.npz|_duplicates\.csv)\..+\.tmp$")
 # Fixed tar header fields: determinism must not depend on who ran the job, or when.
 TAR_MTIME = 0
 TAR_MODE = 0o444
@@ -128,14 +132,6 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _differences(old: dict, params: dict, fingerprint: str, out: Path) -> list[str]:
@@ -204,6 +200,7 @@ def write_shards(
     strict: bool = False,
     as_split: str | None = None,
     folds: int = 0,
+    dup_threshold: int = dups.DEFAULT_THRESHOLD, draw_pairs: Any = None,
     progress: bool = True,
 ) -> dict:
     """Shard SRC into OUT (default: see `default_out`); returns the `_info.json` dict.
@@ -211,10 +208,13 @@ def write_shards(
     `options` are the layout's own (e.g. a label cut), resolved by the layout and recorded in the params.
     `folds` K > 1 gives every sample of the training split (`as_split` if given) a fold 0..K-1
     (`assign_folds`), stored with the sample and counted per shard in `_info.json`.
+    `dup_threshold`: near duplicates differ in at most that many pHash bits (`duplicates`);
+    `draw_pairs(png, [(path_a, path_b, caption)])` draws the closest pairs.
     When OUT already holds the same set, prints "up to date" and returns its info unchanged.
     """
     start = time.perf_counter()
     _validate(val_fraction, resize, quality, samples_per_shard, workers, as_split)
+    dups.check_threshold(dup_threshold)
     source = load_source(src, layout, options)
     if folds and not source.labeled:
         raise UserError(f"--folds {folds}: {src} is an unlabeled set (nothing to validate on)")
@@ -223,6 +223,7 @@ def write_shards(
         "layout": source.layout, "val_fraction": val_fraction, "seed": seed, "resize": resize,
         "quality": quality, "samples_per_shard": samples_per_shard, "as_split": as_split, **source.options,
         **({"folds": folds} if folds else {}),  # absent without folds: older sets stay up to date
+        "dup_threshold": dup_threshold,
     }
     fingerprint = source_fingerprint(source)
     old = None if overwrite else _up_to_date(out, params, fingerprint)
@@ -230,8 +231,10 @@ def write_shards(
         return old
 
     workers = workers or usable_cpus()
+    records, fps, rejected = _drop_unreadable(source, workers, strict, progress)
+    source, fp, pairs = dups.group_duplicates(source, records, fps, dup_threshold)
     splits = {as_split: list(source.records)} if as_split else split_records(source, val_fraction, seed)
-    splits, rejected = _drop_unreadable(source, splits, workers, strict, progress)
+    splits = {name: recs for name, recs in splits.items() if recs}
     fold_of = assign_folds(splits.get(as_split or "train", []), folds, seed) if folds else {}
     if "train" in splits:
         random.Random(seed).shuffle(splits["train"])
@@ -240,6 +243,7 @@ def write_shards(
             for i, (pos, size) in enumerate(_offsets(shard_sizes(len(recs), samples_per_shard)))]
     sha, nbytes = _replace_shards(out, plan, rejected, resize, quality, workers, progress, fold_of)
     info = _make_info(out, source, splits, plan, sha, params, fingerprint, len(rejected), fold_of, folds)
+    info["duplicates"] = dups.store(out, fp, pairs, source, splits, dup_threshold, draw_pairs)
     write_info(out, info)
     elapsed = time.perf_counter() - start
     print(summary(out, info))
@@ -256,23 +260,21 @@ def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
     return list(zip(starts, sizes))
 
 
-def _drop_unreadable(source: Source, splits: dict[str, list[Record]], workers: int, strict: bool,
-                     progress: bool) -> tuple[dict[str, list[Record]], list[dict]]:
-    """Decode every image once; the unreadable ones leave the splits (or, strict, stop everything)."""
-    everything = [r for recs in splits.values() for r in recs]
-    reasons = list(_pool_map(check_image, [str(r.path) for r in everything], workers, "checking", progress))
-    rejected = [{"key": r.key, "path": r.rel, "reason": why} for r, why in zip(everything, reasons) if why]
+def _drop_unreadable(source: Source, workers: int, strict: bool,
+                     progress: bool) -> tuple[list[Record], list[tuple], list[dict]]:
+    """Decode and fingerprint every image once; the unreadable ones are left out (or, strict, stop all)."""
+    everything = list(source.records)
+    results = list(_pool_map(check_and_fingerprint, [str(r.path) for r in everything], workers, "checking", progress))
+    rejected = [{"key": r.key, "path": r.rel, "reason": why} for r, (why, _) in zip(everything, results) if why]
     if rejected and strict:
         lines = [f"{x['path']} ({x['reason']})" for x in rejected[:5]]
         more = f" and {len(rejected) - 5} more" if len(rejected) > 5 else ""
         raise UserError(f"{source.image_root}: {len(rejected)} unreadable image(s): {', '.join(lines)}{more}; "
                         "nothing written (--strict)")
-    bad = {x["key"] for x in rejected}
-    kept = {name: [r for r in recs if r.key not in bad] for name, recs in splits.items()}
-    kept = {name: recs for name, recs in kept.items() if recs}
+    kept = [(r, fp) for r, (why, fp) in zip(everything, results) if not why]
     if not kept:
         raise UserError(f"{source.image_root}: no readable images")
-    return kept, rejected
+    return [r for r, _ in kept], [fp for _, fp in kept], rejected
 
 
 def _replace_shards(out: Path, plan: list[tuple[str, str, list[Record]]], rejected: list[dict],
@@ -324,7 +326,7 @@ def _write_plan(out: Path, plan: list[tuple[str, str, list[Record]]], resize: in
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            sha[filename] = _sha256(out / filename)
+            sha[filename] = file_sha256(out / filename)
             total += (out / filename).stat().st_size
     finally:
         results.close()  # stops the worker pool, also when a write failed
@@ -370,31 +372,3 @@ def _fold_counts(recs: list[Record], fold_of: dict[str, int]) -> dict[str, dict[
     for r in recs:
         counts[str(fold_of[r.key])][str(r.label)] += 1
     return {f: dict(sorted(c.items(), key=lambda x: int(x[0]))) for f, c in sorted(counts.items(), key=lambda x: int(x[0]))}
-
-
-# ---------------------------------------------------------------- reading back
-
-
-def inspect(out: str | Path) -> tuple[dict, bool]:
-    """Print the summary of the shard set in OUT and verify every shard's sha256.
-
-    Returns (info, all shards present and matching).
-    """
-    out = Path(out)
-    info = read_local_info(out)
-    if info is None:
-        raise UserError(f"{out}: no {INFO_NAME}; not a finished shard set (run python -m dist_train.shard --src ... --out {out})")
-    print(summary(out, info))
-    total, ok = 0, True
-    for filename, expected in info.get("sha256", {}).items():
-        path = out / filename
-        if not path.is_file():
-            print(f"  MISSING  {filename}")
-            ok = False
-            continue
-        total += path.stat().st_size
-        if _sha256(path) != expected:
-            print(f"  MISMATCH {filename}: sha256 differs from {INFO_NAME}")
-            ok = False
-    print(f"  {total / 1e6:.1f} MB; checksums " + ("ok" if ok else "FAILED"))
-    return info, ok
