@@ -15,7 +15,7 @@ from PIL import Image, ImageEnhance
 
 from dist_train import duplicates
 from dist_train.shardset.dedup import DEFAULT_THRESHOLD, brute_pairs, fingerprint, near_pairs, popcount
-from dist_train.shardset.duplicates import Fingerprints, pairs_between, read_fingerprints
+from dist_train.shardset.duplicates import Fingerprints, cross_label_pairs, pairs_between, read_fingerprints
 from dist_train.shardset.format import iter_samples, load_info
 from dist_train.shardset.writer import write_shards
 
@@ -117,6 +117,7 @@ def test_duplicates_stay_on_one_side_of_the_split_and_the_folds(tmp_path, capsys
     rows = list(csv.DictReader((out / "_duplicates.csv").open()))
     assert {(r["key_a"], r["key_b"]) for r in rows} == set(linked)
     assert [r["cross_label"] for r in rows if r["key_b"] == "b/00"] == ["1"]
+    assert [(r["key_a"], r["key_b"]) for r in cross_label_pairs(out, set(_side_of(out)))] == [("a/04", "b/00")]
     fp, threshold = read_fingerprints(out / "_fingerprints.npz")
     assert threshold == DEFAULT_THRESHOLD and len(fp) == 24 and set(fp.split) == {"train", "validation"}
     out = tmp_path / "folds"

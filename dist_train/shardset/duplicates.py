@@ -243,6 +243,24 @@ def _caption(fa: Fingerprints, pairs: Pairs, k: int, classes: Sequence[str] | No
     return f"{how}\n{fa.split[i]}:{fa.key[i]}{lab(fa, i)}\n{fb.split[j]}:{fb.key[j]}{lab(fb, j)}"
 
 
+MAX_CSV_BYTES = 1 << 30
+
+
+def cross_label_pairs(root: str | Path, keys: set[str]) -> list[dict[str, str]]:
+    """The rows of a local shard set's `_duplicates.csv` whose labels differ and whose images are
+    both among `keys` (e.g. a cross-validation's samples); [] when the set has no such file."""
+    path = Path(root) / DUPLICATES_NAME
+    if not path.is_file():
+        return []
+    if path.stat().st_size > MAX_CSV_BYTES:
+        raise UserError(f"{path}: larger than {MAX_CSV_BYTES} bytes; expected the shard step's duplicate list")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != CSV_COLUMNS:
+            raise UserError(f"{path}: columns {reader.fieldnames}; expected {','.join(CSV_COLUMNS)}")
+        return [r for r in reader if r["cross_label"] == "1" and r["key_a"] in keys and r["key_b"] in keys]
+
+
 # ----------------------------------------------------------------------------- the npz file
 def write_fingerprints(path: Path, fp: Fingerprints, threshold: int) -> None:
     buf = io.BytesIO()

@@ -37,7 +37,7 @@ def check_and_fingerprint(path: str) -> tuple[str | None, tuple[bytes, int, int,
     try:
         with Image.open(path) as im:
             im.load()
-            return None, fingerprint(_to_rgb(im))
+            return None, fingerprint(im if im.mode == "RGB" else _to_rgb(im))
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         return f"{type(e).__name__}: {e}", None
 
