@@ -128,10 +128,11 @@ def exact_pairs_between(x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray
     return order[np.repeat(lo, n) + offsets].astype(np.int64), rows.astype(np.int64)
 
 
-def check_threshold(threshold: int) -> None:
+def check_threshold(threshold: int) -> int:
     if not 0 <= threshold <= MAX_THRESHOLD:
         raise UserError(f"--dup-threshold {threshold}: expected 0..{MAX_THRESHOLD} bits of 64 "
                         f"(default {DEFAULT_THRESHOLD})")
+    return threshold
 
 
 def group_duplicates(source: Source, records: list[Record], fps: Sequence[tuple], threshold: int

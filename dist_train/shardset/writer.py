@@ -207,14 +207,12 @@ def write_shards(
 
     `options` are the layout's own (e.g. a label cut), resolved by the layout and recorded in the params.
     `folds` K > 1 gives every sample of the training split (`as_split` if given) a fold 0..K-1
-    (`assign_folds`), stored with the sample and counted per shard in `_info.json`.
-    `dup_threshold`: near duplicates differ in at most that many pHash bits (`duplicates`);
-    `draw_pairs(png, [(path_a, path_b, caption)])` draws the closest pairs.
+    (`assign_folds`), stored with the sample and counted per shard in `_info.json`. `dup_threshold`
+    (pHash bits) and `draw_pairs` (a contact sheet): see `duplicates`.
     When OUT already holds the same set, prints "up to date" and returns its info unchanged.
     """
     start = time.perf_counter()
     _validate(val_fraction, resize, quality, samples_per_shard, workers, as_split)
-    dups.check_threshold(dup_threshold)
     source = load_source(src, layout, options)
     if folds and not source.labeled:
         raise UserError(f"--folds {folds}: {src} is an unlabeled set (nothing to validate on)")
@@ -222,24 +220,20 @@ def write_shards(
     params = {
         "layout": source.layout, "val_fraction": val_fraction, "seed": seed, "resize": resize,
         "quality": quality, "samples_per_shard": samples_per_shard, "as_split": as_split, **source.options,
-        **({"folds": folds} if folds else {}),  # absent without folds: older sets stay up to date
-        "dup_threshold": dup_threshold,
-    }
+        **({"folds": folds} if folds else {}), "dup_threshold": dups.check_threshold(dup_threshold),
+    }  # folds absent without folds: older sets stay up to date
     fingerprint = source_fingerprint(source)
     old = None if overwrite else _up_to_date(out, params, fingerprint)
     if old is not None:
         return old
-
     workers = workers or usable_cpus()
     records, fps, rejected = _drop_unreadable(source, workers, strict, progress)
     source, fp, pairs = dups.group_duplicates(source, records, fps, dup_threshold)
-    splits = {as_split: list(source.records)} if as_split else split_records(source, val_fraction, seed)
-    splits = {name: recs for name, recs in splits.items() if recs}
+    splits = _split(source, as_split, val_fraction, seed)
     fold_of = assign_folds(splits.get(as_split or "train", []), folds, seed) if folds else {}
     if "train" in splits:
         random.Random(seed).shuffle(splits["train"])
-    plan = [(name, f"{name}-{i:06d}.tar", recs[pos:pos + size])
-            for name, recs in splits.items()
+    plan = [(name, f"{name}-{i:06d}.tar", recs[pos:pos + size]) for name, recs in splits.items()
             for i, (pos, size) in enumerate(_offsets(shard_sizes(len(recs), samples_per_shard)))]
     sha, nbytes = _replace_shards(out, plan, rejected, resize, quality, workers, progress, fold_of)
     info = _make_info(out, source, splits, plan, sha, params, fingerprint, len(rejected), fold_of, folds)
@@ -250,6 +244,12 @@ def write_shards(
     images = sum(len(r) for r in splits.values()) + len(rejected)
     print(f"{nbytes / 1e6:.1f} MB written in {elapsed:.1f}s, {images / max(elapsed, 1e-9):.0f} images/s")
     return info
+
+
+def _split(source: Source, as_split: str | None, val_fraction: float, seed: int) -> dict[str, list[Record]]:
+    """The splits of the source's (readable, regrouped) records; empty ones left out."""
+    splits = {as_split: list(source.records)} if as_split else split_records(source, val_fraction, seed)
+    return {name: recs for name, recs in splits.items() if recs}
 
 
 def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
