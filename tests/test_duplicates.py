@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from dist_train import duplicates
+from dist_train import duplicates, shard
 from dist_train.shardset.dedup import DEFAULT_THRESHOLD, brute_pairs, fingerprint, near_pairs, popcount
 from dist_train.shardset.duplicates import Fingerprints, cross_label_pairs, pairs_between, read_fingerprints
 from dist_train.shardset.format import iter_samples, load_info
@@ -184,6 +184,13 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         duplicates.main([str(bad)])
     assert "array 'exact'" in capsys.readouterr().err
+    src = tmp_path / "src" / "c"
+    src.mkdir(parents=True)
+    _pattern(0).save(src / "0.png")
+    with pytest.raises(SystemExit) as e:
+        shard.main(["--src", str(src.parent), "--out", str(tmp_path / "o"), "--dup-threshold", "21", "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --dup-threshold 21: expected 0..20") and not (tmp_path / "o").exists()
 
 
 def test_bench_command_runs(capsys):

@@ -48,12 +48,11 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 _DCT = _dct_matrix(THUMB)[:LOW]  # only the low rows are needed
 _MIRROR_SIGN = np.where(np.arange(LOW) % 2 == 1, -1.0, 1.0)[None, :]  # odd horizontal frequencies flip
-_BIT_WEIGHTS = (np.uint64(1) << np.arange(HASH_BITS, dtype=np.uint64))
 
 
 def _bits(coef: np.ndarray) -> int:
     flat = coef.reshape(-1)
-    return int((flat > np.median(flat)).astype(np.uint64) @ _BIT_WEIGHTS)
+    return int(np.packbits(flat > np.median(flat), bitorder="little").view("<u8")[0])
 
 
 def exact_digest(rgb: Image.Image) -> bytes:

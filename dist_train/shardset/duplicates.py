@@ -154,8 +154,8 @@ def find_duplicates(records: Sequence[Record], fp: Fingerprints, threshold: int)
     """
     n, layout = len(records), group_links([r.group for r in records])
     pairs = pairs_between(fp, None, threshold)
-    comp = components(n, [layout, (pairs.a, pairs.b)])
-    largest_layout = int(np.bincount(components(n, [layout])).max()) if n else 0
+    comp, layout_comp = components(n, [layout, (pairs.a, pairs.b)]), components(n, [layout])
+    largest_layout = int(np.bincount(layout_comp).max()) if n else 0
     largest = int(np.bincount(comp).max()) if n else 0
     if largest > max(2 * largest_layout, GIANT_FRACTION * n, GIANT_MIN) and (~pairs.exact).any():
         near = int((~pairs.exact).sum())
@@ -166,7 +166,7 @@ def find_duplicates(records: Sequence[Record], fp: Fingerprints, threshold: int)
               "(a lower --dup-threshold may separate them)", file=sys.stderr)
         comp = components(n, [layout, (pairs.a, pairs.b)])
     fp.group = comp
-    pairs.layout_groups = int(len(np.unique(components(n, [layout])))) if n else 0
+    pairs.layout_groups = len(np.unique(layout_comp))
     regrouped = [r if comp[i] == i or records[comp[i]].group == r.group else replace(r, group=records[comp[i]].group)
                  for i, r in enumerate(records)]
     return pairs, regrouped
