@@ -12,6 +12,7 @@ banded near-duplicate search on synthetic 64-bit hashes against all-pairs brute 
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import tracemalloc
@@ -28,13 +29,13 @@ from .shardset.duplicates import (
     MAX_THRESHOLD,
     Fingerprints,
     Pairs,
-    _caption,
+    pair_caption,
     cross_label,
     pairs_between,
     pairs_csv,
     read_fingerprints,
 )
-from .shardset.format import INFO_NAME, class_names, is_url, load_info
+from .shardset.format import class_names, is_url, load_info
 
 GRID_PAIRS = 24
 BRUTE_MAX = 10_000  # the all-pairs reference is timed up to this size and extrapolated beyond
@@ -98,8 +99,6 @@ def draw_pairs(png: str | Path, pairs: Sequence[tuple], title: str, cols: int = 
             if side == 0:
                 ax.set_title(caption, fontsize=5.5, loc="left", color="red" if "[" in caption and _cross(caption) else "black")
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(png, buf.getvalue())
@@ -126,7 +125,7 @@ def _grid(png: Path, roots: Sequence[Path], fa: Fingerprints, fb: Fingerprints, 
     last = len(roots) - 1
     items = [(thumbs[(0, str(fa.split[pairs.a[k]]))].get(str(fa.key[pairs.a[k]])),
               thumbs[(last, str(fb.split[pairs.b[k]]))].get(str(fb.key[pairs.b[k]])),
-              _caption(fa, pairs, k, classes, fb)) for k in chosen]
+              pair_caption(fa, pairs, k, classes, fb)) for k in chosen]
     draw_pairs(png, items, f"{len(pairs)} duplicate pairs, closest first: {' vs '.join(map(str, roots))}")
     return len(items)
 
@@ -210,7 +209,7 @@ def report(args) -> dict:
               f"duplicate in {args.sets[0]} ({len(pairs)} pairs: {kinds}; {cross} with different labels)")
     other = fa if fb is None else fb
     for k in range(min(5, len(pairs))):
-        print("  " + _caption(fa, pairs, k, classes, other).replace("\n", "  |  "))
+        print("  " + pair_caption(fa, pairs, k, classes, other).replace("\n", "  |  "))
     if args.csv:
         atomic_write_text(args.csv, pairs_csv(fa, other, pairs, classes))
         print(f"wrote {args.csv}")

@@ -224,14 +224,14 @@ def store(out: Path, fp: Fingerprints, pairs: Pairs, source: Source, splits: dic
           + (f": {out / DUPLICATES_NAME}" if len(pairs) else ""))
     if len(pairs) and draw_pairs is not None:
         paths = {r.key: r.path for r in source.records}
-        shown = [(paths[fp.key[i]], paths[fp.key[j]], _caption(fp, pairs, k, source.classes))
+        shown = [(paths[fp.key[i]], paths[fp.key[j]], pair_caption(fp, pairs, k, source.classes))
                  for k, (i, j) in enumerate(zip(pairs.a[:CONTACT_PAIRS], pairs.b[:CONTACT_PAIRS]))]
         draw_pairs(out / CONTACT_NAME, shown, f"{len(pairs)} duplicate pairs, closest first (of {out})")
         print(f"duplicates: contact sheet of the closest {len(shown)}: {out / CONTACT_NAME}")
     return {"file": FINGERPRINTS_NAME, "sha256": file_sha256(out / FINGERPRINTS_NAME), "threshold": threshold, **found}
 
 
-def _caption(fa: Fingerprints, pairs: Pairs, k: int, classes: Sequence[str] | None = None,
+def pair_caption(fa: Fingerprints, pairs: Pairs, k: int, classes: Sequence[str] | None = None,
              fb: Fingerprints | None = None) -> str:
     fb = fa if fb is None else fb
     i, j = int(pairs.a[k]), int(pairs.b[k])
