@@ -221,7 +221,7 @@ def write_shards(
         "layout": source.layout, "val_fraction": val_fraction, "seed": seed, "resize": resize,
         "quality": quality, "samples_per_shard": samples_per_shard, "as_split": as_split, **source.options,
         **({"folds": folds} if folds else {}), "dup_threshold": dups.check_threshold(dup_threshold),
-    }  # folds absent without folds: older sets stay up to date
+    }  # "folds" only with folds: older sets stay up to date
     fingerprint = source_fingerprint(source)
     old = None if overwrite else _up_to_date(out, params, fingerprint)
     if old is not None:
