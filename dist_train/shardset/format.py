@@ -11,6 +11,7 @@ into paths and `pipe:` commands, so `split_info` accepts only the writer's shard
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -262,3 +263,14 @@ def summary(out: Path | str, info: dict) -> str:
     ignored = info.get("ignored", {})
     lines.append("  ignored: " + ", ".join(f"{k} {v}" for k, v in ignored.items()))
     return "\n".join(lines)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- reading back
