@@ -17,6 +17,7 @@ from .infer.suspects import COLUMNS, Suspects, find_suspects, sample_rows, table
 from .report import draw_suspects, load_thumbnails
 from .shardset.format import load_info, split_info
 from .tasks import task_for
+from .trust.files import stored_address
 
 GRID_MAX = 64  # thumbnails in --grid at most (the top of the ranking)
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> Suspects:
     if args.grid:
         check_writable_file(args.grid, "--grid")
     oof = load_oof(path)
-    data = args.data or oof.data
+    data = args.data or stored_address(oof.data, path)
     info = load_info(data)
     s = find_suspects(oof, task_for(info))
     rows = sample_rows(oof, s, args.top)
