@@ -24,6 +24,9 @@ class Invalid(Exception):
         self.where, self.expected = where, expected
 
 
+MISSING = type("Missing", (), {"__repr__": lambda self: "nothing"})()  # a required key that is absent
+
+
 def _show(v: Any) -> str:
     """A found value in a few characters (a crafted one can be huge)."""
     if isinstance(v, Mapping):
@@ -184,7 +187,7 @@ class Dict(Spec):
             raise Invalid(where, f"an object of at most {self.max_keys:,} keys", v)
         missing = next((k for k in self.required if k not in v), None)
         if missing is not None:
-            raise Invalid(_at(where, missing), "a value (required)", "nothing")
+            raise Invalid(_at(where, missing), "a value (required)", MISSING)
         out = {}
         for k, x in v.items():
             spec = self.fields.get(k)
