@@ -80,9 +80,9 @@ def test_a_pipe_address_in_config_yaml_never_runs_in_export(run, tmp_path, capsy
     address = pipe_that_marks(marker)
     (run / "config.yaml").write_text(yaml.safe_dump({"data": address, "model": "test_resnet"}))
     line = one_line(export.main, ["--run", run, "--format", "torchscript", "--out", tmp_path / "m.pt"], capsys)
+    assert not marker.exists() and not (tmp_path / "m.pt").exists()
     assert f"{run / 'config.yaml'}: data address {address!r} is not a local path or an http(s)/s3/gs URL" in line
     assert "pass it explicitly with --data" in line
-    assert not marker.exists() and not (tmp_path / "m.pt").exists()
 
 
 def test_a_pipe_address_in_a_cv_fold_config_never_runs_in_oof(tmp_path, capsys):
@@ -90,8 +90,8 @@ def test_a_pipe_address_in_a_cv_fold_config_never_runs_in_oof(tmp_path, capsys):
     (cv / "fold-0").mkdir(parents=True)
     (cv / "fold-0" / "config.yaml").write_text(yaml.safe_dump({"data": pipe_that_marks(marker), "fold": "0"}))
     line = one_line(oof.main, [cv], capsys)
-    assert f"{cv / 'fold-0' / 'config.yaml'}: data address" in line and "--data" in line
     assert not marker.exists()
+    assert f"{cv / 'fold-0' / 'config.yaml'}: data address" in line and "--data" in line
 
 
 def test_a_pipe_address_stored_in_an_oof_file_never_runs_in_suspects(tmp_path, capsys):
@@ -101,8 +101,8 @@ def test_a_pipe_address_stored_in_an_oof_file_never_runs_in_suspects(tmp_path, c
     preds = Predictions("key", [f"k{i}" for i in range(4)], prob.argmax(1), CLASSES, np.array([0, 1, 2, 0]), prob)
     save_oof(cv / "oof.probs.npz", preds, [0, 1, 0, 1], [{}] * 4, pipe_that_marks(marker), "train")
     line = one_line(suspects.main, [cv], capsys)
-    assert f"{cv / 'oof.probs.npz'}: data address" in line and "--data" in line
     assert not marker.exists()
+    assert f"{cv / 'oof.probs.npz'}: data address" in line and "--data" in line
 
 
 @pytest.mark.parametrize("address", ["pipe:cat x", "ais://bucket/x", "hf://x", "sftp://h/x", "a\nb", "", "pipe:"])
@@ -149,7 +149,7 @@ def more_in_first_shard(info: dict, n: int) -> None:
 
 BAD_INFO = {
     "nested 2000 deep": (lambda i: json.dumps({**i, "params": "X"}).replace('"X"', "[" * 2000 + "]" * 2000),
-                         "nested 2001 deep, expected at most 64 levels"),
+                         "nested more than 64 levels, expected at most 64"),
     "Infinity": (lambda i: json.dumps(i).replace('"rejected": 0', '"rejected": Infinity'),
                  "not valid JSON (Infinity is not a finite number)"),
     "NaN": (lambda i: json.dumps(i).replace('"rejected": 0', '"rejected": NaN'), "NaN is not a finite number"),
@@ -193,7 +193,7 @@ def test_a_shard_set_without_classes_is_refused_by_training(shards, tmp_path):
 
     set_info(shards, lambda i: i.pop("classes"))
     p = run_main(["--data", str(shards), "--output", str(tmp_path / "o"), "--model", "test_resnet", "--img-size", "32",
-                  "--epochs", "1", "--workers", "0"])
+                  "--epochs", "1", "--workers", "0", "--batch-size", "8"])
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert [x for x in p.stderr.splitlines() if x.startswith("error: ")] == [
         f"error: {shards / '_info.json'}: classes: expected a value (required), got nothing: expected a shard set "
@@ -230,7 +230,7 @@ CRAFTED_WEIGHTS = {
     "a shape that does not fit": (lambda p: _edit(p, lambda h: h[first_tensor(h)].update(shape=[1 << 20, 1 << 20])),
                                   "needs 4,398,046,511,104"),
     "a header nested deep": (lambda p: _edit(p, lambda h: h.update(__metadata__=json.loads("[" * 500 + "]" * 500))),
-                             "nested 501 deep"),
+                             "nested more than 64 levels"),
 }
 
 
@@ -304,15 +304,35 @@ def test_a_crafted_progress_json_is_damaged_for_verify(run, capsys, field, value
     assert out[1].startswith("0 of 1 good")
 
 
-def test_a_crafted_progress_json_is_refused_by_resume(run, folder_shards, tmp_path):
+@pytest.fixture(scope="module")
+def checkpointed(folder_shards, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A real one-step run with its checkpoint, and the flags that made it."""
     from conftest import run_main
 
-    ckpt = fake_checkpoint(run, {"epoch": 0, "step": 1, "plan": "x"})
-    tiny = ["--data", str(folder_shards), "--model", "test_resnet", "--img-size", "32", "--workers", "0"]
-    for resume, out, words in [("auto", run, f"--resume auto: no good checkpoint in {run / 'checkpoints'} (1 damaged"),
-                               (str(ckpt), tmp_path / "o", f"--resume {ckpt}: damaged checkpoint: progress.json: plan: "
-                                                           "expected an object or null, got 'x'")]:
-        p = run_main([*tiny, "--output", str(out), "--resume", resume])
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    flags = ["--data", str(folder_shards), "--model", "test_resnet", "--img-size", "32", "--workers", "0",
+             "--batch-size", "8", "--epochs", "1", "--max-steps", "1", "--checkpoint-every", "1"]
+    p = run_main([*flags, "--output", str(out)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out, flags
+
+
+def test_a_plan_that_is_not_one_is_refused_by_verify_and_resume(checkpointed, tmp_path, capsys):
+    """The issue's case: progress.json edited after the checksums (they cover every other file)."""
+    from conftest import run_main
+
+    run, flags = tmp_path / "run", checkpointed[1]
+    shutil.copytree(checkpointed[0], run)
+    (ckpt,) = (run / "checkpoints").iterdir()
+    progress = json.loads((ckpt / "progress.json").read_text())
+    (ckpt / "progress.json").write_text(json.dumps({**progress, "plan": "x"}))
+    with pytest.raises(SystemExit) as e:
+        checkpoint_cli.main(["--verify", str(run)])
+    out = capsys.readouterr().out.splitlines()
+    assert e.value.code == 1 and out[0] == f"{ckpt.name}: damaged: progress.json: plan: expected an object or null, got 'x'"
+    for resume, words in [("auto", f"--resume auto: no good checkpoint in {run / 'checkpoints'} (1 damaged"),
+                          (str(ckpt), f"--resume {ckpt}: damaged checkpoint: progress.json: plan: ")]:
+        p = run_main([*flags, "--max-steps", "2", "--output", str(run), "--resume", resume])
         errors = [x for x in p.stderr.splitlines() if x.startswith("error: ")]
         assert p.returncode == 2 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr[-2000:]
         assert words in errors[0], errors
@@ -425,10 +445,11 @@ def test_a_crafted_probability_file_is_one_line(tmp_path, case, words):
 
 # ----------------------------------------------------------------------------- the parsers themselves
 def test_json_and_yaml_limits(tmp_path):
-    with pytest.raises(UserError, match="x.json: nested 100000 deep"):
-        parse_json("[" * 100000 + "]" * 100000, "x.json")
-    assert parse_json('{"a": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}', "x") == {
-        "a": "[" * 72}
+    for depth in (65, 500, 100_000):  # under and over the C parser's recursion limit
+        with pytest.raises(UserError, match="x.json: nested more than 64 levels, expected at most 64$"):
+            parse_json("[" * depth + "]" * depth, "x.json")
+    assert parse_json("[" * 64 + "]" * 64, "x") == json.loads("[" * 64 + "]" * 64)
+    assert parse_json(json.dumps({"a": "[" * 100}), "x") == {"a": "[" * 100}
     with pytest.raises(UserError, match="x.json: 11 bytes, expected at most 10"):
         parse_json('"abcdefghi"', "x.json", max_bytes=10)
     y = tmp_path / "c.yaml"
@@ -436,7 +457,7 @@ def test_json_and_yaml_limits(tmp_path):
     with pytest.raises(UserError, match="c.yaml: aliases"):
         read_yaml(y)
     y.write_text("a: " + "[" * 200 + "]" * 200)
-    with pytest.raises(UserError, match="c.yaml: nested more than 64 levels"):
+    with pytest.raises(UserError, match="c.yaml: nested more than 64 levels, expected at most 64$"):
         read_yaml(y)
     y.write_text("a: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(UserError, match="c.yaml: not valid YAML"):

@@ -1,7 +1,7 @@
 """JSON and YAML documents read from files, parsed with limits, and data addresses read back from them.
 
-- `parse_json` / `read_json`: a size cap, a nesting-depth cap checked before the parser runs
-  (a document nested 2000 deep is one line, not a RecursionError), `NaN` / `Infinity` refused
+- `parse_json` / `read_json`: a size cap, a nesting-depth cap (the C parser's own recursion is
+  bounded; a document nested 2000 deep is one line, not a RecursionError), `NaN` / `Infinity` refused
   unless the caller's own writer may write them, then the caller's schema (`trust.schema`).
 - `read_yaml`: PyYAML's safe loader only (no Python objects), no aliases (`*a` would let a
   small file expand), the same size and depth caps.
@@ -14,38 +14,32 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import numpy as np
 import yaml
 
 from dist_train.errors import UserError
 
 from .schema import Spec, check
 
-MAX_JSON_BYTES = 256 << 20  # progress.json of a 1e9-sample epoch holds ~170 MB of `done` bits
+MAX_JSON_BYTES = 64 << 20  # progress.json of a 300M-sample epoch holds ~50 MB of `done` bits
 MAX_YAML_BYTES = 1 << 20
 MAX_DEPTH = 64
-_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
-_CHUNK = 1 << 24
 
 
-def _depth(data: bytes) -> int:
-    """Deepest nesting of [ and { outside strings, without recursion (numpy over the bytes)."""
-    bare = np.frombuffer(_STRING.sub(b'""', data), dtype=np.uint8)
-    deepest, depth = 0, 0
-    for start in range(0, len(bare), _CHUNK):
-        b = bare[start:start + _CHUNK]
-        step = (b == ord("[")).astype(np.int64) + (b == ord("{")) - (b == ord("]")) - (b == ord("}"))
-        if not len(step):
-            continue
-        run = np.cumsum(step) + depth
-        deepest, depth = max(deepest, int(run.max())), int(run[-1])
-    return deepest
+def too_deep(doc: Any, max_depth: int) -> bool:
+    """Whether lists and objects nest more than `max_depth` levels, walked without recursion."""
+    stack = [(doc, 1)] if isinstance(doc, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
 def _refuse_constant(name: str) -> Any:
@@ -59,16 +53,18 @@ def parse_json(data: bytes | str, source: str, *, spec: Spec | None = None, hint
     tail = f": {hint}" if hint else ""
     if len(raw) > max_bytes:
         raise UserError(f"{source}: {len(raw):,} bytes, expected at most {max_bytes:,}{tail}")
-    depth = _depth(raw)
-    if depth > max_depth:
-        raise UserError(f"{source}: nested {depth} deep, expected at most {max_depth} levels{tail}")
+    deep = f"{source}: nested more than {max_depth} levels, expected at most {max_depth}{tail}"
     try:
         kw = {} if allow_nonfinite else {"parse_constant": _refuse_constant}
-        doc = json.loads(raw.decode("utf-8"), **kw)
+        doc = json.loads(raw.decode("utf-8"), **kw)  # the C parser's recursion is bounded: RecursionError
     except UnicodeDecodeError as e:
         raise UserError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start}){tail}") from None
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise UserError(deep) from None
+    except ValueError as e:
         raise UserError(f"{source}: not valid JSON ({' '.join(str(e).split())[:200]}){tail}") from None
+    if too_deep(doc, max_depth):
+        raise UserError(deep)
     return check(doc, spec, source, hint) if spec is not None else doc
 
 
@@ -113,7 +109,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self._depth = getattr(self, "_depth", 0) + 1
         try:
             if self._depth > self.max_depth:
-                raise _Refused(f"nested more than {self.max_depth} levels")
+                raise _Refused(f"nested more than {self.max_depth} levels, expected at most {self.max_depth}")
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
