@@ -13,7 +13,6 @@ work too); only the samples that are drawn are decoded.
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -27,6 +26,8 @@ from .data.transforms import decode_rgb
 from .errors import UserError, atomic_write_bytes
 from .infer.metrics import draw_confusion
 from .shardset.format import class_names, image_bytes, is_labeled, iter_samples, label_counts, split_info
+from .trust.files import MAX_JSON_BYTES, parse_json, read_capped
+from .trust.schema import Dict
 
 THUMB = 96  # thumbnail side in pixels (longer side)
 
@@ -85,10 +86,10 @@ def read_history(run: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
+    for line in read_capped(path, MAX_JSON_BYTES).splitlines():
+        try:  # each record through the bounded parser; a torn or crafted line is skipped
+            rows.append(parse_json(line, str(path), spec=Dict(), allow_nonfinite=True))
+        except UserError:
             continue
     return rows
 
