@@ -465,3 +465,13 @@ def test_json_and_yaml_limits(tmp_path):
     y.write_bytes(b"a: 1\n" * 300_000)
     with pytest.raises(UserError, match="c.yaml: 1,500,000 bytes, expected at most 1,048,576"):
         read_yaml(y)
+
+
+def test_a_crafted_pretrained_path_is_one_line(trained, tmp_path):
+    from dist_train.model.build import create_model
+
+    weights = tmp_path / "w.safetensors"
+    shutil.copy(trained / "best" / "model.safetensors", weights)
+    _edit(weights, lambda h: h[first_tensor(h)].update(shape=[1 << 20, 1 << 20]))
+    with pytest.raises(UserError, match=f"{weights}: tensor .* needs 4,398,046,511,104"):
+        create_model("test_resnet", 3, pretrained_path=str(weights))
