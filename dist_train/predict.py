@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         check_writable_file(probs_path(args.out), "--out")
     calibration = load_calibration(args.calibration) if args.calibration else None
     if args.run is not None and args.checkpoint is None and is_cv(args.run):
-        models = [load_model(r.run) for r in fold_runs(args.run, args.data)]  # every fold's model, soft-voted
+        instead = (f"predict each fold with --run {args.run}/fold-k --save-probs and combine them with "
+                   "python -m dist_train.ensemble")
+        models = [load_model(r.run) for r in fold_runs(args.run, instead=instead)]  # every fold's model, soft-voted
     else:
         models = [load_model(args.run, args.checkpoint)]
     loaded = models[0]

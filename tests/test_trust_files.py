@@ -94,6 +94,17 @@ def test_a_pipe_address_in_a_cv_fold_config_never_runs_in_oof(tmp_path, capsys):
     assert f"{cv / 'fold-0' / 'config.yaml'}: data address" in line and "--data" in line
 
 
+def test_a_pipe_address_in_a_cv_fold_config_never_runs_in_predict(tmp_path, capsys):
+    from dist_train import predict
+
+    marker, cv = tmp_path / "pwned", tmp_path / "cv"
+    (cv / "fold-0").mkdir(parents=True)
+    (cv / "fold-0" / "config.yaml").write_text(yaml.safe_dump({"data": pipe_that_marks(marker), "fold": "0"}))
+    line = one_line(predict.main, ["--run", cv, "--data", tmp_path / "eval", "--out", tmp_path / "p.csv"], capsys)
+    assert not marker.exists()
+    assert f"{cv / 'fold-0' / 'config.yaml'}: data address" in line and f"predict each fold with --run {cv}/fold-k" in line
+
+
 def test_a_pipe_address_stored_in_an_oof_file_never_runs_in_suspects(tmp_path, capsys):
     marker, cv = tmp_path / "pwned", tmp_path / "cv"
     cv.mkdir()

@@ -47,13 +47,14 @@ def _finished(run: Path) -> bool:
     return path.is_file() and bool(read_summary(path).get("finished"))
 
 
-def fold_runs(cv: Path, data: str | None = None) -> list[FoldRun]:
+def fold_runs(cv: Path, data: str | None = None, instead: str | None = None) -> list[FoldRun]:
     """Every fold's run, in fold order; refuses a CV folder with a fold missing, unfinished,
     without best/, trained on another fold or shard set than its name and siblings say.
 
-    `data`: the shard set as the user typed it (--data); without it, the address fold-0's
-    config.yaml records, used only when it is a plain path or URL (`stored_address`): a command
-    read from a file is never run."""
+    `data`: the shard set the folds trained on as the user typed it (--data); without it, the
+    address fold-0's config.yaml records, used only when it is a plain path or URL
+    (`stored_address`, whose refusal says `instead` where the command has no such flag): a
+    command read from a file is never run."""
     cv = Path(cv)
     if not cv.is_dir():
         raise UserError(f"{cv}: no such folder (expected a CV folder of fold-k/ runs, see launch/kfold.sh)")
@@ -62,7 +63,8 @@ def fold_runs(cv: Path, data: str | None = None) -> list[FoldRun]:
         raise UserError(f"{cv}: no fold-k/ run folders (run launch/kfold.sh, or dist_train/run.py --fold k "
                         f"--output {cv}/fold-k for each fold)")
     first = _read_config(runs[min(runs)])
-    address = data if data is not None else stored_address(first["data"], runs[min(runs)] / "config.yaml")
+    address = data if data is not None else stored_address(first["data"], runs[min(runs)] / "config.yaml",
+                                                           instead=instead)
     k = split_info(load_info(address), str(first.get("train_split") or "train")).folds
     if not k:
         raise UserError(f"{runs[min(runs)]}: trained on {first['data']}, which has no folds")

@@ -147,14 +147,15 @@ def is_plain_address(address: str) -> bool:
     return scheme.lower() in STORED_SCHEMES and "://" in address
 
 
-def stored_address(address: Any, source: str | os.PathLike, flag: str = "--data") -> str:
+def stored_address(address: Any, source: str | os.PathLike, flag: str = "--data", instead: str | None = None) -> str:
     """`address` read back from the file `source`: returned when `is_plain_address`, else one line
-    saying which file holds it and how to pass it on the command line instead."""
+    saying which file holds it and how to pass it on the command line instead (`flag`, or the
+    words `instead` where the command has no such flag)."""
     text = str(address) if isinstance(address, (str, os.PathLike)) else None
     if text is None or not is_plain_address(text):
         shown = repr(text if text is not None else address)
         shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        how = instead or f"pass it explicitly with {flag} ADDRESS if you trust it"
         raise UserError(f"{source}: data address {shown} is not a local path or an http(s)/s3/gs URL; an "
-                        f"address read from a file never runs a command: pass it explicitly with {flag} ADDRESS "
-                        "if you trust it")
+                        f"address read from a file never runs a command: {how}")
     return text
