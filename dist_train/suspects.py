@@ -24,6 +24,7 @@ from .report import draw_suspects, load_thumbnails
 from .shardset.duplicates import cross_label_pairs
 from .shardset.format import is_url, load_info, split_info
 from .tasks import task_for
+from .trust.files import stored_address
 
 GRID_MAX = 64  # thumbnails in --grid at most (the top of the ranking)
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> Suspects:
         check_writable_file(args.grid, "--grid")
     oof = load_oof(path)
     check_models(path, oof, args.force)
-    data = args.data or oof.data
+    data = args.data or stored_address(oof.data, path)
     info = load_info(data)
     s = find_suspects(oof, task_for(info), args.max_fraction)
     rows = sample_rows(oof, s, args.top)

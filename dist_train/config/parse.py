@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import yaml
 
 from dist_train.errors import ArgParser, UserError, atomic_write_text
+from dist_train.trust.files import read_yaml
 
 from .sections import SECTION_OF, SECTIONS, Config
 
@@ -82,15 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 def load_yaml(path: str) -> dict:
     """A YAML mapping of flat config keys (`lr: 0.01`; '-' or '_' in names)."""
     try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise UserError(f"--config {path}: cannot read ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"--config {path}:{where} not valid YAML") from None
+        data = read_yaml(path) or {}  # the bounded safe loader: plain data, no aliases, size and depth limits
+    except UserError as e:
+        raise UserError(f"--config {e}") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of config keys")
     out = {}

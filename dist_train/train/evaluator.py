@@ -9,6 +9,8 @@ whenever val macro F1 improves.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +78,10 @@ class Evaluator:
         where = {"epoch": progress.epoch, "step": progress.step}
         if score > progress.best_f1:  # the same gathered predictions, so the same verdict, on every rank
             chosen = m if which == "model" else m_ema
-            progress.best = {**where, "weights": which, **{k: chosen[k] for k in ("val_macro_f1", "val_acc", "val_loss")}}
+            scores = {k: chosen[k] for k in ("val_macro_f1", "val_acc", "val_loss")}
+            if not math.isfinite(scores["val_loss"]):  # progress.json holds finite numbers only
+                scores["val_loss"] = None
+            progress.best = {**where, "weights": which, **scores}
             self.shown = {**views[which], **where, "best": True}
         elif self.shown is None or not self.shown["best"]:
             self.shown = {**views["model"], **where, "best": False}
