@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> Suspects:
     if args.grid:
         check_writable_file(args.grid, "--grid")
     oof = load_oof(path)
-    check_models(path, oof, args.force)
     data = args.data or stored_address(oof.data, path)
+    check_models(path, oof, args.force)
     info = load_info(data)
     s = find_suspects(oof, task_for(info), args.max_fraction)
     rows = sample_rows(oof, s, args.top)

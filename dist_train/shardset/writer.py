@@ -223,10 +223,7 @@ def write_shards(
     workers = workers or usable_cpus()
     records, fps, rejected = _drop_unreadable(source, workers, strict, progress, max_image_pixels)
     source, fp, pairs = dups.group_duplicates(source, records, fps, dup_threshold)
-    splits = _split(source, as_split, val_fraction, seed)
-    fold_of = assign_folds(splits.get(as_split or "train", []), folds, seed) if folds else {}
-    if "train" in splits:
-        random.Random(seed).shuffle(splits["train"])
+    splits, fold_of = _split(source, as_split, val_fraction, seed, folds)
     plan = [(name, f"{name}-{i:06d}.tar", recs[pos:pos + size]) for name, recs in splits.items()
             for i, (pos, size) in enumerate(_offsets(shard_sizes(len(recs), samples_per_shard)))]
     sha, nbytes = _replace_shards(out, plan, rejected, resize, quality, workers, progress, fold_of)
@@ -240,10 +237,16 @@ def write_shards(
     return info
 
 
-def _split(source: Source, as_split: str | None, val_fraction: float, seed: int) -> dict[str, list[Record]]:
-    """The splits of the source's (readable, regrouped) records; empty ones left out."""
+def _split(source: Source, as_split: str | None, val_fraction: float, seed: int,
+           folds: int) -> tuple[dict[str, list[Record]], dict[str, int]]:
+    """(the splits of the source's (readable, regrouped) records, empty ones left out, the training
+    split shuffled; each training sample's fold with `folds`)."""
     splits = {as_split: list(source.records)} if as_split else split_records(source, val_fraction, seed)
-    return {name: recs for name, recs in splits.items() if recs}
+    splits = {name: recs for name, recs in splits.items() if recs}
+    fold_of = assign_folds(splits.get(as_split or "train", []), folds, seed) if folds else {}
+    if "train" in splits:
+        random.Random(seed).shuffle(splits["train"])
+    return splits, fold_of
 
 
 def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
