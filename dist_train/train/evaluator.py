@@ -24,6 +24,7 @@ from dist_train.model.export import save_for_timm
 from dist_train.tasks import Task
 
 from .checkpoint import Progress
+from .guard import require_finite
 from .trackers import log_confusion
 
 
@@ -48,8 +49,10 @@ class Evaluator:
         best/ gets whichever weights scored the better val macro F1 when it beats the best so far;
         without a validation split, at each epoch end, the current weights (the EMA's if kept)."""
         if self.loader is None:
+            which, weights = ("ema", ema) if ema is not None else ("model", acc.unwrap_model(model))
+            if end_of_epoch:
+                require_finite(acc, weights, self.out / "best")
             if end_of_epoch and acc.is_main_process:
-                which, weights = ("ema", ema) if ema is not None else ("model", acc.unwrap_model(model))
                 save_for_timm(weights, self.out / "best", label_names=self.class_names,
                               num_classes=len(self.class_names), **self.export,
                               extra={"epoch": progress.epoch, "step": progress.step, **self.meta, "weights": which,
@@ -63,6 +66,8 @@ class Evaluator:
             m.update({f"{k}_ema": v for k, v in m_ema.items() if k != "val_samples"})
             candidates.append(("ema", ema, m_ema["val_macro_f1"]))
         which, weights, score = max(candidates, key=lambda c: c[2])  # the model's on a tie
+        if score > progress.best_f1:  # the same on every rank: the metrics are gathered, best_f1 reduced
+            require_finite(acc, weights, self.out / "best")
         if acc.is_main_process and score > progress.best_f1:
             progress.best_f1 = score
             save_for_timm(weights, self.out / "best", label_names=self.class_names, num_classes=len(self.class_names),
