@@ -296,9 +296,7 @@ CASES = [
          extra={"must_fail": True}),
     Case("progress_plan_x_resume", "resume", _progress(lambda p: p.update(plan="x")), needs=FILES),
     Case("progress_step_negative", "resume", _progress(lambda p: p.update(step=-5, epoch=10**9)), needs=FILES),
-    Case("checkpoint_pickle_ema", "resume", _ema_pickle, needs="checkpoint loading without pickle (not in issue 20's "
-                                                                "list: Accelerate loads custom_checkpoint_*.pkl with "
-                                                                "weights_only=False)"),
+    Case("checkpoint_pickle_ema", "resume", _ema_pickle, needs="train.integrity (weights-only unpickler), already there"),
     Case("shard_out_foreign_file", "shard", _foreign_out, needs=WRITER),
     Case("shard_src_symlinks_out", "shard", _src_symlink_out, needs=MEDIA),
     Case("npz_object_array", "ensemble", _npz(ids=np.array([{"a": 1}] * 3, dtype=object)), needs=FILES),
