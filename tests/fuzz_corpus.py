@@ -41,10 +41,13 @@ def build_base(root: Path) -> dict[str, Path]:
     from dist_train.shardset.writer import write_shards
 
     src = root / "src"
-    for c, colour in enumerate(["red", "green", "blue"]):
+    rng = np.random.default_rng(0)
+    for c in range(3):  # distinct noisy images (identical ones would be grouped as duplicates)
         (src / f"class{c}").mkdir(parents=True)
         for i in range(6):
-            Image.new("RGB", (IMG, IMG), colour).save(src / f"class{c}" / f"{i:03d}.jpg")
+            pixels = rng.integers(0, 96, (IMG, IMG, 3), dtype=np.uint8)
+            pixels[..., c] += 128
+            Image.fromarray(pixels).save(src / f"class{c}" / f"{i:03d}.png")
     shards = root / "shards"
     write_shards(src, shards, layout="folder", samples_per_shard=4, workers=1, progress=False)
     run = root / "run"
