@@ -33,6 +33,9 @@ from dist_train.errors import ArgParser, UserError, cli_main, scratch_dir
 from dist_train.perf.loader import bench_loader
 from dist_train.perf.memory import bench_memory
 from dist_train.perf.trainer import PRECISIONS, bench_train
+from dist_train.shardset.images import check_and_fingerprint, check_image
+from dist_train.trust.media import DEFAULT_MAX_PIXELS
+from dist_train.shardset.sources import FOLDER_EXTENSIONS
 from dist_train.shardset.writer import write_shards
 from dist_train.system import usable_cpus
 
@@ -57,7 +60,22 @@ def bench_shard(a: argparse.Namespace) -> dict:
             rates[workers] = images / elapsed
     result.update(images=images, images_per_s_1=round(rates[1], 1), images_per_s_all=round(rates[cpus], 1),
                   speedup=round(rates[cpus] / rates[1], 3))
+    result.update(_check_cost(src, 1000 / rates[1]))
     return result
+
+
+def _check_cost(src: Path, ms_per_image: float, limit: int = 300) -> dict:
+    """The check pass per image, the draft decode it was vs the full decode + fingerprints it is,
+    on the same images in this run; the difference as a share of a 1-worker shard run's time."""
+    paths = [str(p) for p in sorted(src.rglob("*")) if p.suffix.lower() in FOLDER_EXTENSIONS
+             and not p.name.startswith(".") and ".ipynb_checkpoints" not in p.parts][:limit]
+    ms = {}
+    for name, fn in (("check_draft_ms", check_image), ("check_fingerprint_ms", check_and_fingerprint)) * 2:
+        start = time.perf_counter()
+        for p in paths:
+            fn((p, DEFAULT_MAX_PIXELS))
+        ms[name] = round((time.perf_counter() - start) / max(len(paths), 1) * 1e3, 3)  # the second round counts
+    return {**ms, "fingerprint_overhead_pct": round(100 * (ms["check_fingerprint_ms"] - ms["check_draft_ms"]) / ms_per_image, 1)}
 
 
 

@@ -42,7 +42,10 @@ def fold_tta(run: FoldRun, given: str | None) -> str:
 def _fold_result(run: FoldRun, args) -> tuple[object, dict]:
     """(accelerator, inference results) of one fold model on its held-out fold, training labels."""
     info, split = held_out(run)
-    cfg = Config.from_flat(run.config)
+    try:
+        cfg = Config.from_flat(run.config)
+    except (TypeError, UserError) as e:
+        raise UserError(f"{run.run / 'config.yaml'}: {e}") from None
     target_fn = task_for(info).target_fn(cfg.task, info)
     tta = parse_tta(fold_tta(run, args.tta), "--tta" if args.tta is not None else f"{run.run}/config.yaml val_tta")
     return run_inference(load_model(run.run), run.data, info, split, batch_size=args.batch_size,
@@ -78,6 +81,8 @@ def _scores(pred: np.ndarray, label: np.ndarray, names: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> dict | None:
     p = ArgParser(prog="python -m dist_train.oof", description=__doc__.split("\n\n")[0])
     p.add_argument("cv", type=Path, help="cross-validation folder holding fold-0/ .. fold-(K-1)/ runs")
+    p.add_argument("--data", help="shard set the folds were trained on (default: the one fold-0/config.yaml "
+                   "records, when it is a local path or an http(s)/s3/gs URL)")
     add_loader_args(p, tta_default=None)
     args = p.parse_args(argv)
     check_loader_args(args)
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         parse_tta(args.tta)
     for name in ("oof.csv", "oof.probs.npz", "oof.json"):
         check_writable_file(args.cv / name, "CV")
-    runs = fold_runs(args.cv)
+    runs = fold_runs(args.cv, args.data)
     keys, prob, label, fold, per_fold = [], [], [], [], []
     acc = None
     for run in runs:

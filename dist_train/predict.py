@@ -106,7 +106,9 @@ def check_args(args: argparse.Namespace) -> None:
 def load_models(args: argparse.Namespace) -> list[Loaded]:
     """The model, or with `--run CV` every fold's model (soft-voted)."""
     if args.run is not None and args.checkpoint is None and is_cv(args.run):
-        return [load_model(r.run) for r in fold_runs(args.run)]
+        instead = (f"predict each fold with --run {args.run}/fold-k --save-probs and combine them with "
+                   "python -m dist_train.ensemble")
+        return [load_model(r.run) for r in fold_runs(args.run, instead=instead)]
     return [load_model(args.run, args.checkpoint)]
 
 

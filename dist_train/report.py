@@ -13,7 +13,6 @@ work too); only the samples that are drawn are decoded.
 from __future__ import annotations
 
 import io
-import json
 import math
 import warnings
 from pathlib import Path
@@ -29,6 +28,8 @@ from .errors import UserError, atomic_write_bytes
 from .infer.metrics import draw_confusion
 from .shardset.format import class_names, image_bytes, is_labeled, iter_samples, label_counts, split_info
 from .trust.media import DEFAULT_MAX_PIXELS, check_image_bytes
+from .trust.files import MAX_JSON_BYTES, parse_json, read_capped
+from .trust.schema import Dict
 
 THUMB = 96  # thumbnail side in pixels (longer side)
 # metrics.jsonl fields as the curves' legend names them: what each loss is
@@ -111,10 +112,10 @@ def read_history(run: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
+    for line in read_capped(path, MAX_JSON_BYTES).splitlines():
+        try:  # each record through the bounded parser; a torn or crafted line is skipped
+            rows.append(parse_json(line, str(path), spec=Dict(), allow_nonfinite=True))
+        except UserError:
             continue
     return rows
 

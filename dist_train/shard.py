@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dist_train.errors import ArgParser, UserError, cli_main
+from dist_train.shardset.dedup import DEFAULT_THRESHOLD
 
 # The writer's worker processes import this module again as their __main__ (forkserver), so
 # the heavy imports (the tasks, torch through webdataset) happen in the functions, not here.
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inspect", type=Path, metavar="OUT", help="print the summary of an existing shard set and verify its checksums")
     p.add_argument("--grid", type=Path, metavar="PNG", help="with --inspect: draw a contact sheet of a few samples per class")
     p.add_argument("--grid-split", metavar="SPLIT", help="split drawn by --grid (default: train, else the first labeled one)")
+    p.add_argument("--dup-threshold", type=int, default=DEFAULT_THRESHOLD, metavar="BITS", help="near duplicates: "
+                   f"perceptual hashes differing in at most BITS of 64 (default {DEFAULT_THRESHOLD}; 0: identical hashes); "
+                   "exact and near duplicates stay on one side of the split and the folds, _duplicates.csv lists them")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     for task in tasks.all_tasks():
         task.add_shard_arguments(p)
@@ -51,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> None:
     from dist_train import tasks
+    from dist_train.duplicates import draw_pairs
     from dist_train.shardset.writer import inspect, write_shards
 
     args = _parser().parse_args(argv)
@@ -75,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         resize=args.resize, quality=args.quality, samples_per_shard=args.samples_per_shard,
         workers=args.workers, overwrite=args.overwrite, strict=args.strict, as_split=args.as_split,
         max_image_pixels=args.max_image_pixels,
+        dup_threshold=args.dup_threshold, draw_pairs=draw_pairs,
         options={k: v for t in tasks.all_tasks() for k, v in t.shard_options(args).items()}, progress=not args.quiet,
     )
 

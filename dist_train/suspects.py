@@ -21,8 +21,10 @@ from .infer.files import OutOfFold, load_oof
 from .infer.suspects import (COLUMNS, MAX_FRACTION, MIN_GAIN, Suspects, find_suspects, judge_models, sample_rows,
                              table_path, write_table)
 from .report import draw_suspects, load_thumbnails
-from .shardset.format import load_info, split_info
+from .shardset.duplicates import cross_label_pairs
+from .shardset.format import is_url, load_info, split_info
 from .tasks import task_for
+from .trust.files import stored_address
 
 GRID_MAX = 64  # thumbnails in --grid at most (the top of the ranking)
 
@@ -94,8 +96,8 @@ def main(argv: list[str] | None = None) -> Suspects:
     if args.grid:
         check_writable_file(args.grid, "--grid")
     oof = load_oof(path)
+    data = args.data or stored_address(oof.data, path)
     check_models(path, oof, args.force)
-    data = args.data or oof.data
     info = load_info(data)
     s = find_suspects(oof, task_for(info), args.max_fraction)
     rows = sample_rows(oof, s, args.top)
@@ -106,6 +108,13 @@ def main(argv: list[str] | None = None) -> Suspects:
           f"({s.issue.mean():.1%}{capped}); wrote the {len(rows)} most suspect to {out}", flush=True)
     for r in rows[:5]:
         print(f"  {r[0]:>3}. {r[1]}: given {r[4]} (p {r[7]}), predicted {r[6]} (p {r[8]})")
+    if not is_url(data):  # the shard step's duplicates with different labels: one label of each pair is wrong
+        pairs = cross_label_pairs(data, set(oof.preds.ids))
+        if pairs:
+            print(f"{len(pairs)} pair(s) of duplicate images with different labels among these samples "
+                  f"({Path(data) / '_duplicates.csv'}, cross_label 1):", flush=True)
+            for r in pairs[:5]:
+                print(f"  {r['key_a']} [{r['label_a']}] = {r['key_b']} [{r['label_b']}] ({r['kind']}, {r['distance']} bits)")
     for t in s.tables:
         write_table(table_path(out, t.name), t.header, t.rows)
         print(f"{t.summary}: wrote {table_path(out, t.name)}", flush=True)

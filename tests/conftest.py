@@ -37,15 +37,16 @@ def mask_shards(raw_mask, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def folder_shards(tmp_path_factory) -> Path:
     """A class-folder set (3 classes x 10 plain-colour 32 px images), sharded: plain classification."""
-    from PIL import Image
+    from PIL import Image, ImageColor
 
     from dist_train.shardset.writer import write_shards
 
     src = tmp_path_factory.mktemp("folder") / "colours"
     for c, colour in enumerate(["red", "green", "blue"]):
         (src / f"class{c}").mkdir(parents=True)
-        for i in range(10):
-            Image.new("RGB", (32, 32), colour).save(src / f"class{c}" / f"{i:03d}.png")
+        for i in range(10):  # shades apart: identical images would be exact duplicates, kept in one split
+            shade = tuple(max(0, v - 3 * i) for v in ImageColor.getrgb(colour))
+            Image.new("RGB", (32, 32), shade).save(src / f"class{c}" / f"{i:03d}.png")
     out = src.parent / "shards"
     info = write_shards(src, out, layout="folder", samples_per_shard=10, workers=1, progress=False)
     assert len(info["classes"]) == 3

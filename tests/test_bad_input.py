@@ -123,9 +123,15 @@ def test_bench_with_unwritable_tmpdir_is_one_line(sub, tmpdir, raw_mask, tmp_pat
 
 # ----------------------------------------------------------------------------- 2. sizes
 @pytest.mark.parametrize("workers", ["0", "1"])
-def test_image_size_that_cannot_be_allocated_names_the_setting(mask_shards, tmp_path, workers):
+def test_image_size_that_cannot_be_allocated_names_the_setting(mask_shards, tmp_path, workers, monkeypatch):
     """3 x 10^14 bytes per image exceed any address space, so the allocation fails at once on any
-    machine; before, each failure was counted as a bad sample until "the shards look broken"."""
+    machine; before, each failure was counted as a bad sample until "the shards look broken".
+    The config's range stops such a size first; widened, the loader's own check still names it."""
+    from dist_train.config.ranges import RANGES, Range
+
+    p = run_main(["--data", str(mask_shards), *BASE, "--workers", workers, "--img-size", "10000000"])
+    assert_one_line(p.returncode, p.stderr, "--img-size 10000000: expected an integer in 1..8192")
+    monkeypatch.setitem(RANGES, "img_size", Range(1, 10**8, integer=True))
     p = run_main(["--data", str(mask_shards), "--output", str(tmp_path / "o"),
                   *BASE, "--workers", workers, "--img-size", "10000000"])
     line = assert_one_line(p.returncode, p.stderr, "--img-size 10000000: out of memory",

@@ -83,6 +83,7 @@ def test_shard_speedup(capsys, raw_mask):
     assert {"bench", "src", "resize", "workers", "images", "images_per_s_1", "images_per_s_all", "speedup"} <= set(r)
     assert r["images"] == 30 * 7 and r["resize"] == 24 and r["workers"] == usable_cpus()
     assert r["speedup"] == pytest.approx(r["images_per_s_all"] / r["images_per_s_1"], rel=1e-2)
+    assert r["check_draft_ms"] > 0 and r["check_fingerprint_ms"] > 0 and "fingerprint_overhead_pct" in r
 
 
 def test_train_synthetic_against_bare_loop():

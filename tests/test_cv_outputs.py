@@ -64,10 +64,10 @@ def test_oof_prints_each_fold_and_uses_the_folds_tta(hflip_cv, tmp_path, capsys,
 
 
 def test_oof_names_each_folds_tta_when_they_differ(tmp_path):
-    runs = [FoldRun(k, tmp_path / f"fold-{k}", {"data": "x", "val_tta": t}) for k, t in enumerate(["none", "hflip"])]
+    runs = [FoldRun(k, tmp_path / f"fold-{k}", {"data": "x", "val_tta": t}, "x") for k, t in enumerate(["none", "hflip"])]
     assert oof._tta_note(runs, None) == "fold 0: none, fold 1: hflip (each fold's --val-tta)"
     assert oof._tta_note(runs, "five-crop") == "five-crop (--tta)"
-    assert oof.fold_tta(FoldRun(0, tmp_path, {"data": "x"}), None) == "none"  # a config from before val_tta
+    assert oof.fold_tta(FoldRun(0, tmp_path, {"data": "x"}, "x"), None) == "none"  # a config from before val_tta
 
 
 def test_predict_images_with_a_cv_folder_averages_the_folds(hflip_cv, tmp_path):

@@ -382,7 +382,7 @@ def test_load_info_errors(tmp_path, shards):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "_info.json").write_text("{not json")
-    with pytest.raises(UserError, match="cannot read shard info.*dist_train.shard"):
+    with pytest.raises(UserError, match="not valid JSON.*dist_train.shard"):
         load_info(str(bad))
     with pytest.raises(UserError, match="'nope' is not in the shard set.*one, test, train, validation"):
         split_info(load_info(str(shards)), "nope")

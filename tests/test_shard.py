@@ -77,7 +77,7 @@ def test_round_trip_bytes_labels_metadata(raw, tmp_path):
     assert info["splits"]["train"]["num_samples"] + info["splits"]["validation"]["num_samples"] == 70
     assert sum(info["label_counts"]["train"].values()) == info["splits"]["train"]["num_samples"]
     assert info["params"] == {"layout": "mask", "val_fraction": 0.2, "seed": 0, "resize": None, "quality": 95,
-                              "samples_per_shard": 8, "as_split": None, "age_bins": [30, 60]}
+                              "samples_per_shard": 8, "as_split": None, "age_bins": [30, 60], "dup_threshold": 14}
     assert set(info["sha256"]) == {p.name for p in out.glob("*.tar")}
     assert not (out / "_rejected.jsonl").exists()
 
@@ -361,6 +361,7 @@ CHANGED_ARGS = [
     ({"as_split": "test"}, "as_split None -> 'test'"),
     ({"age_bins": "30,61"}, "age_bins [30, 60] -> [30, 61]"),
     ({"folds": 3}, "folds None -> 3"),
+    ({"dup_threshold": 8}, "dup_threshold 14 -> 8"),
 ]
 
 
@@ -380,7 +381,7 @@ def test_rerun_with_the_recorded_arguments_is_up_to_date(small_raw, tmp_path, ca
     out = tmp_path / "out"
     info = run(small_raw, out, **REFUSAL_BASE)
     assert info["params"] == {"layout": "mask", "val_fraction": 0.2, "seed": 0, "resize": 16, "quality": 80,
-                              "samples_per_shard": 10, "as_split": None, "age_bins": [30, 60]}
+                              "samples_per_shard": 10, "as_split": None, "age_bins": [30, 60], "dup_threshold": 14}
     before = snapshot(out)
     capsys.readouterr()
     assert run(small_raw, out, **REFUSAL_BASE) == info

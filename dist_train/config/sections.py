@@ -144,6 +144,10 @@ SECTIONS: dict[str, type] = {
 SECTION_OF: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in fields(cls)}
 
 
+FLOAT_FIELDS: dict[str, str] = {f.name: str(f.type) for cls in SECTIONS.values() for f in fields(cls)
+                                 if "float" in str(f.type)}
+
+
 def _normalise(values: dict) -> dict:
     """YAML gives lists and strings where flags give typed values: bring them to one form."""
     values = dict(values)
@@ -156,9 +160,15 @@ def _normalise(values: dict) -> dict:
                 values[name] = [float(x) for x in v]
             except (TypeError, ValueError):
                 raise UserError(f"{name}: expected two numbers, got {v!r}") from None
+    for name, value in values.items():  # YAML reads `lr: 1e-3` (no dot) as a string
+        if isinstance(value, str) and "float" in FLOAT_FIELDS.get(name, ""):
+            try:
+                values[name] = float(value)
+            except ValueError:
+                pass  # left for validate to name
     if values.get("val_split") in ("none", ""):
         values["val_split"] = None
-    if values.get("fold") is not None:  # YAML gives 2 where the flag gives "2"
+    if isinstance(values.get("fold"), int) and not isinstance(values["fold"], bool):  # YAML 2, the flag "2"
         values["fold"] = str(values["fold"])
     return values
 

@@ -11,23 +11,23 @@ about, counted and skipped.
 from __future__ import annotations
 
 import glob
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from PIL import Image
 
 from dist_train.errors import UserError
+from dist_train.trust.media import DEFAULT_MAX_PIXELS, check_image_bytes
 
 from .loaders import EvalLoader, _check_loader_args, _data_loader
 from .readers import EvalReader, eval_collate
 from .transforms import AugmentConfig, Transform
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb limit (89,478,485 pixels)
+MAX_PIXELS = DEFAULT_MAX_PIXELS  # PIL's decompression-bomb limit (89,478,485 pixels)
+FILE_FORMATS = ("JPEG", "PNG", "WEBP")  # what --images decodes (torchvision's decode_image)
 MAX_FILE_BYTES = 256 * 2**20  # larger files are refused unread
 
 
@@ -95,16 +95,15 @@ def read_image_file(path: str) -> bytes:
     if size > MAX_FILE_BYTES:
         raise ValueError(f"file of {size:,} bytes, over the limit of {MAX_FILE_BYTES:,}")
     data = Path(path).read_bytes()
-    with Image.open(io.BytesIO(data)) as im:  # reads the header only
-        w, h = im.size
-    if w * h > MAX_PIXELS:
-        raise ValueError(f"{w}x{h} image, over the limit of {MAX_PIXELS:,} pixels")
+    check_image_bytes(data, MAX_PIXELS, FILE_FORMATS)  # the header only (ImageRefused is a ValueError)
     return data
 
 
 class FileReader(EvalReader):
     """Each file exactly once over all readers: file i goes to reader i mod readers; the batch's
     `key` is the file's name, `order` its index in the list, `target` -1."""
+
+    image_formats = FILE_FORMATS
 
     def __init__(self, files: Sequence[ImageFile], transform: Transform, batch_size: int, world_size: int, rank: int):
         super().__init__([], [], transform, None, batch_size, world_size, rank)

@@ -48,6 +48,8 @@ def train_batches_per_epoch(num_samples: int, batch_size: int, world_size: int) 
 class ShardReader(IterableDataset):
     """What training and evaluation readers share: shard urls, decoding, bad-sample counting."""
 
+    image_formats: tuple[str, ...] = IMAGE_FORMATS  # what an image member may hold
+
     needs_label = False
 
     def __init__(
@@ -120,7 +122,7 @@ class ShardReader(IterableDataset):
             data = image_bytes(sample)
             if data is None:
                 raise ValueError(f"no image member (members: {sorted(sample)})")
-            check_image_bytes(data, self.max_pixels, IMAGE_FORMATS)  # from the header, before decoding
+            check_image_bytes(data, self.max_pixels, self.image_formats)  # from the header, before decoding
             img = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             if not self.encoded:
                 img = decode_rgb(img)

@@ -14,8 +14,6 @@ of those held-out answers is the honest estimate. The final offsets are fitted o
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +21,9 @@ from typing import Sequence
 import numpy as np
 
 from dist_train.errors import UserError, atomic_write_json
+from dist_train.trust.files import read_json
+from dist_train.trust.schema import Dict, Float, List, Str, Where
+from dist_train.trust.shardinfo import MAX_CLASSES
 
 from .files import Predictions
 
@@ -179,20 +180,23 @@ def save_calibration(path: str | Path, result: dict) -> None:
     atomic_write_json(path, result)
 
 
+CALIBRATION = Dict(fields={"classes": List(Str(max_len=1024), MAX_CLASSES, 1), "offsets": List(Float(), MAX_CLASSES, 1)},
+                   required=("classes", "offsets"))
+
+
+def _same_count(obj: dict) -> tuple[str, str] | None:
+    n = len(obj["classes"])
+    return None if len(obj["offsets"]) == n else ("offsets", f"one offset per class ({n})")
+
+
 def load_calibration(path: str | Path, flag: str = "--calibration") -> tuple[list[str], np.ndarray]:
     """(classes, offsets) of a calibration.json; anything else is one line naming the file."""
+    hint = "expected a calibration.json from python -m dist_train.calibrate"
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {path}: cannot read ({e}); expected a calibration.json from "
-                        "python -m dist_train.calibrate") from None
-    classes, offsets = (obj.get("classes"), obj.get("offsets")) if isinstance(obj, dict) else (None, None)
-    ok = isinstance(classes, list) and isinstance(offsets, list) and len(classes) == len(offsets) > 0 and \
-        all(isinstance(c, str) for c in classes) and \
-        all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in offsets)
-    if not ok:
-        raise UserError(f"{flag} {path}: expected 'classes' (names) and as many finite 'offsets', as "
-                        "python -m dist_train.calibrate writes")
+        obj = read_json(path, Where(CALIBRATION, _same_count), hint=hint, max_bytes=16 << 20)
+    except UserError as e:
+        raise UserError(f"{flag} {e}") from None
+    classes, offsets = obj["classes"], obj["offsets"]
     return classes, np.asarray(offsets, dtype=np.float64)
 
 

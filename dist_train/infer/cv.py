@@ -7,15 +7,14 @@ and the out-of-fold view each fold model is evaluated on.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from dist_train.errors import UserError
 from dist_train.shardset.format import cv_splits, load_info, split_info
+from dist_train.trust.files import stored_address
+from dist_train.trust.runs import read_run_config, read_summary
 
 FOLD_RE = re.compile(r"^fold-(\d+)$")
 
@@ -27,10 +26,7 @@ class FoldRun:
     fold: int
     run: Path
     config: dict  # the run's resolved config (flat keys)
-
-    @property
-    def data(self) -> str:
-        return str(self.config["data"])
+    data: str  # the shard set: --data as typed, else the config's address when it is a plain one
 
     @property
     def train_split(self) -> str:
@@ -43,25 +39,22 @@ def is_cv(path: Path) -> bool:
 
 
 def _read_config(run: Path) -> dict:
-    try:
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"{run}/config.yaml: unreadable ({type(e).__name__})") from None
-    if not isinstance(cfg, dict) or not cfg.get("data"):
-        raise UserError(f"{run}/config.yaml: not a dist_train run config (no data)")
-    return cfg
+    return read_run_config(run, required=("data",))
 
 
 def _finished(run: Path) -> bool:
-    try:
-        return bool(json.loads((run / "summary.json").read_text()).get("finished"))
-    except (OSError, ValueError):
-        return False
+    path = run / "summary.json"
+    return path.is_file() and bool(read_summary(path).get("finished"))
 
 
-def fold_runs(cv: Path) -> list[FoldRun]:
+def fold_runs(cv: Path, data: str | None = None, instead: str | None = None) -> list[FoldRun]:
     """Every fold's run, in fold order; refuses a CV folder with a fold missing, unfinished,
-    without best/, trained on another fold or shard set than its name and siblings say."""
+    without best/, trained on another fold or shard set than its name and siblings say.
+
+    `data`: the shard set the folds trained on as the user typed it (--data); without it, the
+    address fold-0's config.yaml records, used only when it is a plain path or URL
+    (`stored_address`, whose refusal says `instead` where the command has no such flag): a
+    command read from a file is never run."""
     cv = Path(cv)
     if not cv.is_dir():
         raise UserError(f"{cv}: no such folder (expected a CV folder of fold-k/ runs, see launch/kfold.sh)")
@@ -70,7 +63,9 @@ def fold_runs(cv: Path) -> list[FoldRun]:
         raise UserError(f"{cv}: no fold-k/ run folders (run launch/kfold.sh, or dist_train/run.py --fold k "
                         f"--output {cv}/fold-k for each fold)")
     first = _read_config(runs[min(runs)])
-    k = split_info(load_info(str(first["data"])), str(first.get("train_split") or "train")).folds
+    address = data if data is not None else stored_address(first["data"], runs[min(runs)] / "config.yaml",
+                                                           instead=instead)
+    k = split_info(load_info(address), str(first.get("train_split") or "train")).folds
     if not k:
         raise UserError(f"{runs[min(runs)]}: trained on {first['data']}, which has no folds")
     out = []
@@ -86,7 +81,7 @@ def fold_runs(cv: Path) -> list[FoldRun]:
         if not _finished(run) or not (run / "best" / "model.safetensors").is_file():
             raise UserError(f"{run}: fold {f} is unfinished (no finished summary.json and best/): continue it "
                             f"with {hint} --resume auto")
-        out.append(FoldRun(f, run, cfg))
+        out.append(FoldRun(f, run, cfg, address))
     extra = sorted(set(runs) - set(range(k)))
     if extra:
         raise UserError(f"{cv}: fold-{extra[0]}/ but the shard set has folds 0..{k - 1}")

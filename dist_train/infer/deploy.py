@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from dist_train import __version__
 from dist_train.data.device import BatchPrep
 from dist_train.data.loaders import build_eval_loader
 from dist_train.errors import RunFailed, UserError, atomic_write_bytes
 from dist_train.model.deploy import INPUT, OUTPUT, Exported, exportable, require_onnx, to_onnx, to_torchscript
-from dist_train.shardset.format import load_info
+from dist_train.shardset.format import is_url, load_info
+from dist_train.trust.files import stored_address
+from dist_train.trust.runs import read_run_config
 
 from .load import Loaded, load_model
 from .run import default_split, eval_augment
@@ -46,13 +47,14 @@ def load_for_export(run: str | Path | None, checkpoint: str | Path | None) -> Lo
 
 
 def run_data(loaded: Loaded) -> str | None:
-    """The shard set the run trained on (its config.yaml), if it is still there."""
+    """The shard set the run trained on (its config.yaml), if it is still there; an address read
+    from the file is used only when it is a plain path or URL (`stored_address`): never a command."""
     cfg = loaded.run / "config.yaml"
-    try:
-        data = (yaml.safe_load(cfg.read_text()) or {}).get("data") if cfg.is_file() else None
-    except (OSError, yaml.YAMLError):
+    data = read_run_config(loaded.run).get("data") if cfg.is_file() else None
+    if not data:
         return None
-    return str(data) if data and ("://" in str(data) or Path(data).is_dir()) else None
+    data = stored_address(data, cfg)
+    return data if is_url(data) or Path(data).is_dir() else None
 
 
 def parity_images(loaded: Loaded, data: str | None, split: str | None, n: int) -> tuple[torch.Tensor, str]:

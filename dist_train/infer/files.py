@@ -14,10 +14,15 @@ from typing import Sequence
 import numpy as np
 
 from dist_train.errors import UserError, atomic_write_bytes, atomic_write_text
+from dist_train.trust.arrays import ArraySpec, Declared, load_npz
+from dist_train.trust.files import parse_json
+from dist_train.trust.schema import Dict
+from dist_train.trust.shardinfo import MAX_CLASSES
 from dist_train.tasks.base import RowIds
 
 KEY_COLUMN = "key"
 PATH_COLUMN = "path"  # predict --images: rows named by image file, with class names like `key` rows
+MAX_META_BYTES = 1 << 20
 ID_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # an id column's header
 
 
@@ -85,18 +90,40 @@ def save_probs(path: str | Path, p: Predictions) -> None:
     _save_npz(path, _prob_arrays(p))
 
 
-def load_probs(path: str | Path) -> Predictions:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            prob = z["prob"].astype(np.float64)
-            p = Predictions(str(z["id_column"]), z["ids"].tolist(), prob.argmax(axis=1), z["classes"].tolist(),
-                            z["label"] if "label" in z else None, prob)
-    except (OSError, KeyError, ValueError) as e:
-        raise UserError(f"{path}: not a probability file written by --save-probs ({type(e).__name__}: {e})") from None
-    if not ID_RE.match(p.id_column) or prob.shape != (len(p.ids), len(p.classes)):
-        raise UserError(f"{path}: inconsistent probability file ({len(p.ids)} ids, {len(p.classes)} classes, "
-                        f"prob {prob.shape})")
+MAX_ROWS = 100_000_000
+MAX_PROB_ELEMENTS = 1 << 28  # rows x classes: 1 GiB as float32
+PROB_ARRAYS = {
+    "id_column": ArraySpec("U", 0, 4 * 256), "ids": ArraySpec("U", 1, 4 * 1024, MAX_ROWS),
+    "classes": ArraySpec("U", 1, 4 * 1024, MAX_CLASSES), "prob": ArraySpec("f", 2, 8, MAX_PROB_ELEMENTS),
+    "label": ArraySpec("iu", 1, 8, MAX_ROWS),
+}
+PROB_HINT = "expected a probability file written by --save-probs"
+
+
+def _prob_shapes(d: dict[str, Declared]) -> str | None:
+    """Declared shapes agree: prob is (ids, classes); labels, folds and metas one per id."""
+    n, c = d["ids"].shape[0], d["classes"].shape[0]
+    if d["prob"].shape != (n, c):
+        return f"prob is {d['prob'].shape}, expected ({n}, {c}): one row per id, one column per class"
+    bad = next((k for k in ("label", "fold", "meta") if k in d and d[k].shape != (n,)), None)
+    return None if bad is None else f"{bad} is {d[bad].shape}, expected ({n},): one per id"
+
+
+def _predictions(path: str | Path, z: dict[str, np.ndarray]) -> Predictions:
+    prob = z["prob"].astype(np.float64)
+    if not np.isfinite(prob).all():
+        raise UserError(f"{path}: prob holds non-finite values; {PROB_HINT}")
+    p = Predictions(str(z["id_column"]), z["ids"].tolist(), prob.argmax(axis=1), z["classes"].tolist(),
+                    z.get("label"), prob)
+    if not ID_RE.match(p.id_column):
+        raise UserError(f"{path}: id_column {p.id_column!r} is not a column name; {PROB_HINT}")
     return p
+
+
+def load_probs(path: str | Path) -> Predictions:
+    """A probability file, every array's shape and dtype checked before it is read (`trust.arrays`)."""
+    z = load_npz(path, PROB_ARRAYS, ("id_column", "ids", "classes", "prob"), rule=_prob_shapes, hint=PROB_HINT)
+    return _predictions(path, z)
 
 
 # ----------------------------------------------------------------------------- out-of-fold file
@@ -139,48 +166,43 @@ def save_oof(path: str | Path, preds: Predictions, fold: Sequence[int] | np.ndar
     _save_npz(path, arrays)
 
 
-def _read_extras(path: str | Path) -> tuple[np.ndarray, list[str], str, str]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in OOF_EXTRAS if k not in z]
-            if missing:
-                raise UserError(f"{path}: not an out-of-fold file (no {', '.join(missing)}); expected "
-                                f"CV/oof.probs.npz written by {OOF_WRITER}")
-            return z["fold"], z["meta"].tolist(), str(z["data"]), str(z["split"])
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable out-of-fold file ({type(e).__name__}: {e})") from None
+OOF_ARRAYS = {**PROB_ARRAYS, "fold": ArraySpec("iu", 1, 8, MAX_ROWS), "meta": ArraySpec("U", 1, 4 * 65536, MAX_ROWS),
+              "data": ArraySpec("U", 0, 4 * 4096), "split": ArraySpec("U", 0, 4 * 128)}
 
 
 def load_oof(path: str | Path) -> OutOfFold:
-    """Read and check an OOF file; anything missing or inconsistent is one line naming it."""
-    preds = load_probs(path)
-    fold, metas, data, split = _read_extras(path)
+    """Read and check an OOF file; anything missing or inconsistent is one line naming it. `data`
+    is the address as stored: use it through `trust.files.stored_address`."""
+    hint = f"expected CV/oof.probs.npz written by {OOF_WRITER}"
+    z = load_npz(path, OOF_ARRAYS, ("id_column", "ids", "classes", "prob"), rule=_prob_shapes, hint=hint)
+    missing = [k for k in OOF_EXTRAS if k not in z]
+    if missing:
+        raise UserError(f"{path}: not an out-of-fold file (no {', '.join(missing)}); {hint}")
+    preds = _predictions(path, z)
+    fold, metas, data, split = z["fold"], z["meta"].tolist(), str(z["data"]), str(z["split"])
     n = len(preds.ids)
     if preds.id_column != KEY_COLUMN or preds.label is None:
         raise UserError(f"{path}: an out-of-fold file needs sample keys and labels (ids are {preds.id_column!r}, "
                         f"labels {'present' if preds.label is not None else 'missing'})")
-    if fold.shape != (n,) or len(metas) != n or preds.label.shape != (n,):
-        raise UserError(f"{path}: {n} ids but {fold.size} folds, {len(metas)} metas, {preds.label.size} labels")
     if not n or preds.label.min() < 0 or preds.label.max() >= len(preds.classes):
         raise UserError(f"{path}: expected at least one sample, each labeled 0..{len(preds.classes) - 1}")
-    if not np.issubdtype(fold.dtype, np.integer) or (fold < 0).any():
+    if (fold < 0).any():
         raise UserError(f"{path}: folds must be integers 0..K-1")
-    try:
-        meta = [json.loads(m) for m in metas]
-    except ValueError as e:
-        raise UserError(f"{path}: a sample's meta is not JSON ({e})") from None
-    if not all(isinstance(m, dict) for m in meta):
-        raise UserError(f"{path}: every sample's meta must be a JSON object")
+    meta = [parse_json(m, f"{path}: meta of sample {preds.ids[i]!r}", spec=Dict(), max_bytes=MAX_META_BYTES)
+            for i, m in enumerate(metas)]
     return OutOfFold(preds, fold.astype(np.int64), meta, data, split)
 
 
 def read_folds(path: str | Path) -> np.ndarray | None:
     """The `fold` array of a probability file, None when it has none (a plain --save-probs file)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return z["fold"].astype(np.int64) if "fold" in z else None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable probability file ({type(e).__name__}: {e})") from None
+    z = load_npz(path, {"ids": PROB_ARRAYS["ids"], "fold": OOF_ARRAYS["fold"]}, ("ids",), rule=_fold_shape,
+                 hint=PROB_HINT)
+    return z["fold"].astype(np.int64) if "fold" in z else None
+
+
+def _fold_shape(d: dict[str, Declared]) -> str | None:
+    n = d["ids"].shape[0]
+    return None if "fold" not in d or d["fold"].shape == (n,) else f"fold is {d['fold'].shape}, expected ({n},)"
 
 
 def write_oof_csv(path: str | Path, p: Predictions) -> None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
-import yaml
 
 from dist_train.errors import UserError
+from dist_train.trust.runs import read_run_config, read_run_json
+from dist_train.trust.weights import load_safetensors
 from dist_train.model.build import data_config
 from dist_train.model.export import load_trained
 from dist_train.model.stages import strip_wrappers
@@ -36,17 +35,15 @@ def load_checkpoint(ckpt: Path, run: Path) -> tuple[torch.nn.Module, dict]:
     if not cfg_file.is_file() or not run_file.is_file():
         raise UserError(f"--checkpoint {ckpt}: rebuilding the model needs {cfg_file} and {run_file} "
                         "(pass --run RUN for the run folder that wrote it)")
-    try:
-        cfg = yaml.safe_load(cfg_file.read_text()) or {}
-        meta = json.loads(run_file.read_text())
-        name, num_classes, classes = cfg["model"], int(meta["num_classes"]), list(meta["classes"])
-    except (ValueError, KeyError, TypeError, yaml.YAMLError) as e:
-        raise UserError(f"{run}: unreadable config.yaml / run.json ({type(e).__name__}: {e})") from None
+    cfg, meta = read_run_config(run, required=("model",)), read_run_json(run_file)
+    name, num_classes, classes = cfg["model"], meta["num_classes"], meta["classes"]
     head = meta.get("head", cfg.get("head", "single"))
     model = build_model(name, num_classes, head=head, img_size=cfg.get("img_size"))
     try:
-        state = {strip_wrappers(k): v for k, v in safetensors.torch.load_file(str(ckpt / "model.safetensors")).items()}
+        state = {strip_wrappers(k): v for k, v in load_safetensors(ckpt / "model.safetensors").items()}
         model.load_state_dict(state, strict=True)
+    except UserError:
+        raise
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise UserError(f"{ckpt / 'model.safetensors'}: does not fit {name} ({head} head, {num_classes} classes) "

@@ -18,6 +18,7 @@ from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg, load_state_dict, split_model_name_tag
 
 from dist_train.errors import UserError
+from dist_train.trust.weights import check_safetensors
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 
@@ -132,6 +133,8 @@ def _load_local(name: str, num_classes: int, file: Path, kwargs: dict) -> torch.
     The model is first built with the checkpoint's own class count (0 for a headless file) so
     the load is strict, then the classifier is re-initialised if the class count differs.
     """
+    if file.suffix == ".safetensors":
+        check_safetensors(file)  # header, dtypes, shapes and offsets against the size before mapping
     try:
         sd = load_state_dict(str(file), weights_only=True)  # never unpickle code from a weights file
     except Exception as e:

@@ -8,7 +8,6 @@ config.json records under "dist_train".
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +18,8 @@ import torch
 from timm.models import split_model_name_tag
 
 from dist_train.errors import UserError, atomic_write_json, follow_umask, replace_dir, temp_dir
+from dist_train.trust.runs import read_metrics, read_model_config
+from dist_train.trust.weights import load_safetensors
 
 from .build import check_model_name, data_config, describe_load_error, takes_img_size
 
@@ -92,15 +93,18 @@ def load_trained(path: str | Path) -> tuple[torch.nn.Module, dict]:
     cfg_file, weights = path / "config.json", path / "model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise UserError(f"{path}: expected a trained model folder with config.json and model.safetensors")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-        arch, num_classes, pcfg = cfg["architecture"], int(cfg["num_classes"]), cfg["pretrained_cfg"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{cfg_file}: not a timm model config ({type(e).__name__}: {e})") from None
+    cfg = read_model_config(cfg_file)
+    arch, num_classes, pcfg = cfg["architecture"], cfg["num_classes"], cfg["pretrained_cfg"]
     check_model_name(arch)
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **cfg.get("model_args", {}))
+    model_args = cfg.get("model_args", {})
     try:
-        model.load_state_dict(safetensors.torch.load_file(str(weights)), strict=True)
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_args)
+    except Exception as e:  # the arguments come from a file: whatever timm makes of them is that file's fault
+        first = " ".join(str(e).split())[:200]
+        raise UserError(f"{cfg_file}: model_args {model_args} do not build {arch} ({type(e).__name__}: {first})") \
+            from None
+    try:
+        model.load_state_dict(load_safetensors(weights), strict=True)
     except RuntimeError as e:
         raise UserError(f"{weights}: weights do not fit {arch}: {describe_load_error(e)}") from None
     model.pretrained_cfg = {**model.pretrained_cfg, **pcfg}
@@ -117,6 +121,6 @@ def load_trained(path: str | Path) -> tuple[torch.nn.Module, dict]:
         "interpolation": pcfg.get("interpolation", "bicubic"),
         "crop_mode": pcfg.get("crop_mode", "center"),
         "head": cfg.get("dist_train", {}).get("head", "single"),
-        "metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else {},
+        "metrics": read_metrics(metrics_file) if metrics_file.is_file() else {},
     }
     return model.eval(), info

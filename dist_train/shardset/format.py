@@ -11,7 +11,7 @@ into paths and `pipe:` commands, so `split_info` accepts only the writer's shard
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import re
 import warnings
@@ -25,6 +25,9 @@ from webdataset.gopen import Pipe
 
 from dist_train.errors import UserError, atomic_write_json
 from dist_train.trust.media import refused, tar_samples
+from dist_train.trust.files import MAX_JSON_BYTES, parse_json, read_capped
+from dist_train.trust.schema import Dict
+from dist_train.trust.shardinfo import check_tar_sizes, parse_info
 
 from .remote import ReadFailed, read_gopen, read_http
 
@@ -34,6 +37,7 @@ SHARD_HINT = "expected a shard set written by python -m dist_train.shard"
 IMAGE_KEYS = ("jpg", "png")  # the image member of a sample: one of these
 SHARD_RE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
+META, MAX_META_BYTES = Dict(), 1 << 20  # a sample's json member: an object of at most 1 MiB
 
 
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192) -> Pipe:
@@ -86,13 +90,17 @@ def load_info(root: str) -> dict:
             raise UserError(f"{root}: no {INFO_NAME} (incomplete or not a shard set): {SHARD_HINT}")
     url = join_url(root, INFO_NAME)
     try:
-        data = read_http(url) if urlparse(url).scheme in ("http", "https") else read_gopen(url)
-        info = json.loads(data)
-    except (ReadFailed, ValueError) as e:
-        why = e if isinstance(e, ReadFailed) else f"not JSON: {e}"
-        raise UserError(f"{url}: cannot read shard info ({why}): {SHARD_HINT}") from None
-    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
-        raise UserError(f"{url}: no 'splits' in the shard info: {SHARD_HINT}")
+        if not is_url(root):
+            data = read_capped(url, MAX_JSON_BYTES, SHARD_HINT)
+        elif urlparse(url).scheme in ("http", "https"):
+            data = read_http(url, MAX_JSON_BYTES)
+        else:
+            data = read_gopen(url, MAX_JSON_BYTES)
+    except ReadFailed as e:
+        raise UserError(f"{url}: cannot read shard info ({e}): {SHARD_HINT}") from None
+    info = parse_info(data, url, SHARD_HINT)
+    if not is_url(root):
+        check_tar_sizes(root, info, url, SHARD_HINT)
     return info
 
 
@@ -101,11 +109,8 @@ def read_local_info(out: Path) -> dict | None:
     path = Path(out) / INFO_NAME
     if not path.is_file():
         return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e}); pass --overwrite to replace the shard set") from None
-    check_shard_names(info.get("sha256", {}) if isinstance(info, dict) else (), str(path))
+    info = parse_info(read_capped(path, MAX_JSON_BYTES), str(path), "pass --overwrite to replace the shard set")
+    check_shard_names(info.get("sha256", {}), str(path))
     return info
 
 
@@ -231,7 +236,9 @@ def iter_samples(root: str, info: dict, split: str) -> Iterator[dict]:
 
 def read_meta(root: str, info: dict, split: str) -> dict[str, dict]:
     """key -> the sample's json metadata, for every sample of the split."""
-    return {s["__key__"]: json.loads(s["json"]) for s in iter_samples(root, info, split) if "json" in s}
+    return {s["__key__"]: parse_json(s["json"], f"{root} split {split!r} sample {s['__key__']!r}: json member",
+                                     spec=META, max_bytes=MAX_META_BYTES)
+            for s in iter_samples(root, info, split) if "json" in s}
 
 
 def image_bytes(sample: dict) -> bytes | None:
@@ -242,7 +249,7 @@ def image_bytes(sample: dict) -> bytes | None:
 def summary(out: Path | str, info: dict) -> str:
     """Human summary of a shard set: images per split and class, shards, rejected, ignored."""
     splits = info["splits"]
-    lines = [f"{out}: {info['layout']} layout, {num_images(info)} images, "
+    lines = [f"{out}: {info.get('layout', 'unknown')} layout, {num_images(info)} images, "
              f"{sum(len(s['filenames']) for s in splits.values())} shards"]
     width = max(len(n) for n in splits)
     for name, s in splits.items():
@@ -262,3 +269,14 @@ def summary(out: Path | str, info: dict) -> str:
     ignored = info.get("ignored", {})
     lines.append("  ignored: " + ", ".join(f"{k} {v}" for k, v in ignored.items()))
     return "\n".join(lines)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- reading back

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from dist_train.trust.media import DEFAULT_MAX_PIXELS, ImageRefused, check_image_file
+from .dedup import fingerprint
 
 JPEG_FORMATS = ("JPEG", "MPO")
 
@@ -49,6 +50,24 @@ def check_image(task: tuple[str, int]) -> str | None:
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def check_and_fingerprint(task: tuple[str, int]) -> tuple[str | None, tuple[bytes, int, int, bool] | None]:
+    """(path, max pixels): decode the image fully and fingerprint its pixels (`dedup.fingerprint`):
+    (None, fingerprint), or (the reason, None) when it does not decode. The header is read first
+    (`trust.media`): a special file, or an image declaring more than max pixels, is refused
+    without decoding."""
+    path, max_pixels = task
+    try:
+        check_image_file(path, max_pixels)
+    except (ImageRefused, OSError) as e:
+        return f"{type(e).__name__}: {e}", None
+    try:
+        with pil_pixel_limit(max_pixels), Image.open(path) as im:
+            im.load()
+            return None, fingerprint(im if im.mode == "RGB" else _to_rgb(im))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        return f"{type(e).__name__}: {e}", None
 
 
 WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")

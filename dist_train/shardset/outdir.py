@@ -9,7 +9,6 @@ refused unless `--overwrite`, which writes the set beside those files and keeps 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -18,24 +17,23 @@ from typing import Iterable
 from dist_train.errors import UserError, atomic_write_json
 from dist_train.trust.media import tar_counts
 
-from .format import INFO_NAME, REJECTED_NAME, SHARD_RE, read_local_info, split_info, summary, write_info
+from .duplicates import CONTACT_NAME, DUPLICATES_NAME, FINGERPRINTS_NAME
+from .format import INFO_NAME, REJECTED_NAME, SHARD_RE, file_sha256, read_local_info, split_info, summary, write_info
 
 JOURNAL_NAME = "_writing.json"
 # Temporary names of the writer's files (errors.temp_file: ".NAME.XXXX.tmp").
-TMP_RE = re.compile(r"^\.([A-Za-z0-9_]+-\d{6}\.tar|_info\.json|_rejected\.jsonl|_writing\.json)\..+\.tmp$")
+TMP_RE = re.compile(r"^\.([A-Za-z0-9_]+-\d{6}\.tar|_info\.json|_rejected\.jsonl|_writing\.json|_fingerprints\.npz"
+                    r"|_duplicates\.csv|_duplicates\.png)\..+\.tmp$")
+# The set's files beside its shards (the rejected list, the duplicate check's files).
+SIDE_NAMES = frozenset({REJECTED_NAME, FINGERPRINTS_NAME, DUPLICATES_NAME, CONTACT_NAME})
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = file_sha256
 
 
 def _ours(names: Iterable[object]) -> set[str]:
     """The names among `names` the writer could have written (shards, the rejected list)."""
-    return {n for n in names if isinstance(n, str) and (SHARD_RE.fullmatch(n) or n == REJECTED_NAME)}
+    return {n for n in names if isinstance(n, str) and (SHARD_RE.fullmatch(n) or n in SIDE_NAMES)}
 
 
 def owned_files(out: Path) -> set[str]:
@@ -44,7 +42,7 @@ def owned_files(out: Path) -> set[str]:
     names: set[str] = set()
     info = read_local_info(out)
     if isinstance(info, dict) and isinstance(info.get("sha256"), dict):
-        names |= _ours(info["sha256"]) | {REJECTED_NAME}
+        names |= _ours(info["sha256"]) | SIDE_NAMES
     journal = out / JOURNAL_NAME
     if journal.is_file():
         try:
@@ -72,7 +70,7 @@ def begin_replacing(out: Path, new_names: Iterable[str]) -> set[str]:
     """Journal what this run may remove or create, then drop the old `_info.json` and the
     writer's temporary files; returns the names of the files the run may remove."""
     owned = owned_files(out)
-    atomic_write_json(out / JOURNAL_NAME, {"files": sorted(owned | set(new_names) | {REJECTED_NAME})})
+    atomic_write_json(out / JOURNAL_NAME, {"files": sorted(owned | set(new_names) | SIDE_NAMES)})
     (out / INFO_NAME).unlink(missing_ok=True)
     for p in out.iterdir():
         if TMP_RE.match(p.name):  # left by a killed run

@@ -46,12 +46,12 @@ def http_timeout() -> float:
     return seconds
 
 
-def read_http(url: str) -> bytes:
-    """The file at an http(s) URL; ReadFailed says why not."""
+def read_http(url: str, limit: int = -1) -> bytes:
+    """The file at an http(s) URL (at most `limit` + 1 bytes when `limit` >= 0); ReadFailed says why not."""
     timeout = http_timeout()
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.read()
+            return response.read(limit + 1 if limit >= 0 else -1)
     except urllib.error.HTTPError as e:
         why = f"HTTP {e.code} {e.reason}"
     except urllib.error.URLError as e:
@@ -69,7 +69,7 @@ def _reason(e: object, timeout: float) -> str:
     return str(e) or type(e).__name__
 
 
-def read_gopen(url: str) -> bytes:
+def read_gopen(url: str, limit: int = -1) -> bytes:
     """The file at any other URL, through webdataset's gopen; a failing command is a ReadFailed
     with its exit status and the tail of its stderr. A command that succeeds keeps its stderr."""
     stream, failure = None, None
@@ -77,7 +77,7 @@ def read_gopen(url: str) -> bytes:
         try:
             stream = wds.gopen(url)
             with stream:
-                data = stream.read()
+                data = stream.read(limit + 1 if limit >= 0 else -1)
         except Exception as e:  # remote errors come as many types (IOError from a command, ValueError, ...)
             failure = e
     err = captured[0].strip()

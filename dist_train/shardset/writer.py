@@ -15,7 +15,8 @@ The format is the contract in shards/README.md. Design choices that matter to us
   the same input gives byte-identical shards (checked by sha256 in `_info.json`).
 - Every image is decoded once before anything is written, so a corrupt file is skipped and
   listed in `_rejected.jsonl` (or, with `--strict`, stops the run before it writes anything)
-  instead of failing a training job hours later.
+  instead of failing a training job hours later. That decode also fingerprints it: duplicates
+  join the layout's groups before the split is decided (`duplicates`, `--dup-threshold`).
 - Default shard count per split: max(min(64, n), ceil(n / 1000)) shards of near-equal length,
   so the train split has >= 64 shards once it has >= 64 images (8 GPUs x 8 loader workers each
   read their own) and no shard holds more than 1000 images. `--samples-per-shard S` instead
@@ -47,10 +48,10 @@ from dist_train.errors import UserError, atomic_write_text, check_writable_dir, 
 from dist_train.system import usable_cpus
 from dist_train.trust.media import DEFAULT_MAX_PIXELS
 
-from .format import REJECTED_NAME, SPLIT_RE, num_images, read_local_info, summary
-from .images import check_image, encode_image
+from . import duplicates as dups
+from .format import REJECTED_NAME, SPLIT_RE, file_sha256, num_images, read_local_info, summary
+from .images import check_and_fingerprint, encode_image
 from .outdir import begin_replacing, check_out_dir, inspect, publish  # noqa: F401 (inspect: the API)
-from .outdir import sha256_file as _sha256
 from .sources import Record, Source, assign_folds, get_layout, load_source, split_records
 
 DEFAULT_OUT = Path("shards")
@@ -191,6 +192,7 @@ def write_shards(
     strict: bool = False,
     as_split: str | None = None,
     folds: int = 0,
+    dup_threshold: int = dups.DEFAULT_THRESHOLD, draw_pairs: Any = None,
     progress: bool = True,
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict:
@@ -198,7 +200,8 @@ def write_shards(
 
     `options` are the layout's own (e.g. a label cut), resolved by the layout and recorded in the params.
     `folds` K > 1 gives every sample of the training split (`as_split` if given) a fold 0..K-1
-    (`assign_folds`), stored with the sample and counted per shard in `_info.json`.
+    (`assign_folds`), stored with the sample and counted per shard in `_info.json`. `dup_threshold`
+    (pHash bits) and `draw_pairs` (a contact sheet): see `duplicates`.
     When OUT already holds the same set, prints "up to date" and returns its info unchanged.
     """
     start = time.perf_counter()
@@ -210,30 +213,39 @@ def write_shards(
     params = {
         "layout": source.layout, "val_fraction": val_fraction, "seed": seed, "resize": resize,
         "quality": quality, "samples_per_shard": samples_per_shard, "as_split": as_split, **source.options,
-        **({"folds": folds} if folds else {}),  # absent without folds: older sets stay up to date
-    }
+        **({"folds": folds} if folds else {}), "dup_threshold": dups.check_threshold(dup_threshold),
+    }  # "folds" only with folds: older sets stay up to date
     fingerprint = source_fingerprint(source)
     old = None if overwrite else _up_to_date(out, params, fingerprint)
     if old is not None:
         return old
-
     workers = workers or usable_cpus()
-    splits = {as_split: list(source.records)} if as_split else split_records(source, val_fraction, seed)
-    splits, rejected = _drop_unreadable(source, splits, workers, strict, progress, max_image_pixels)
-    fold_of = assign_folds(splits.get(as_split or "train", []), folds, seed) if folds else {}
-    if "train" in splits:
-        random.Random(seed).shuffle(splits["train"])
-    plan = [(name, f"{name}-{i:06d}.tar", recs[pos:pos + size])
-            for name, recs in splits.items()
+    records, fps, rejected = _drop_unreadable(source, workers, strict, progress, max_image_pixels)
+    source, fp, pairs = dups.group_duplicates(source, records, fps, dup_threshold)
+    splits, fold_of = _split(source, as_split, val_fraction, seed, folds)
+    plan = [(name, f"{name}-{i:06d}.tar", recs[pos:pos + size]) for name, recs in splits.items()
             for i, (pos, size) in enumerate(_offsets(shard_sizes(len(recs), samples_per_shard)))]
     sha, nbytes = _replace_shards(out, plan, rejected, resize, quality, workers, progress, fold_of)
     info = _make_info(out, source, splits, plan, sha, params, fingerprint, len(rejected), fold_of, folds)
+    info["duplicates"] = dups.store(out, fp, pairs, source, splits, dup_threshold, draw_pairs)
     publish(out, info)
     elapsed = time.perf_counter() - start
     print(summary(out, info))
     images = sum(len(r) for r in splits.values()) + len(rejected)
     print(f"{nbytes / 1e6:.1f} MB written in {elapsed:.1f}s, {images / max(elapsed, 1e-9):.0f} images/s")
     return info
+
+
+def _split(source: Source, as_split: str | None, val_fraction: float, seed: int,
+           folds: int) -> tuple[dict[str, list[Record]], dict[str, int]]:
+    """(the splits of the source's (readable, regrouped) records, empty ones left out, the training
+    split shuffled; each training sample's fold with `folds`)."""
+    splits = {as_split: list(source.records)} if as_split else split_records(source, val_fraction, seed)
+    splits = {name: recs for name, recs in splits.items() if recs}
+    fold_of = assign_folds(splits.get(as_split or "train", []), folds, seed) if folds else {}
+    if "train" in splits:
+        random.Random(seed).shuffle(splits["train"])
+    return splits, fold_of
 
 
 def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
@@ -244,25 +256,23 @@ def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
     return list(zip(starts, sizes))
 
 
-def _drop_unreadable(source: Source, splits: dict[str, list[Record]], workers: int, strict: bool,
-                     progress: bool, max_pixels: int) -> tuple[dict[str, list[Record]], list[dict]]:
-    """Decode every image once (those over `max_pixels` are not); the unreadable ones leave the
-    splits (or, strict, stop everything)."""
-    everything = [r for recs in splits.values() for r in recs]
+def _drop_unreadable(source: Source, workers: int, strict: bool, progress: bool,
+                     max_pixels: int) -> tuple[list[Record], list[tuple], list[dict]]:
+    """Decode and fingerprint every image once (those over `max_pixels` are not decoded); the
+    unreadable ones are left out (or, strict, stop all)."""
+    everything = list(source.records)
     tasks = [(str(r.path), max_pixels) for r in everything]
-    reasons = list(_pool_map(check_image, tasks, workers, "checking", progress))
-    rejected = [{"key": r.key, "path": r.rel, "reason": why} for r, why in zip(everything, reasons) if why]
+    results = list(_pool_map(check_and_fingerprint, tasks, workers, "checking", progress))
+    rejected = [{"key": r.key, "path": r.rel, "reason": why} for r, (why, _) in zip(everything, results) if why]
     if rejected and strict:
         lines = [f"{x['path']} ({x['reason']})" for x in rejected[:5]]
         more = f" and {len(rejected) - 5} more" if len(rejected) > 5 else ""
         raise UserError(f"{source.image_root}: {len(rejected)} unreadable image(s): {', '.join(lines)}{more}; "
                         "nothing written (--strict)")
-    bad = {x["key"] for x in rejected}
-    kept = {name: [r for r in recs if r.key not in bad] for name, recs in splits.items()}
-    kept = {name: recs for name, recs in kept.items() if recs}
+    kept = [(r, fp) for r, (why, fp) in zip(everything, results) if not why]
     if not kept:
         raise UserError(f"{source.image_root}: no readable images")
-    return kept, rejected
+    return [r for r, _ in kept], [fp for _, fp in kept], rejected
 
 
 def _replace_shards(out: Path, plan: list[tuple[str, str, list[Record]]], rejected: list[dict],
@@ -310,7 +320,7 @@ def _write_plan(out: Path, plan: list[tuple[str, str, list[Record]]], resize: in
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            sha[filename] = _sha256(out / filename)
+            sha[filename] = file_sha256(out / filename)
             total += (out / filename).stat().st_size
     finally:
         results.close()  # stops the worker pool, also when a write failed

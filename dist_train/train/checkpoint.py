@@ -13,7 +13,6 @@ stops every rank with one line, instead of leaving the others waiting.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -27,6 +26,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from dist_train.errors import RunFailed, UserError, atomic_write_json, follow_umask, replace_dir
+from dist_train.trust.runs import read_progress as trust_read_progress
+from dist_train.trust.runs import read_run_json
 
 from .integrity import FILES_KEY, PROGRESS_NAME, Verdict, check_loadable, files_of, manifest, verify
 
@@ -59,7 +60,8 @@ class Progress:
 
 
 def read_progress(ckpt: Path) -> Progress:
-    state = json.loads((ckpt / PROGRESS_NAME).read_text())
+    """The run's position in a checkpoint, its progress.json checked field by field (`trust.runs`)."""
+    state = trust_read_progress(ckpt / PROGRESS_NAME)
     state.pop(FILES_KEY, None)  # the checkpoint's file list, not a position of the run
     p = Progress()
     p.load_state_dict(state)
@@ -288,7 +290,7 @@ def check_resume_compatible(ckpt: Path, model: str, num_classes: int, head: str)
     run_json = ckpt.parent.parent / "run.json"  # RUN/checkpoints/step-N -> RUN/run.json
     if not run_json.is_file():
         return
-    saved = json.loads(run_json.read_text())
+    saved = read_run_json(run_json)
     if saved.get("model") != model or saved.get("num_classes") != num_classes or saved.get("head") != head:
         raise UserError(
             f"--resume {ckpt}: checkpoint is {saved.get('model')} with {saved.get('num_classes')} classes "

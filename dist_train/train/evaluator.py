@@ -9,6 +9,8 @@ whenever val macro F1 improves.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from dist_train.model.export import save_for_timm
 from dist_train.tasks import Task
 
 from .checkpoint import Progress
+from .guard import require_finite
 from .trackers import log_confusion
 
 
@@ -56,6 +59,7 @@ class Evaluator:
             if end_of_epoch:
                 which, weights = ("ema", ema) if ema is not None else ("model", acc.unwrap_model(model))
                 progress.best = {"epoch": progress.epoch, "step": progress.step, "weights": which}
+                require_finite(acc, weights, self.out / "best")
             if end_of_epoch and acc.is_main_process:
                 save_for_timm(weights, self.out / "best", label_names=self.class_names,
                               num_classes=len(self.class_names), **self.export,
@@ -75,8 +79,12 @@ class Evaluator:
         which, weights, score = max(candidates, key=lambda c: c[2])  # the model's on a tie
         where = {"epoch": progress.epoch, "step": progress.step}
         if score > progress.best_f1:  # the same gathered predictions, so the same verdict, on every rank
+            require_finite(acc, weights, self.out / "best")
             chosen = m if which == "model" else m_ema
-            progress.best = {**where, "weights": which, **{k: chosen[k] for k in ("val_macro_f1", "val_acc", "val_loss")}}
+            scores = {k: chosen[k] for k in ("val_macro_f1", "val_acc", "val_loss")}
+            if not math.isfinite(scores["val_loss"]):  # progress.json holds finite numbers only
+                scores["val_loss"] = None
+            progress.best = {**where, "weights": which, **scores}
             self.shown = {**views[which], **where, "best": True}
         elif self.shown is None or not self.shown["best"]:
             self.shown = {**views["model"], **where, "best": False}

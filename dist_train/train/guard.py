@@ -2,7 +2,10 @@
 
 - A non-finite loss on any rank: every rank skips the step (gradients dropped, BatchNorm
   statistics restored to before it); `max_bad_steps` in a row stop the run, leaving the last
-  good checkpoint as it was.
+  good checkpoint as it was. Skipping only helps when there is a good state to stay in: a
+  non-finite loss before any good update (the first batches already give NaN, or an infinite
+  --lr), or once the weights themselves are non-finite, stops the run at once (RunFailed).
+  Non-finite weights are never written to best/ (`require_finite`).
 - SIGTERM/SIGUSR1 (as SLURM sends before preemption) on any rank: every rank finishes the
   same step, checkpoints and exits 0. Ranks are signalled at different moments, hence the
   agreement, in one all-reduce per step.
@@ -40,6 +43,7 @@ class StepGuard:
         self.step_s = 0.0  # the longest step seen: the next one may take as long
         self.save_s = 0.0  # the longest checkpoint save seen
         self._buffers: list[torch.Tensor] = []
+        self._params: list[torch.Tensor] = []
         self._snapshot: list[torch.Tensor] = []
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handler)
@@ -50,6 +54,7 @@ class StepGuard:
     def watch(self, model: torch.nn.Module) -> None:
         """The buffers a skipped step restores (BatchNorm must not keep a skipped step's forwards)."""
         self._buffers = list(model.buffers())
+        self._params = list(model.parameters())
         self._snapshot = [b.detach().clone() for b in self._buffers]
 
     def snapshot(self) -> None:
@@ -71,8 +76,10 @@ class StepGuard:
         self._last_check = now
         return self.deadline is not None and now + 2 * self.step_s + self.save_s >= self.deadline
 
-    def check(self, acc: Accelerator, nonfinite: torch.Tensor, step: int) -> tuple[bool, str | None]:
-        """-> (skip this step, why to stop after it: "signal", "time-limit" or None), the same on every rank."""
+    def check(self, acc: Accelerator, nonfinite: torch.Tensor, step: int,
+              trained: bool = True) -> tuple[bool, str | None]:
+        """-> (skip this step, why to stop after it: "signal", "time-limit" or None), the same on every rank.
+        `trained`: whether a good update was made before this step (in this run or the one resumed)."""
         local = [nonfinite.float(), torch.tensor(float(self.signalled)), torch.tensor(float(self._out_of_time()))]
         flags = torch.stack([f.to(nonfinite.device) for f in local])
         if acc.num_processes > 1:
@@ -80,6 +87,8 @@ class StepGuard:
         skip, signalled, late = (flags > 0).tolist()
         stop = "signal" if signalled else "time-limit" if late else None
         self.bad_in_row = self.bad_in_row + 1 if skip else 0
+        if skip:
+            self._nothing_to_go_back_to(step, trained)
         if skip and acc.is_main_process:
             tqdm.write(f"dist_train: non-finite loss at step {step}: step skipped ({self.bad_in_row} in a row)")
         if self.bad_in_row >= self.max_bad_steps:
@@ -88,12 +97,42 @@ class StepGuard:
                             all_ranks=True)
         return skip, stop
 
+    def _nothing_to_go_back_to(self, step: int, trained: bool) -> None:
+        """A skipped step keeps the weights as they are: useless before any good update, or when
+        they are already non-finite. Both facts are the same on every rank (the skip is agreed,
+        DDP keeps the parameters identical)."""
+        if not trained:
+            raise RunFailed(f"non-finite loss at step {step}, before any good update: the model gives NaN/inf from "
+                            "the start, so there is no good state to keep; check --lr and the inputs (lower --lr, "
+                            "--clip-grad); nothing was written to best/", all_ranks=True)
+        if not all_finite(self._params):
+            raise RunFailed(f"non-finite loss at step {step} with non-finite weights: an earlier update overflowed "
+                            "(--lr too large?), skipping steps cannot recover; the newest checkpoint before it is "
+                            "the last good one (lower --lr or use --clip-grad)", all_ranks=True)
+
     def check_bad_samples(self, bad: int, seen: int, epoch: int) -> None:
         """`bad` undecodable samples (all ranks) among `seen` delivered this epoch."""
         if bad > self.max_bad_fraction * max(seen, 1):
             raise RunFailed(f"{bad} undecodable samples in epoch {epoch} exceed --max-bad-fraction "
                             f"{self.max_bad_fraction}: check the shards with `python -m dist_train.shard --inspect`",
                             all_ranks=True)
+
+
+def all_finite(tensors: Any) -> bool:
+    """Whether every floating-point tensor among `tensors` holds finite values only."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def require_finite(acc: Accelerator, module: torch.nn.Module, what: str) -> None:
+    """RunFailed on every rank when `module`'s weights (parameters and buffers) are not all
+    finite on any: nothing non-finite is saved as `what`."""
+    bad = torch.tensor(float(not all_finite(module.state_dict().values())), device=acc.device)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        raise RunFailed(f"the weights are not finite (NaN/inf): not saved to {what}; the run diverged (lower --lr "
+                        "or use --clip-grad)", all_ranks=True)
 
 
 @contextlib.contextmanager

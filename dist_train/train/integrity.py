@@ -12,7 +12,6 @@ sees it: Accelerate itself swallows a failed RNG-state load without a word, and 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import re
@@ -22,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from accelerate.utils import load as accelerate_load
+
+from dist_train.errors import UserError
+from dist_train.trust.runs import PROGRESS_HINT, read_progress
+from dist_train.trust.weights import check_safetensors
 
 PROGRESS_NAME = "progress.json"
 FILES_KEY = "files"
@@ -76,20 +79,17 @@ def manifest(folder: Path) -> dict[str, dict]:
 
 def _read_listing(folder: Path) -> tuple[dict | None, str | None]:
     """(the `files` mapping or None if absent, the problem with progress.json or None)."""
-    try:
-        state = json.loads((folder / PROGRESS_NAME).read_text())
-    except FileNotFoundError:
+    path = folder / PROGRESS_NAME
+    if not path.is_file():
         return None, f"{PROGRESS_NAME} missing (an unfinished write)"
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return None, f"{PROGRESS_NAME} unreadable ({type(e).__name__}: {e})"
-    if not isinstance(state, dict):
-        return None, f"{PROGRESS_NAME} is not a JSON object"
+    try:
+        state = read_progress(path)  # every field checked: a resume would use them
+    except UserError as e:
+        return None, f"{PROGRESS_NAME}: {str(e).removeprefix(f'{path}: ').removesuffix(f': {PROGRESS_HINT}')}"
     files = state.get(FILES_KEY)
     if files is None:
         return None, None
-    well_formed = isinstance(files, dict) and all(
-        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
-        and not PurePosixPath(n).is_absolute() and ".." not in PurePosixPath(n).parts for n, e in files.items())
+    well_formed = all(not PurePosixPath(n).is_absolute() and ".." not in PurePosixPath(n).parts for n in files)
     return (files, None) if well_formed else (None, f"{PROGRESS_NAME}: malformed file list")
 
 
@@ -132,6 +132,12 @@ def check_loadable(folder: str | os.PathLike, rank: int) -> str | None:
     else the first refusal. Tensors stay memory-mapped, so a large optimizer state costs little."""
     folder = Path(folder)
     for name in files_of(folder):
+        if name.endswith(".safetensors"):
+            try:
+                check_safetensors(folder / name)
+            except UserError as e:
+                return f"{name} unreadable ({str(e).removeprefix(f'{folder / name}: ')})"
+            continue
         rng = RNG_FILE.fullmatch(PurePosixPath(name).name)
         if not name.endswith(PICKLED) or (rng and int(rng.group(1)) != rank):
             continue

@@ -312,7 +312,7 @@ class Trainer:
         p.samples = self._delivered_before + min(p.batch * self.cfg.optim.batch_size * acc.num_processes,
                                                  self._remaining)
         self.batches_seen += len(batches)
-        skip, reason = self.guard.check(acc, nonfinite, p.step)
+        skip, reason = self.guard.check(acc, nonfinite, p.step, trained=p.updates > 0)
         self.stop_reason = self.stop_reason or reason
         lr = self.optimizer.param_groups[-1]["lr"]
         if skip:

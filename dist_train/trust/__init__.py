@@ -5,6 +5,10 @@ treated as untrusted: parsed with a schema (types, ranges, sizes, nesting depth)
 executing code, never following a path out of the folder it was given. Every violation is one
 `UserError` line naming the file, the field and what was expected.
 
-- `files`: JSON, YAML, npz and safetensors documents and their schemas.
+- `files`: JSON and YAML with size and depth limits; data addresses read back from files.
+- `schema`: the declarative schema (types, ranges, lengths, required keys) the readers check.
+- `shardinfo`: `_info.json` (bounds, cross-checked counts). `runs`: run folders (config.yaml,
+  run.json, progress.json, summary.json, best/config.json, metrics.json). `weights`:
+  safetensors headers checked before mapping. `arrays`: npz shapes checked before inflating.
 - `media`: images (dimensions from the header before decoding) and tar members.
 """

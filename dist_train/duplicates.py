@@ -1,0 +1,223 @@
+"""Duplicates inside one shard set or between two, from the fingerprints the shard step stored.
+
+    python -m dist_train.duplicates A [B] [--threshold T] [--csv OUT.csv] [--grid OUT.png]
+    python -m dist_train.duplicates --bench 10000 100000 1000000 [--threshold T]
+
+A alone: the exact and near-duplicate pairs inside it (what `shard` printed). A and B (e.g. a
+training set and an evaluation set): the images of B that have a duplicate in A — "these N
+test images are in your training data". Nothing is decoded again: A/_fingerprints.npz (and
+B's) hold the hashes; only `--grid` reads the images of the pairs it draws. `--bench` times the
+banded near-duplicate search on synthetic 64-bit hashes against all-pairs brute force.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ArgParser, UserError, atomic_write_bytes, atomic_write_text, check_writable_file, cli_main
+from .shardset.dedup import HASH_BITS, brute_pairs, near_pairs, plan_bands
+from .shardset.duplicates import (
+    DEFAULT_THRESHOLD,
+    FINGERPRINTS_NAME,
+    MAX_THRESHOLD,
+    Fingerprints,
+    Pairs,
+    pair_caption,
+    cross_label,
+    pairs_between,
+    pairs_csv,
+    read_fingerprints,
+)
+from .shardset.format import class_names, is_url, load_info
+
+GRID_PAIRS = 24
+BRUTE_MAX = 10_000  # the all-pairs reference is timed up to this size and extrapolated beyond
+
+
+def parser() -> ArgParser:
+    p = ArgParser(prog="python -m dist_train.duplicates", description=__doc__.split("\n\n")[0])
+    p.add_argument("sets", nargs="*", type=Path, help="shard set A (local folder holding _fingerprints.npz), "
+                   "and optionally B to check against A")
+    p.add_argument("--threshold", type=int, help=f"near duplicates differ in at most T of {HASH_BITS} pHash bits "
+                   f"(default: the one A was sharded with; {DEFAULT_THRESHOLD} for --bench)")
+    p.add_argument("--csv", type=Path, help="write every pair found (columns as the shard set's _duplicates.csv)")
+    p.add_argument("--grid", type=Path, metavar="PNG", help="draw the closest pairs (reads their images)")
+    p.add_argument("--bench", type=int, nargs="+", metavar="N", help="time the search on N synthetic hashes")
+    return p
+
+
+def load_set(root: Path) -> tuple[Fingerprints, int, list[str]]:
+    """(fingerprints, threshold, classes) of a local shard set."""
+    if is_url(str(root)):
+        raise UserError(f"{root}: a local shard set folder is expected (its {FINGERPRINTS_NAME} is read)")
+    info = load_info(str(root))
+    path = root / FINGERPRINTS_NAME
+    if not path.is_file():
+        raise UserError(f"{path}: not found; shard sets written before fingerprints existed have none "
+                        f"(rerun python -m dist_train.shard ... --overwrite)")
+    fp, threshold = read_fingerprints(path)
+    return fp, threshold, [str(c) for c in class_names(info)]
+
+
+# ----------------------------------------------------------------------------- drawing
+def _thumb(source: Path | np.ndarray | None, side: int = 128) -> np.ndarray | None:
+    if source is None or isinstance(source, np.ndarray):
+        return source
+    from PIL import Image
+
+    with Image.open(source) as im:
+        im.draft("RGB", (side, side))
+        im = im.convert("RGB")
+        im.thumbnail((side, side))
+        return np.asarray(im)
+
+
+def draw_pairs(png: str | Path, pairs: Sequence[tuple], title: str, cols: int = 4) -> Path:
+    """Pairs side by side (image or path, image or path, caption), `cols` pairs per row."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = max(1, -(-len(pairs) // cols))
+    fig = Figure(figsize=(cols * 3.6, rows * 2.3 + 0.4))
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=9)
+    for k, (a, b, caption) in enumerate(pairs):
+        for side, src in enumerate((a, b)):
+            ax = fig.add_subplot(rows, cols * 2, k * 2 + side + 1)
+            img = _thumb(src)
+            if img is not None:
+                ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if side == 0:
+                ax.set_title(caption, fontsize=5.5, loc="left", color="red" if "[" in caption and _cross(caption) else "black")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(png, buf.getvalue())
+    return Path(png)
+
+
+def _cross(caption: str) -> bool:
+    labels = [line.rsplit("[", 1)[1] for line in caption.split("\n")[1:] if "[" in line]
+    return len(labels) == 2 and labels[0] != labels[1]
+
+
+def _grid(png: Path, roots: Sequence[Path], fa: Fingerprints, fb: Fingerprints, pairs: Pairs, classes: list[str]) -> int:
+    from .report import load_thumbnails
+
+    infos = [load_info(str(r)) for r in roots]
+    chosen = range(min(GRID_PAIRS, len(pairs)))
+    want: dict[tuple[int, str], list[str]] = {}
+    for k in chosen:
+        for side, (f, x) in enumerate(((fa, pairs.a[k]), (fb, pairs.b[k]))):
+            want.setdefault((min(side, len(roots) - 1), str(f.split[x])), []).append(str(f.key[x]))
+    thumbs: dict[tuple[int, str], dict] = {}
+    for (s, split), keys in want.items():
+        thumbs[(s, split)] = load_thumbnails(str(roots[s]), infos[s], split, keys, side=128)
+    last = len(roots) - 1
+    items = [(thumbs[(0, str(fa.split[pairs.a[k]]))].get(str(fa.key[pairs.a[k]])),
+              thumbs[(last, str(fb.split[pairs.b[k]]))].get(str(fb.key[pairs.b[k]])),
+              pair_caption(fa, pairs, k, classes, fb)) for k in chosen]
+    draw_pairs(png, items, f"{len(pairs)} duplicate pairs, closest first: {' vs '.join(map(str, roots))}")
+    return len(items)
+
+
+# ----------------------------------------------------------------------------- bench
+def bench(sizes: Sequence[int], threshold: int, seed: int = 0) -> list[dict]:
+    """Banded search vs all-pairs on uniform random hashes with 1% planted near pairs."""
+    rng = np.random.default_rng(seed)
+    brute_n = min(BRUTE_MAX, min(sizes))
+    h = rng.integers(0, 1 << 63, size=brute_n, dtype=np.uint64) * np.uint64(2)
+    start = time.perf_counter()
+    brute_pairs(h, threshold)
+    brute_s = time.perf_counter() - start
+    rows = []
+    for n in sizes:
+        h = rng.integers(0, 1 << 63, size=n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+        planted = max(1, n // 100)
+        src, dst = rng.choice(n, size=(2, planted), replace=False) if n >= 2 * planted else (np.array([0]), np.array([n - 1]))
+        flips = np.zeros(len(src), np.uint64)
+        for k in range(len(src)):
+            for bit in rng.choice(HASH_BITS, size=int(rng.integers(1, threshold + 1)) if threshold else 0, replace=False):
+                flips[k] |= np.uint64(1) << np.uint64(int(bit))
+        h[dst] = h[src] ^ flips
+        tracemalloc.start()
+        start = time.perf_counter()
+        i, j, _ = near_pairs(h, None, threshold)
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        found = set(zip(i.tolist(), j.tolist()))
+        hit = sum((min(a, b), max(a, b)) in found for a, b in zip(src.tolist(), dst.tolist()) if a != b)
+        rows.append({"n": n, "threshold": threshold, "bands": len(plan_bands(n, threshold)), "seconds": round(elapsed, 3),
+                     "peak_mb": round(peak / 2**20, 1), "pairs": len(i), "planted_recall": round(hit / len(src), 4),
+                     "brute_seconds": round(brute_s * (n / brute_n) ** 2, 3), "brute_measured_at": brute_n})
+    return rows
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    if args.threshold is not None and not 0 <= args.threshold <= MAX_THRESHOLD:
+        raise UserError(f"--threshold {args.threshold}: expected 0..{MAX_THRESHOLD} bits of {HASH_BITS}")
+    if args.bench:
+        if args.sets or args.csv or args.grid:
+            raise UserError("--bench N... runs on synthetic hashes: it takes no shard sets, --csv or --grid")
+        if any(n < 2 for n in args.bench):
+            raise UserError(f"--bench {' '.join(map(str, args.bench))}: expected sizes of 2 or more")
+        rows = bench(args.bench, DEFAULT_THRESHOLD if args.threshold is None else args.threshold)
+        for r in rows:
+            print(f"n={r['n']:>9,}: banded {r['seconds']:9.2f} s, peak {r['peak_mb']:8.1f} MB, {r['bands']} bands, "
+                  f"recall of planted pairs {r['planted_recall']:.3f}; all-pairs {r['brute_seconds']:11.2f} s "
+                  f"({'measured' if r['n'] == r['brute_measured_at'] else 'extrapolated n^2 from ' + str(r['brute_measured_at'])})"
+                  f", {r['brute_seconds'] / max(r['seconds'], 1e-9):.1f}x", flush=True)
+        print(json.dumps({"bench": "duplicates", "rows": rows}))
+        return {"rows": rows}
+    if not 1 <= len(args.sets) <= 2:
+        raise UserError("expected one shard set A (duplicates inside it) or two, A B (B's images found in A); "
+                        "or --bench N...")
+    for path in (args.csv, args.grid):
+        if path is not None:
+            check_writable_file(path, "--csv" if path is args.csv else "--grid")
+    return report(args)
+
+
+def report(args) -> dict:
+    fa, threshold, classes = load_set(args.sets[0])
+    fb, _, classes_b = load_set(args.sets[1]) if len(args.sets) == 2 else (None, 0, classes)
+    threshold = threshold if args.threshold is None else args.threshold
+    pairs = pairs_between(fa, fb, threshold)
+    if classes_b != classes:  # labels of different class lists are not comparable
+        fb.label = np.full(len(fb), -1, dtype=np.int64)
+    cross = int(cross_label(fa, fa if fb is None else fb, pairs).sum())
+    kinds = f"{int(pairs.exact.sum())} exact, {int((~pairs.exact).sum())} near (<= {threshold} bits)"
+    if fb is None:
+        images = len(np.union1d(pairs.a, pairs.b))
+        print(f"{args.sets[0]}: {len(pairs)} duplicate pairs ({kinds}) among {images} of {len(fa)} images; "
+              f"{cross} pair(s) with different labels")
+    else:
+        found = np.unique(pairs.b)
+        print(f"{args.sets[1]}: {len(found)} of its {len(fb)} images ({len(found) / max(len(fb), 1):.1%}) have a "
+              f"duplicate in {args.sets[0]} ({len(pairs)} pairs: {kinds}; {cross} with different labels)")
+    other = fa if fb is None else fb
+    for k in range(min(5, len(pairs))):
+        print("  " + pair_caption(fa, pairs, k, classes, other).replace("\n", "  |  "))
+    if args.csv:
+        atomic_write_text(args.csv, pairs_csv(fa, other, pairs, classes))
+        print(f"wrote {args.csv}")
+    if args.grid and len(pairs):
+        n = _grid(args.grid, args.sets, fa, other, pairs, classes)
+        print(f"wrote {args.grid} ({n} pairs)")
+    return {"pairs": pairs, "cross_label": cross, "threshold": threshold}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Duplicates found at shard time: fingerprints, banded search, groups the splits respect, the
+two-set check, and the measured quality on real photos."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from dist_train import duplicates, shard
+from dist_train.shardset.dedup import DEFAULT_THRESHOLD, brute_pairs, fingerprint, near_pairs, popcount
+from dist_train.shardset.duplicates import Fingerprints, cross_label_pairs, pairs_between, read_fingerprints
+from dist_train.shardset.format import iter_samples, load_info
+from dist_train.shardset.writer import write_shards
+
+SITE = Path(np.__file__).resolve().parent.parent
+# Real photos that ship with installed packages (matplotlib is a dependency, scikit-learn a test one).
+PHOTOS = [SITE / "sklearn/datasets/images/china.jpg", SITE / "sklearn/datasets/images/flower.jpg",
+          SITE / "matplotlib/mpl-data/sample_data/grace_hopper.jpg"]
+
+
+def _decoded(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def _encode(im: Image.Image, fmt: str = "JPEG", quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _pattern(seed: int, size: int = 32) -> Image.Image:
+    """A distinct structured picture (random 8x8 blocks, smoothly upscaled)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    return small.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def test_fingerprint_exact_vs_near():
+    photo = Image.open(PHOTOS[0]).convert("RGB").resize((64, 48))
+    jpeg = _encode(photo)
+    png_of_jpeg = _encode(_decoded(jpeg), "PNG")
+    a, b = fingerprint(_decoded(jpeg)), fingerprint(_decoded(png_of_jpeg))
+    assert a == b  # same pixels: same exact digest and hashes, whatever the format
+    assert fingerprint(_decoded(jpeg)) == a  # deterministic
+    original = fingerprint(photo)
+    assert original[0] != a[0]  # JPEG changed the pixels: not exact ...
+    assert popcount(np.array([original[1] ^ a[1]], np.uint64))[0] <= 4  # ... but near
+    mirrored = fingerprint(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    assert popcount(np.array([original[1] ^ mirrored[2]], np.uint64))[0] <= 4  # mirror matches the mirror hash
+    flat = fingerprint(Image.new("RGB", (32, 32), (200, 10, 10)))
+    assert flat[3] and not a[3]
+
+
+@pytest.mark.parametrize("threshold", [3, 8, 14])
+def test_banded_search_finds_what_all_pairs_finds(threshold):
+    rng = np.random.default_rng(threshold)
+    h = rng.integers(0, 1 << 63, 3000, dtype=np.uint64) * np.uint64(2)
+    for _ in range(100):  # planted pairs at every distance up to threshold + 2
+        a, b = rng.integers(3000, size=2)
+        bits = rng.choice(64, int(rng.integers(0, threshold + 3)), replace=False)
+        h[b] = h[a] ^ np.uint64(sum(1 << int(x) for x in bits))
+    i, j, d = near_pairs(h, None, threshold)
+    bi, bj = brute_pairs(h, threshold)
+    assert set(zip(i.tolist(), j.tolist())) == set(zip(bi.tolist(), bj.tolist())) and len(bi) > 0
+    assert (d <= threshold).all()
+    q = h[:50] ^ np.uint64(1)  # two sets: every query near its source
+    qi, xi, _ = near_pairs(h, q, max(threshold, 1))
+    assert {(k, k) for k in range(50)} <= set(zip(qi.tolist(), xi.tolist()))
+
+
+def _folder_with_duplicates(root: Path) -> Path:
+    """2 classes x 12 distinct pictures; a1 = copy of a0 as PNG (exact), a3 = JPEG q60 of a2 (near),
+    b0 = a4 (cross-label exact)."""
+    src = root / "src"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        for i in range(12):
+            _pattern(hash((c, i)) % 10_000).save(src / c / f"{i:02d}.png")
+    (src / "a" / "01.png").write_bytes(_encode(_decoded((src / "a" / "00.png").read_bytes()), "PNG"))
+    shutil.copy(src / "a" / "00.png", src / "a" / "01.png")
+    (src / "a" / "03.png").unlink()
+    (src / "a" / "03.jpg").write_bytes(_encode(_decoded((src / "a" / "02.png").read_bytes()), "JPEG", 60))
+    shutil.copy(src / "a" / "04.png", src / "b" / "00.png")
+    return src
+
+
+def _side_of(out: Path) -> dict[str, str]:
+    info = load_info(str(out))
+    side = {}
+    for split in info["splits"]:
+        for s in iter_samples(str(out), info, split):
+            side[s["__key__"]] = f"{split}/{s['fold'].decode() if 'fold' in s else ''}"
+    return side
+
+
+def test_duplicates_stay_on_one_side_of_the_split_and_the_folds(tmp_path, capsys):
+    src = _folder_with_duplicates(tmp_path)
+    linked = [("a/00", "a/01"), ("a/02", "a/03"), ("a/04", "b/00")]
+    for seed in range(2):
+        out = tmp_path / f"out{seed}"
+        info = write_shards(src, out, val_fraction=0.5, seed=seed, workers=1, progress=False)
+        side = _side_of(out)
+        assert all(side[x] == side[y] for x, y in linked)
+        assert len({side[k] for k in side}) == 2  # still a validation split
+    printed = capsys.readouterr().out
+    assert "2 exact and 1 near pair(s)" in printed and "1 pair(s) with different labels" in printed
+    d = info["duplicates"]
+    assert (d["exact_pairs"], d["near_pairs"], d["cross_label_pairs"], d["groups_before"], d["groups"]) == (2, 1, 1, 24, 21)
+    rows = list(csv.DictReader((out / "_duplicates.csv").open()))
+    assert {(r["key_a"], r["key_b"]) for r in rows} == set(linked)
+    assert [r["cross_label"] for r in rows if r["key_b"] == "b/00"] == ["1"]
+    assert [(r["key_a"], r["key_b"]) for r in cross_label_pairs(out, set(_side_of(out)))] == [("a/04", "b/00")]
+    fp, threshold = read_fingerprints(out / "_fingerprints.npz")
+    assert threshold == DEFAULT_THRESHOLD and len(fp) == 24 and set(fp.split) == {"train", "validation"}
+    out = tmp_path / "folds"
+    write_shards(src, out, val_fraction=0.0, folds=3, workers=1, progress=False)
+    side = _side_of(out)
+    assert all(side[x] == side[y] for x, y in linked) and len(set(side.values())) == 3
+
+
+def test_a_duplicate_joins_two_persons(raw_mask, tmp_path):
+    src = tmp_path / "train"
+    shutil.copytree(raw_mask / "train", src)
+    people = sorted(p for p in (src / "images").iterdir() if p.is_dir() and not p.name.startswith("."))
+    a, b = people[0], people[1]
+    target = next(p for p in b.iterdir() if p.stem == "mask2")
+    shutil.copy(next(p for p in a.iterdir() if p.stem == "mask1"), target)  # same bytes, other person
+    for seed in range(3):
+        out = tmp_path / f"o{seed}"
+        info = write_shards(src, out, samples_per_shard=50, seed=seed, workers=1, progress=False, folds=3,
+                            val_fraction=0.3)
+        # the synthetic faces are all alike for pHash: near pairs would chain everyone, so only
+        # the exact pair groups the split (the guard in find_duplicates)
+        assert info["duplicates"]["near_pairs_ignored"] > 0 and info["duplicates"]["exact_pairs"] == 1
+        person_side = {}
+        for split in info["splits"]:
+            for s in iter_samples(str(out), info, split):
+                pid = json.loads(s["json"])["person_id"]
+                person_side.setdefault(pid, set()).add(f"{split}/{s.get('fold', b'').decode()}")
+        assert all(len(v) == 1 for v in person_side.values())  # the person grouping holds
+        ids = [p.name.split("_")[0] for p in (a, b)]
+        assert person_side[ids[0]] == person_side[ids[1]]  # and the duplicate joined two persons
+
+
+def test_two_set_check(tmp_path, capsys):
+    src = _folder_with_duplicates(tmp_path)
+    write_shards(src, tmp_path / "train", val_fraction=0.0, workers=1, progress=False)
+    ev = tmp_path / "eval" / "x"
+    ev.mkdir(parents=True)
+    for i in range(5):  # 2 re-encoded training images, 3 new ones
+        img = _decoded((src / "b" / f"{i:02d}.png").read_bytes()) if i < 2 else _pattern(50_000 + i)
+        (ev / f"e{i}.jpg").write_bytes(_encode(img, "JPEG", 80))
+    write_shards(ev.parent, tmp_path / "evalset", as_split="test", workers=1, progress=False)
+    capsys.readouterr()
+    result = duplicates.main([str(tmp_path / "train"), str(tmp_path / "evalset"), "--csv", str(tmp_path / "p.csv")])
+    out = capsys.readouterr().out
+    assert "2 of its 5 images (40.0%) have a duplicate in" in out
+    assert sorted(set(result["pairs"].b.tolist())) == [0, 1]
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert {r["key_b"] for r in rows} == {"x/e0", "x/e1"}
+    duplicates.main([str(tmp_path / "train")])
+    assert "duplicate pairs (2 exact, 1 near" in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "set"
+    bad.mkdir()
+    (bad / "_info.json").write_text(json.dumps({"splits": {}}))
+    (bad / "_fingerprints.npz").write_bytes(b"not a zip")
+    for argv in ([str(bad)], [str(tmp_path / "missing")], [], ["--bench", "1"], [str(bad), "--threshold", "99"]):
+        with pytest.raises(SystemExit) as e:
+            duplicates.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    np.savez(bad / "_fingerprints.npz", version=np.int64(1), threshold=np.int64(8), key=np.array(["a"]),
+             split=np.array(["train"]), label=np.array([0]), exact=np.zeros((1, 3), np.uint8), phash=np.zeros(1, np.uint64),
+             mirror=np.zeros(1, np.uint64), flat=np.zeros(1, bool), group=np.zeros(1, np.int64))
+    with pytest.raises(SystemExit):
+        duplicates.main([str(bad)])
+    assert "array 'exact'" in capsys.readouterr().err
+    src = tmp_path / "src" / "c"
+    src.mkdir(parents=True)
+    _pattern(0).save(src / "0.png")
+    with pytest.raises(SystemExit) as e:
+        shard.main(["--src", str(src.parent), "--out", str(tmp_path / "o"), "--dup-threshold", "21", "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --dup-threshold 21: expected 0..20") and not (tmp_path / "o").exists()
+
+
+def test_bench_command_runs(capsys):
+    result = duplicates.main(["--bench", "500", "2000", "--threshold", "6"])
+    assert [r["n"] for r in result["rows"]] == [500, 2000] and all(r["planted_recall"] == 1.0 for r in result["rows"])
+    assert "all-pairs" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- quality on real photos
+VARIANTS = {
+    "jpeg60": lambda im: _decoded(_encode(im, "JPEG", 60)),
+    "resize50": lambda im: _decoded(_encode(im.resize((im.width // 2, im.height // 2), Image.Resampling.LANCZOS))),
+    "crop5": lambda im: _decoded(_encode(im.crop((round(im.width * .05), round(im.height * .05),
+                                                  round(im.width * .95), round(im.height * .95))))),
+    "bright10": lambda im: _decoded(_encode(ImageEnhance.Brightness(im).enhance(1.1))),
+    "png": lambda im: _decoded(_encode(im, "PNG")),
+}
+AIM = {"jpeg60": 0.95, "resize50": 0.95, "png": 0.95, "crop5": 0.8, "bright10": 0.8}
+
+
+def _windows(photo: Image.Image, grid: int, side: float) -> list[tuple[int, int, int, int]]:
+    """grid x grid crops of `side` of the photo, evenly placed: neighbours overlap less than half."""
+    w, h = photo.size
+    cw, ch = int(w * side), int(h * side)
+    return [(int(gx * (w - cw) / (grid - 1)), int(gy * (h - ch) / (grid - 1))) for gx in range(grid) for gy in range(grid)], cw, ch
+
+
+def quality(threshold: int, grid: int = 4, side: float = 0.36) -> dict[str, float]:
+    """Recall per planted kind and false-positive rate on the distinct pairs (different crops of
+    one scene, overlapping less than half, and different scenes)."""
+    bases, scene = [], []
+    for s, path in enumerate(PHOTOS):
+        photo = Image.open(path).convert("RGB")
+        corners, cw, ch = _windows(photo, grid, side)
+        for x, y in corners:
+            bases.append(_decoded(_encode(photo.crop((x, y, x + cw, y + ch)))))
+            scene.append(s)
+    overlap_x = 1 - (photo.width - cw) / (grid - 1) / cw
+    assert overlap_x < 0.5  # neighbouring crops share less than half their area
+    images, base_of, kind = list(bases), list(range(len(bases))), ["base"] * len(bases)
+    for k, b in enumerate(bases):
+        for name, f in VARIANTS.items():
+            images.append(f(b))
+            base_of.append(k)
+            kind.append(name)
+    fps = [fingerprint(im) for im in images]
+    n = len(fps)
+    fp = Fingerprints(np.array([str(i) for i in range(n)]), np.array([""] * n), np.full(n, -1), np.frombuffer(
+        b"".join(f[0] for f in fps), np.uint8).reshape(n, -1), np.array([f[1] for f in fps], np.uint64),
+        np.array([f[2] for f in fps], np.uint64), np.array([f[3] for f in fps]), np.arange(n))
+    pairs = pairs_between(fp, None, threshold)
+    found = set(zip(pairs.a.tolist(), pairs.b.tolist()))
+    base_of = np.array(base_of)
+    result = {}
+    for name in VARIANTS:
+        rows = [i for i in range(n) if kind[i] == name]
+        result[name] = np.mean([(base_of[i], i) in found for i in rows])
+    distinct = n * (n - 1) // 2 - sum(int(c) * (int(c) - 1) // 2 for c in np.bincount(base_of))
+    false = sum(base_of[a] != base_of[b] for a, b in found)
+    result["false_positive_rate"] = false / distinct
+    result["distinct_pairs"] = distinct
+    return result
+
+
+def test_planted_duplicates_in_real_photos():
+    r = quality(DEFAULT_THRESHOLD)
+    print(json.dumps({k: round(float(v), 4) for k, v in r.items()}))
+    for name, aim in AIM.items():
+        assert r[name] >= aim, (name, r)
+    assert r["false_positive_rate"] <= 0.01, r
