@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
 import os
 import random
 import re
@@ -38,9 +37,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-from tqdm import tqdm
+from typing import Any
 
 from dist_train import __version__
 from dist_train.errors import UserError, atomic_write_text, check_writable_dir
@@ -57,6 +54,7 @@ from .format import (
     write_info,
 )
 from .images import check_image, encode_image
+from .pool import pool_map as _pool_map
 from .sources import Record, Source, assign_folds, get_layout, load_source, split_records
 
 DEFAULT_OUT = Path("shards")
@@ -67,28 +65,6 @@ TMP_RE = re.compile(r"^\.([A-Za-z0-9_]+-\d{6}\.tar|_info\.json|_rejected\.jsonl)
 # Fixed tar header fields: determinism must not depend on who ran the job, or when.
 TAR_MTIME = 0
 TAR_MODE = 0o444
-
-
-def _pool_map(fn: Any, items: Sequence[Any], workers: int, desc: str, progress: bool) -> Iterator[Any]:
-    """Ordered map over `items` in `workers` processes (in-process for 1), with a progress bar."""
-    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress, file=sys.stderr)
-    try:
-        if workers <= 1:
-            for item in items:
-                yield fn(item)
-                bar.update()
-            return
-        chunk = max(1, min(64, len(items) // (workers * 8)))
-        # forkserver: a fork inherits locks other threads hold (tqdm's monitor, onnxruntime's or
-        # torch's pools in a test run) and hangs; workers import `fn`'s module and a light __main__
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([fn.__module__])
-        with ctx.Pool(workers) as pool:
-            for result in pool.imap(fn, items, chunksize=chunk):
-                yield result
-                bar.update()
-    finally:
-        bar.close()
 
 
 # ---------------------------------------------------------------- layout of the shard set
