@@ -95,6 +95,37 @@ def test_train_synthetic_against_bare_loop():
     assert r["data_wait_fraction"] < 0.5  # one cached batch: the trainer never waits for data
 
 
+WINDOW_SCRIPT = """
+import argparse, json, sys, tempfile
+import torch
+from pathlib import Path
+from dist_train.perf.trainer import _time_trainer, synthetic_shards
+out = []
+for data in (None, sys.argv[1]):  # the 2-batch-epoch synthetic set, then a small real set (5-batch epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        a = argparse.Namespace(synthetic=data is None, model="test_resnet", img_size=16, batch_size=32, warmup=2,
+                               steps=9, mixed_precision="no", channels_last=False, compile=False,
+                               grad_checkpointing=False, gpu_decode=False)
+        src = synthetic_shards(Path(tmp), a.batch_size) if data is None else data
+        t = _time_trainer(a, src, Path(tmp) / "run", 0, torch.device("cpu"), lambda: 0.001)
+        out.append(dict(timed_steps=t.timed_steps, events=t.events, inside=t.events_in_window, handed=t.handed))
+print(json.dumps(out))
+"""
+
+
+def test_train_window_holds_the_timed_steps_and_nothing_else(mask_shards):
+    """Epochs several times shorter than the run (synthetic: 2 batches; real: 5): the trainer's
+    epoch is the run, and no epoch end, evaluation or checkpoint falls inside the timed window."""
+    proc = subprocess.run([sys.executable, "-c", WINDOW_SCRIPT, str(mask_shards)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert run["timed_steps"] == 9 and run["inside"] == [] and run["handed"] == 2 + 9 + 1
+        assert run["events"][0] == ["epoch start", 0]
+        assert ["checkpoint", 12] in run["events"]  # the final save: recorded, after the window
+        assert all(k == 0 or k > 11 for _, k in run["events"])
+
+
 def test_memory_with_and_without_grad_checkpointing():
     """Two fresh processes (peaks are process-lifetime figures); the saving is their difference."""
     r = run_cli(["memory", "--model", "test_resnet", "--img-size", "32", "--batch-size", "4", "--steps", "1"])
