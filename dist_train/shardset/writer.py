@@ -14,10 +14,12 @@ The format is the contract in shards/README.md. Design choices that matter to us
 - Every image is decoded once before anything is written, so a corrupt file is skipped and
   listed in `_rejected.jsonl` (or, with `--strict`, stops the run before it writes anything)
   instead of failing a training job hours later.
-- Default shard count per split: max(min(64, n), ceil(n / 1000)) shards of near-equal length,
-  so the train split has >= 64 shards once it has >= 64 images (8 GPUs x 8 loader workers each
-  read their own) and no shard holds more than 1000 images. `--samples-per-shard S` instead
-  gives ceil(n / S) near-equal shards of at most S images.
+- Default shard count per split (train, validation, any other, folds or not), from its sample
+  count n: max(1, min(64, n // 16), ceil(n / 1000)) shards of near-equal length. So a split has
+  64 shards once it has 1,024 samples (8 GPUs x 8 loader workers each read their own), a small
+  one has few shards of at least 16 samples (280 images: 14 train + 3 validation shards, no
+  one-image shards), and no shard holds more than 1000. `--samples-per-shard S` instead gives
+  ceil(n / S) near-equal shards of at most S images.
 - The `train` split is shuffled (from `--seed`) at write time so each shard mixes classes and
   groups; other splits keep the source order (an unlabeled set's `test`: its index order).
 """
@@ -60,6 +62,7 @@ from .sources import Record, Source, assign_folds, get_layout, load_source, spli
 DEFAULT_OUT = Path("shards")
 DEFAULT_SHARDS = 64
 MAX_DEFAULT_SHARD = 1000
+MIN_DEFAULT_SHARD = 16  # samples: below 64 x 16 a split gets fewer shards, never near-empty ones
 # Temporary names of this module's files (tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")).
 TMP_RE = re.compile(r"^\.([A-Za-z0-9_]+-\d{6}\.tar|_info\.json|_rejected\.jsonl)\..+\.tmp$")
 # Fixed tar header fields: determinism must not depend on who ran the job, or when.
@@ -75,7 +78,7 @@ def shard_sizes(n: int, samples_per_shard: int | None) -> list[int]:
     if n == 0:
         return []
     if samples_per_shard is None:
-        k = max(min(DEFAULT_SHARDS, n), math.ceil(n / MAX_DEFAULT_SHARD))
+        k = max(1, min(DEFAULT_SHARDS, n // MIN_DEFAULT_SHARD), math.ceil(n / MAX_DEFAULT_SHARD))
     else:
         k = math.ceil(n / samples_per_shard)
     base, extra = divmod(n, k)
