@@ -85,6 +85,32 @@ def test_shard_speedup(capsys, raw_mask):
     assert r["speedup"] == pytest.approx(r["images_per_s_all"] / r["images_per_s_1"], rel=1e-2)
 
 
+def test_peers_write_and_read_the_same_images(capfd, raw_mask, monkeypatch):
+    """The systems that need no extra package on a tiny set, rounds alternating; a peer whose
+    package is absent (both optional peers made absent here, as in a plain install: LitData alone
+    costs ~1 min of process start-ups) gets one printed skip line, the others a figure each."""
+    from dist_train.perf import peers
+
+    monkeypatch.setattr(peers, "PACKAGES", {k: f"absent_{v}" for k, v in peers.PACKAGES.items()})
+    bench.main(["peers", "--src", str(raw_mask / "train"), "--resize", "24", "--img-size", "16", "--batch-size", "8",
+                "--workers", "1", "--seconds", "0.2", "--rounds", "2"])
+    out, err = capfd.readouterr()
+    *lines, summary = [json.loads(line) for line in out.strip().splitlines()]
+    by = {x["system"]: x for x in lines}
+    assert set(by) == set(bench.SYSTEMS) and len(lines) == len(bench.SYSTEMS)
+    for name in ("litdata", "mosaicml_streaming"):
+        assert "not installed" in by[name]["skipped"] and f"peers: skipping {name}" in err
+    ran = [x for x in lines if "skipped" not in x]
+    assert {x["system"] for x in ran} == {"dist_train", "seed", "timm_wds"}
+    for x in ran:
+        assert x["read_images_per_s"] > 0 and len(x["read_rounds"]) == 2 and x["images"] == 210
+        assert (x["write_images_per_s"] is None) == (x["system"] in ("seed", "timm_wds"))
+    assert summary["bench"] == "peers" and summary["rounds"] == 2
+    assert summary["ratios"]["read_vs_seed"] == pytest.approx(
+        by["dist_train"]["read_images_per_s"] / by["seed"]["read_images_per_s"], rel=1e-2)
+    assert "read_vs_timm_wds" in summary["ratios"] and "read_vs_timm_wds" in summary["targets"]
+
+
 def test_train_synthetic_against_bare_loop():
     r = run_cli(["train", "--synthetic", "--model", "test_resnet", "--img-size", "32", "--batch-size", "4",
                  "--steps", "3", "--warmup", "1"])

@@ -14,6 +14,7 @@ import json
 import selectors
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from dist_train.errors import RunFailed
 
+from .images import check_image
 from .worker import FUNCTIONS, frame, read_exact, read_frame
 
 MAX_REQUEST = 32 * 1024  # bytes per request, well under a pipe's buffer: writes never deadlock
@@ -125,13 +127,14 @@ class WorkerPool:
         for p in self.procs:
             sel.register(p.stdout, selectors.EVENT_READ, p)
 
-        def feed() -> None:
+        def feed() -> None:  # one request per worker and pass: the first ones go to every worker
             nonlocal sent
-            for p in self.procs:
-                while busy[p] < IN_FLIGHT and sent < len(requests) and sent - want < AHEAD * len(self.procs):
-                    self._send(p, requests[sent])
-                    busy[p] += 1
-                    sent += 1
+            for depth in range(IN_FLIGHT):
+                for p in self.procs:
+                    if busy[p] <= depth and sent < len(requests) and sent - want < AHEAD * len(self.procs):
+                        self._send(p, requests[sent])
+                        busy[p] += 1
+                        sent += 1
 
         feed()
         try:
@@ -165,3 +168,11 @@ class WorkerPool:
                 view = view[p.stdin.write(view):]
         except OSError as e:
             raise RunFailed(f"shard writer: a worker process failed (exit status {p.poll()}): {e}") from None
+
+
+def startup_seconds(n: int) -> float:
+    """Seconds from starting `n` workers to each one's first answer (a trivial task each)."""
+    start = time.perf_counter()
+    with WorkerPool(n) as pool:
+        list(pool.imap(check_image, [""] * n, 1))
+    return time.perf_counter() - start
