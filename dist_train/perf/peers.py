@@ -304,7 +304,7 @@ def _report(a: argparse.Namespace, images: int, systems: list[str], writes: dict
                 "read_images_per_s": round(statistics.median(r), 1), "read_rounds": r,
                 "output": "uint8 batches, normalised on the device" if s == "dist_train"
                 else "float batches, PIL decode + ToTensor + Normalize in the workers"}
-        cpu = [x["cpu_ms_per_image"] for x in reads[s] if "cpu_ms_per_image" in x]
+        cpu = [x["cpu_ms_per_image"] for x in reads[s] if x.get("cpu_ms_per_image", -1) >= 0]  # < 0: a child left
         if cpu:
             line["read_cpu_ms_per_image"] = round(statistics.median(cpu), 3)
         med[s] = line
