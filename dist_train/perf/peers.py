@@ -17,7 +17,9 @@ slows each alike; every figure is the median of the rounds.
 - timm_wds: timm's own WebDataset reader (`create_dataset("wds/...")` + `create_loader`) on
   dist_train's shards; it has no writer.
 - seed: the per-file starting point, a `Dataset` opening each raw file with PIL; writes nothing.
-Peers decode with PIL and normalise to float in the worker (ToTensor + Normalize), as their docs
+Every loader keeps its workers across epochs (timm's and dist_train's default; set for the
+others), and all run under the platform's start method (litdata's `optimize` leaves "spawn" set:
+put back). Peers decode with PIL and normalise to float in the worker (ToTensor + Normalize), as their docs
 do. Deviation: litdata and streaming store the JPEG bytes as a `bytes` column (not their PIL
 `jpeg` encoders) so that every system reads identical bytes; streaming's `jpeg` encoder would
 re-encode at PIL's default quality 75.
@@ -79,14 +81,21 @@ def _encoded(item: tuple[str, int], resize: int | None, quality: int) -> dict:
     return {"image": encode_image((path, resize, quality))[1], "label": label}
 
 
-class DecodeSample:
-    """litdata's `transform`: a sample's JPEG bytes to the augmented float tensor (picklable)."""
+class DecodeBytes:
+    """JPEG bytes to the augmented float tensor (picklable: spawned workers get it too)."""
 
     def __init__(self, img_size: int):
         self.transform = peer_transform(img_size)
 
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return _jpeg(data, self.transform)
+
+
+class DecodeSample(DecodeBytes):
+    """litdata's `transform`: a sample dict to (tensor, label)."""
+
     def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
-        return _jpeg(sample["image"], self.transform), sample["label"]
+        return super().__call__(sample["image"]), sample["label"]
 
 
 class FileDataset(Dataset):
@@ -166,27 +175,17 @@ def read_litdata(out: Path, a: argparse.Namespace, items: list) -> Iterator[int]
     import litdata
 
     ds = litdata.StreamingDataset(str(out), shuffle=True, drop_last=True, transform=DecodeSample(a.img_size))
-    loader = litdata.StreamingDataLoader(ds, batch_size=a.batch_size, num_workers=a.workers)
+    loader = litdata.StreamingDataLoader(ds, batch_size=a.batch_size, num_workers=a.workers,
+                                         persistent_workers=a.workers > 0)
     return _forever(lambda e: loader)
 
 
-def _mds_dataset(out: str, batch_size: int, img_size: int) -> Any:
-    from streaming import StreamingDataset
-
-    class MDSImages(StreamingDataset):
-        def __init__(self) -> None:
-            super().__init__(local=out, shuffle=True, batch_size=batch_size)
-            self.transform = peer_transform(img_size)
-
-        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-            sample = super().__getitem__(i)
-            return _jpeg(sample["image"], self.transform), sample["label"]
-    return MDSImages()
-
-
 def read_streaming(out: Path, a: argparse.Namespace, items: list) -> Iterator[int]:
-    ds = _mds_dataset(str(out), a.batch_size, a.img_size)
-    loader = DataLoader(ds, batch_size=a.batch_size, num_workers=a.workers, drop_last=True)
+    from .peer_mds import MDSImages
+
+    ds = MDSImages(str(out), a.batch_size, DecodeBytes(a.img_size))
+    loader = DataLoader(ds, batch_size=a.batch_size, num_workers=a.workers, drop_last=True,
+                        persistent_workers=a.workers > 0)
     return _forever(lambda e: loader)
 
 
@@ -206,7 +205,7 @@ def read_timm_wds(out: Path, a: argparse.Namespace, items: list) -> Iterator[int
 
 def read_seed(out: Path, a: argparse.Namespace, items: list) -> Iterator[int]:
     loader = DataLoader(FileDataset(items, peer_transform(a.img_size)), batch_size=a.batch_size, shuffle=True,
-                        num_workers=a.workers, drop_last=True)
+                        num_workers=a.workers, drop_last=True, persistent_workers=a.workers > 0)
     return _forever(lambda e: loader)
 
 
@@ -271,10 +270,12 @@ def bench_peers(a: argparse.Namespace) -> dict:
     reads: dict[str, list[dict]] = {s: [] for s in systems}
     with tempfile.TemporaryDirectory(prefix="dist_train-peers-", dir=scratch_dir()) as tmp, _stdout_to_stderr():
         root = Path(tmp)
+        method = multiprocessing.get_start_method()
         for r in range(a.rounds):
             for s in writes:
                 start = time.perf_counter()
                 WRITERS[s](src, root / f"{s}-{r}", a, items)
+                multiprocessing.set_start_method(method, force=True)  # litdata leaves "spawn" set
                 writes[s].append(len(items) / (time.perf_counter() - start))
                 print(f"peers: round {r + 1} {s} wrote {writes[s][-1]:.1f} images/s", file=sys.stderr)
                 if r:
@@ -283,10 +284,12 @@ def bench_peers(a: argparse.Namespace) -> dict:
             write_dist_train(src, root / "dist_train-0", a, items)
         where = {s: root / f"{'dist_train' if s == 'timm_wds' else s}-0" for s in systems}
         streams = {s: READERS[s](where[s], a, items) for s in systems}
+        multiprocessing.set_start_method(method, force=True)
         for r in range(a.rounds):
             for s in systems:
                 start = time.perf_counter()
                 reads[s].append(rate(streams[s], a.seconds, loader_warmup(a.workers), torch.device("cpu")))
+                multiprocessing.set_start_method(method, force=True)
                 print(f"peers: round {r + 1} {s} read {reads[s][-1]['images_per_s']:.1f} images/s "
                       f"({time.perf_counter() - start:.1f} s with warm-up)", file=sys.stderr)
         for stream in streams.values():
