@@ -62,3 +62,22 @@ def test_requests_stay_under_the_pipe_buffer():
     requests = _chunks("check_image", long, 64)
     assert len(requests) > 1 and all(len(r) <= 32 * 1024 + 4 for r in requests)
     assert sum(len(json.loads(r[4:])[2]) for r in requests) == 64
+
+
+def test_one_set_of_workers_for_the_check_and_write_passes(raw_mask):
+    from dist_train.shardset import pool as pool_module
+
+    paths = sorted(str(p) for p in (raw_mask / "train" / "images").rglob("*.jpg") if not p.name.startswith("."))[:8]
+    pids = []
+
+    @pool_module.reuse_workers
+    def two_passes() -> list:
+        checked = list(pool_map(check_image, paths, 2, "", False))
+        pids.append([p.pid for p in pool_module._session[-1].procs])
+        encoded = list(pool_map(encode_image, [(p, 8, 90) for p in paths], 2, "", False))
+        pids.append([p.pid for p in pool_module._session[-1].procs])
+        return [checked, encoded]
+
+    checked, encoded = two_passes()
+    assert checked == [None] * 8 and encoded == [encode_image((p, 8, 90)) for p in paths]
+    assert pids[0] == pids[1] and len(pids[0]) == 2 and pool_module._session == []

@@ -10,6 +10,8 @@ notebook kernel or stdin.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import selectors
 import subprocess
@@ -43,12 +45,45 @@ def pool_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc:
                 bar.update()
             return
         chunk = max(1, min(64, len(items) // (workers * 8)))
-        with WorkerPool(min(workers, len(items))) as pool:
+        with _workers(workers if _session else min(workers, len(items))) as pool:
             for result in pool.imap(fn, items, chunk):
                 yield result
                 bar.update()
     finally:
         bar.close()
+
+
+_session: list[WorkerPool | None] = []  # inside `reuse_workers`: the pool kept for the next map
+
+
+@contextlib.contextmanager
+def _workers(n: int) -> Iterator[WorkerPool]:
+    """A pool of n workers: the session's (started once, kept while it is clean) or a fresh one."""
+    if not _session:
+        with WorkerPool(n) as pool:
+            yield pool
+        return
+    pool = _session[-1]
+    if pool is None or len(pool.procs) != n or not pool.clean:
+        if pool is not None:
+            pool.__exit__(None, None, None)
+        pool = _session[-1] = WorkerPool(n)
+    yield pool
+
+
+def reuse_workers(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: every `pool_map` during a call of `fn` shares one set of worker processes
+    (the writer's check and write passes start them once)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _session.append(None)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            pool = _session.pop()
+            if pool is not None:
+                pool.__exit__(None, None, None)
+    return wrapper
 
 
 def _chunks(name: str, items: Sequence[Any], size: int) -> list[bytes]:
@@ -94,7 +129,7 @@ class WorkerPool:
         root = str(Path(__file__).resolve().parents[2])
         self.procs = [subprocess.Popen([sys.executable, "-c", BOOT, root], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, bufsize=0) for _ in range(n)]
-        self.clean = False
+        self.clean = True  # no request is outstanding
 
     def __enter__(self) -> "WorkerPool":
         return self
@@ -120,6 +155,7 @@ class WorkerPool:
         if FUNCTIONS.get(name) is not fn:
             raise ValueError(f"{name}: not a shard worker function")
         requests = _chunks(name, items, chunk)
+        self.clean = False
         busy = {p: 0 for p in self.procs}
         done: dict[int, list[Any]] = {}
         sent = want = 0

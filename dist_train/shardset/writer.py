@@ -57,6 +57,7 @@ from .format import (
 )
 from .images import check_image, encode_image
 from .pool import pool_map as _pool_map
+from .pool import reuse_workers
 from .sources import Record, Source, assign_folds, get_layout, load_source, split_records
 
 DEFAULT_OUT = Path("shards")
@@ -167,6 +168,7 @@ def default_out(source: Source) -> Path:
 # ---------------------------------------------------------------- writer
 
 
+@reuse_workers  # the check and write passes share one set of worker processes
 def write_shards(
     src: str | Path,
     out: str | Path | None = None,
