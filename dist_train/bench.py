@@ -85,6 +85,19 @@ def bench_shard(a: argparse.Namespace) -> dict:
     return result
 
 
+def _add_peers(sub: Any) -> None:
+    pe = sub.add_parser("peers", help="write + read images/s against LitData, MosaicML Streaming, timm wds, PIL files")
+    pe.add_argument("--src", required=True, help="raw image set (as python -m dist_train.shard --src)")
+    pe.add_argument("--resize", type=int, default=256, help="shorter side written by every system (default 256)")
+    pe.add_argument("--quality", type=int, default=95)
+    pe.add_argument("--img-size", type=int, default=224)
+    pe.add_argument("--batch-size", type=int, default=64)
+    pe.add_argument("--workers", type=int, help="writer and loader workers of every system (default: all cores)")
+    pe.add_argument("--seconds", type=float, default=10.0, help="timed reading per system and round (default 10)")
+    pe.add_argument("--rounds", type=int, default=3, help="alternating rounds; figures are medians (default 3)")
+    pe.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list (default {','.join(SYSTEMS)})")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = ArgParser(prog="python -m dist_train.bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgParser)
@@ -134,16 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("--resize", type=int, help="as python -m dist_train.shard --resize")
     sh.add_argument("--rounds", type=int, default=1, help="alternating 1-worker / all-core rounds (default 1)")
 
-    pe = sub.add_parser("peers", help="write + read images/s against LitData, MosaicML Streaming, timm wds, PIL files")
-    pe.add_argument("--src", required=True, help="raw image set (as python -m dist_train.shard --src)")
-    pe.add_argument("--resize", type=int, default=256, help="shorter side written by every system (default 256)")
-    pe.add_argument("--quality", type=int, default=95)
-    pe.add_argument("--img-size", type=int, default=224)
-    pe.add_argument("--batch-size", type=int, default=64)
-    pe.add_argument("--workers", type=int, help="writer and loader workers of every system (default: all cores)")
-    pe.add_argument("--seconds", type=float, default=10.0, help="timed reading per system and round (default 10)")
-    pe.add_argument("--rounds", type=int, default=3, help="alternating rounds; figures are medians (default 3)")
-    pe.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list (default {','.join(SYSTEMS)})")
+    _add_peers(sub)
     return p
 
 
