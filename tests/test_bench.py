@@ -86,6 +86,32 @@ def test_shard_speedup(capsys, raw_mask):
     assert r["check_draft_ms"] > 0 and r["check_fingerprint_ms"] > 0 and "fingerprint_overhead_pct" in r
 
 
+def test_peers_write_and_read_the_same_images(capfd, raw_mask, monkeypatch):
+    """The systems that need no extra package on a tiny set, rounds alternating; a peer whose
+    package is absent (both optional peers made absent here, as in a plain install: LitData alone
+    costs ~1 min of process start-ups) gets one printed skip line, the others a figure each."""
+    from dist_train.perf import peers
+
+    monkeypatch.setattr(peers, "PACKAGES", {k: f"absent_{v}" for k, v in peers.PACKAGES.items()})
+    bench.main(["peers", "--src", str(raw_mask / "train"), "--resize", "24", "--img-size", "16", "--batch-size", "8",
+                "--workers", "1", "--seconds", "0.2", "--rounds", "2"])
+    out, err = capfd.readouterr()
+    *lines, summary = [json.loads(line) for line in out.strip().splitlines()]
+    by = {x["system"]: x for x in lines}
+    assert set(by) == set(bench.SYSTEMS) and len(lines) == len(bench.SYSTEMS)
+    for name in ("litdata", "mosaicml_streaming"):
+        assert "not installed" in by[name]["skipped"] and f"peers: skipping {name}" in err
+    ran = [x for x in lines if "skipped" not in x]
+    assert {x["system"] for x in ran} == {"dist_train", "seed", "timm_wds"}
+    for x in ran:
+        assert x["read_images_per_s"] > 0 and len(x["read_rounds"]) == 2 and x["images"] == 210
+        assert (x["write_images_per_s"] is None) == (x["system"] in ("seed", "timm_wds"))
+    assert summary["bench"] == "peers" and summary["rounds"] == 2
+    assert summary["ratios"]["read_vs_seed"] == pytest.approx(
+        by["dist_train"]["read_images_per_s"] / by["seed"]["read_images_per_s"], rel=1e-2)
+    assert "read_vs_timm_wds" in summary["ratios"] and "read_vs_timm_wds" in summary["targets"]
+
+
 def test_train_synthetic_against_bare_loop():
     r = run_cli(["train", "--synthetic", "--model", "test_resnet", "--img-size", "32", "--batch-size", "4",
                  "--steps", "3", "--warmup", "1"])
@@ -94,6 +120,37 @@ def test_train_synthetic_against_bare_loop():
     assert r["trainer_images_per_s"] > 0 and r["bare_images_per_s"] > 0
     assert r["ratio"] == pytest.approx(r["trainer_images_per_s"] / r["bare_images_per_s"], rel=1e-2)
     assert r["data_wait_fraction"] < 0.5  # one cached batch: the trainer never waits for data
+
+
+WINDOW_SCRIPT = """
+import argparse, json, sys, tempfile
+import torch
+from pathlib import Path
+from dist_train.perf.trainer import _time_trainer, synthetic_shards
+out = []
+for data in (None, sys.argv[1]):  # the 2-batch-epoch synthetic set, then a small real set (5-batch epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        a = argparse.Namespace(synthetic=data is None, model="test_resnet", img_size=16, batch_size=32, warmup=2,
+                               steps=9, mixed_precision="no", channels_last=False, compile=False,
+                               grad_checkpointing=False, gpu_decode=False)
+        src = synthetic_shards(Path(tmp), a.batch_size) if data is None else data
+        t = _time_trainer(a, src, Path(tmp) / "run", 0, torch.device("cpu"), lambda: 0.001)
+        out.append(dict(timed_steps=t.timed_steps, events=t.events, inside=t.events_in_window, handed=t.handed))
+print(json.dumps(out))
+"""
+
+
+def test_train_window_holds_the_timed_steps_and_nothing_else(mask_shards):
+    """Epochs several times shorter than the run (synthetic: 2 batches; real: 5): the trainer's
+    epoch is the run, and no epoch end, evaluation or checkpoint falls inside the timed window."""
+    proc = subprocess.run([sys.executable, "-c", WINDOW_SCRIPT, str(mask_shards)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert run["timed_steps"] == 9 and run["inside"] == [] and run["handed"] == 2 + 9 + 1
+        assert run["events"][0] == ["epoch start", 0]
+        assert ["checkpoint", 12] in run["events"]  # the final save: recorded, after the window
+        assert all(k == 0 or k > 11 for _, k in run["events"])
 
 
 def test_memory_with_and_without_grad_checkpointing():

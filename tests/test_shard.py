@@ -108,9 +108,10 @@ def test_timm_reads_the_shard_set(raw, tmp_path):
 
 
 def test_default_shard_count_rule():
-    assert shard_sizes(100, None) == [2] * 36 + [1] * 28  # >= 64 shards once there are 64 images
+    assert shard_sizes(100, None) == [17] * 4 + [16] * 2  # small sets: few shards of >= 16 samples
+    assert shard_sizes(10, None) == [10]
+    assert shard_sizes(1023, None) == [17] * 15 + [16] * 48 and len(shard_sizes(1024, None)) == 64
     assert len(shard_sizes(15120, None)) == 64 and max(shard_sizes(15120, None)) == 237
-    assert shard_sizes(10, None) == [1] * 10
     assert len(shard_sizes(200_000, None)) == 200 and max(shard_sizes(200_000, None)) == 1000
     assert shard_sizes(168, 25) == [24] * 7
     assert shard_sizes(0, None) == []
@@ -222,6 +223,18 @@ def test_interrupted_write_leaves_no_finished_set(raw, tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "fresh").iterdir())
 
 
+def test_small_sets_get_few_shards_of_reasonable_size(raw_mask, tmp_path):
+    """210 images (30 persons): a handful of shards per split, none near-empty, folds or not."""
+    for folds in (0, 5):
+        info = write_shards(raw_mask / "train", tmp_path / f"f{folds}", workers=1, progress=False, resize=8,
+                            folds=folds)
+        lengths = {name: s["shard_lengths"] for name, s in info["splits"].items()}
+        assert sum(map(sum, lengths.values())) == 210
+        assert lengths == {"train": shard_sizes(168, None), "validation": shard_sizes(42, None)}
+        assert len(lengths["train"]) == 10 and len(lengths["validation"]) == 2
+        assert min(min(v) for v in lengths.values()) >= 16
+
+
 def test_deterministic_across_runs_and_workers(raw, tmp_path):
     a = write_shards(raw, tmp_path / "a", workers=1, progress=False, resize=16)
     b = write_shards(raw, tmp_path / "b", workers=2, progress=False, resize=16)
@@ -246,14 +259,14 @@ def test_inspect_detects_tampering(raw, tmp_path, capsys):
     assert ok and info["rejected"] == 0
     main(["--inspect", str(out)])
     assert "checksums ok" in capsys.readouterr().out
-    victim = out / "validation-000001.tar"
+    victim = out / "validation-000000.tar"
     data = bytearray(victim.read_bytes())
     data[600] ^= 0xFF
     victim.write_bytes(bytes(data))
     with pytest.raises(SystemExit) as e:
         main(["--inspect", str(out)])
     assert e.value.code == 1
-    assert "MISMATCH validation-000001.tar" in capsys.readouterr().out
+    assert "MISMATCH validation-000000.tar" in capsys.readouterr().out
 
 
 def test_corrupt_image_rejected_or_strict(raw, tmp_path, capsys):

@@ -81,8 +81,11 @@ class TimedLoader:
 
     A step is the time from handing out a batch to the trainer's request for the next (or
     its leaving the epoch loop); a wait is the time the trainer spends in `next()`. The
-    timed window covers steps warmup+1 .. warmup+steps and leaves out what the trainer does
-    between epochs (evaluation, checkpoint). `repeat` hands out the first batch forever.
+    timed window covers steps warmup+1 .. warmup+steps. The loader defines the epoch: it is
+    as long as the run (`repeat` hands out the first batch forever; otherwise the wrapped
+    loader's epochs follow one another), so no epoch end, evaluation or checkpoint falls in
+    the window, whatever the shard set's size; `event` records the ones that happen and
+    `events_in_window` lists any that fell inside (the bench refuses to report then).
 
     `between` (a bare-loop step returning its seconds) runs before each timed step, so the two
     loops alternate step by step and see the same machine even when other jobs come and go;
@@ -98,7 +101,10 @@ class TimedLoader:
         self._first = warmup + 1
         self._last = warmup + steps
         self._cached: Any = None
+        self._inner_epoch = 0
         self.handed = 0
+        self.timed_steps = 0
+        self.events: list[tuple[str, int]] = []  # (what, batches handed out when it happened)
         self.window_s = 0.0
         self.wait_s = 0.0
         self.between_s = 0.0
@@ -107,12 +113,25 @@ class TimedLoader:
         return getattr(self._loader, name)
 
     def __len__(self) -> int:
-        return self._last + 1 if self._repeat else len(self._loader)
+        return self._last + 1
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0, done: Any = None) -> None:
+        self._inner_epoch = epoch
+        self._loader.set_epoch(epoch, skip_batches=skip_batches, done=done)
+
+    def event(self, what: str) -> None:
+        self.events.append((what, self.handed))
+
+    @property
+    def events_in_window(self) -> list[tuple[str, int]]:
+        return [(what, k) for what, k in self.events if self._first <= k <= self._last]
 
     def _batches(self) -> Iterator[Any]:
         if not self._repeat:
-            yield from self._loader
-            return
+            while True:  # the wrapped loader's epochs back to back: one epoch for the trainer
+                yield from self._loader
+                self._inner_epoch += 1
+                self._loader.set_epoch(self._inner_epoch)
         if self._cached is None:
             self._cached = next(iter(self._loader))
         while True:
@@ -140,6 +159,7 @@ class TimedLoader:
                 if k == self._last or (timed and self._between is not None):
                     sync(self._device)
                 if timed:
+                    self.timed_steps += 1
                     self.window_s += time.perf_counter() - asked
                     self.wait_s += got - asked
 
@@ -187,7 +207,8 @@ def bench_train(a: argparse.Namespace) -> dict:
 
 
 class TimedTrainer(Trainer):
-    """The real Trainer with its training loader wrapped in a TimedLoader (`timed`)."""
+    """The real Trainer with its training loader wrapped in a TimedLoader (`timed`), one epoch
+    as long as the run, and its evaluations, checkpoints and epoch starts recorded there."""
 
     def __init__(self, cfg: Config, timed: Callable[[Any], TimedLoader]) -> None:
         super().__init__(cfg)
@@ -197,6 +218,27 @@ class TimedTrainer(Trainer):
     def build_train_loader(self) -> TimedLoader:
         self.timed = self._wrap(super().build_train_loader())
         return self.timed
+
+    def setup(self) -> None:
+        super().setup()
+        save = self.checkpointer.save
+
+        def recorded(*args: Any, **kw: Any) -> Any:
+            saved = save(*args, **kw)
+            if saved is not None:
+                self.timed.event("checkpoint")
+            return saved
+
+        self.checkpointer.save = recorded
+
+    def begin_epoch(self) -> None:
+        super().begin_epoch()
+        self.timed.event("epoch start")
+        self.batches = max(self.batches, len(self.timed))  # the timed loader's epoch: the whole run
+
+    def evaluate(self, end_of_epoch: bool = False) -> dict:
+        self.timed.event("evaluation")
+        return super().evaluate(end_of_epoch)
 
 
 def _time_trainer(a: argparse.Namespace, data: str, output: Path, workers: int, device: torch.device,
@@ -210,6 +252,9 @@ def _time_trainer(a: argparse.Namespace, data: str, output: Path, workers: int, 
         max_steps=a.warmup + a.steps + 1, seed=0)))
     trainer = TimedTrainer(cfg, lambda loader: TimedLoader(loader, a.warmup, a.steps, device, a.synthetic, between))
     trainer.train()
-    if trainer.timed is None or trainer.timed.handed < a.warmup + a.steps:
+    timed = trainer.timed
+    if timed is None or timed.timed_steps != a.steps:
         raise RuntimeError("the trainer stopped before the timed steps were done")
-    return trainer.timed
+    if timed.events_in_window:
+        raise RuntimeError(f"the timed window holds untimed work: {timed.events_in_window}")
+    return timed

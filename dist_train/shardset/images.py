@@ -52,11 +52,12 @@ def check_image(task: tuple[str, int]) -> str | None:
     return None
 
 
-def check_and_fingerprint(task: tuple[str, int]) -> tuple[str | None, tuple[bytes, int, int, bool] | None]:
+def check_and_fingerprint(task: tuple[str, int]) -> tuple[str | None, list | None]:
     """(path, max pixels): decode the image fully and fingerprint its pixels (`dedup.fingerprint`):
-    (None, fingerprint), or (the reason, None) when it does not decode. The header is read first
-    (`trust.media`): a special file, or an image declaring more than max pixels, is refused
-    without decoding."""
+    (None, [exact digest as hex, phash, mirrored phash, flat]) — plain JSON values, as the writer's
+    worker protocol carries them (`fingerprint_of` turns it back) — or (the reason, None) when it
+    does not decode. The header is read first (`trust.media`): a special file, or an image
+    declaring more than max pixels, is refused without decoding."""
     path, max_pixels = task
     try:
         check_image_file(path, max_pixels)
@@ -65,9 +66,16 @@ def check_and_fingerprint(task: tuple[str, int]) -> tuple[str | None, tuple[byte
     try:
         with pil_pixel_limit(max_pixels), Image.open(path) as im:
             im.load()
-            return None, fingerprint(im if im.mode == "RGB" else _to_rgb(im))
+            digest, phash, mirror, flat = fingerprint(im if im.mode == "RGB" else _to_rgb(im))
+            return None, [digest.hex(), phash, mirror, flat]
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
         return f"{type(e).__name__}: {e}", None
+
+
+def fingerprint_of(value: list) -> tuple[bytes, int, int, bool]:
+    """`dedup.fingerprint`'s tuple from `check_and_fingerprint`'s JSON form."""
+    digest, phash, mirror, flat = value
+    return bytes.fromhex(digest), int(phash), int(mirror), bool(flat)
 
 
 WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")

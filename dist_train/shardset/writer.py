@@ -17,10 +17,12 @@ The format is the contract in shards/README.md. Design choices that matter to us
   listed in `_rejected.jsonl` (or, with `--strict`, stops the run before it writes anything)
   instead of failing a training job hours later. That decode also fingerprints it: duplicates
   join the layout's groups before the split is decided (`duplicates`, `--dup-threshold`).
-- Default shard count per split: max(min(64, n), ceil(n / 1000)) shards of near-equal length,
-  so the train split has >= 64 shards once it has >= 64 images (8 GPUs x 8 loader workers each
-  read their own) and no shard holds more than 1000 images. `--samples-per-shard S` instead
-  gives ceil(n / S) near-equal shards of at most S images.
+- Default shard count per split (train, validation, any other, folds or not), from its sample
+  count n: max(1, min(64, n // 16), ceil(n / 1000)) shards of near-equal length. So a split has
+  64 shards once it has 1,024 samples (8 GPUs x 8 loader workers each read their own), a small
+  one has few shards of at least 16 samples (280 images: 14 train + 3 validation shards, no
+  one-image shards), and no shard holds more than 1000. `--samples-per-shard S` instead gives
+  ceil(n / S) near-equal shards of at most S images.
 - The `train` split is shuffled (from `--seed`) at write time so each shard mixes classes and
   groups; other splits keep the source order (an unlabeled set's `test`: its index order).
 """
@@ -31,7 +33,6 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
 import os
 import random
 import sys
@@ -39,9 +40,7 @@ import tarfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-from tqdm import tqdm
+from typing import Any
 
 from dist_train import __version__
 from dist_train.errors import UserError, atomic_write_text, check_writable_dir, temp_file
@@ -50,38 +49,19 @@ from dist_train.trust.media import DEFAULT_MAX_PIXELS
 
 from . import duplicates as dups
 from .format import REJECTED_NAME, SPLIT_RE, file_sha256, num_images, read_local_info, summary
-from .images import check_and_fingerprint, encode_image
+from .images import check_and_fingerprint, encode_image, fingerprint_of
 from .outdir import begin_replacing, check_out_dir, inspect, publish  # noqa: F401 (inspect: the API)
+from .pool import pool_map as _pool_map
+from .pool import reuse_workers
 from .sources import Record, Source, assign_folds, get_layout, load_source, split_records
 
 DEFAULT_OUT = Path("shards")
 DEFAULT_SHARDS = 64
 MAX_DEFAULT_SHARD = 1000
+MIN_DEFAULT_SHARD = 16  # samples: below 64 x 16 a split gets fewer shards, never near-empty ones
 # Fixed tar header fields: determinism must not depend on who ran the job, or when.
 TAR_MTIME = 0
 TAR_MODE = 0o444
-
-
-def _pool_map(fn: Any, items: Sequence[Any], workers: int, desc: str, progress: bool) -> Iterator[Any]:
-    """Ordered map over `items` in `workers` processes (in-process for 1), with a progress bar."""
-    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress, file=sys.stderr)
-    try:
-        if workers <= 1:
-            for item in items:
-                yield fn(item)
-                bar.update()
-            return
-        chunk = max(1, min(64, len(items) // (workers * 8)))
-        # forkserver: a fork inherits locks other threads hold (tqdm's monitor, onnxruntime's or
-        # torch's pools in a test run) and hangs; workers import `fn`'s module and a light __main__
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([fn.__module__])
-        with ctx.Pool(workers) as pool:
-            for result in pool.imap(fn, items, chunksize=chunk):
-                yield result
-                bar.update()
-    finally:
-        bar.close()
 
 
 # ---------------------------------------------------------------- layout of the shard set
@@ -92,7 +72,7 @@ def shard_sizes(n: int, samples_per_shard: int | None) -> list[int]:
     if n == 0:
         return []
     if samples_per_shard is None:
-        k = max(min(DEFAULT_SHARDS, n), math.ceil(n / MAX_DEFAULT_SHARD))
+        k = max(1, min(DEFAULT_SHARDS, n // MIN_DEFAULT_SHARD), math.ceil(n / MAX_DEFAULT_SHARD))
     else:
         k = math.ceil(n / samples_per_shard)
     base, extra = divmod(n, k)
@@ -176,6 +156,7 @@ def default_out(source: Source) -> Path:
 # ---------------------------------------------------------------- writer
 
 
+@reuse_workers  # the check and write passes share one set of worker processes
 def write_shards(
     src: str | Path,
     out: str | Path | None = None,
@@ -272,7 +253,7 @@ def _drop_unreadable(source: Source, workers: int, strict: bool, progress: bool,
     kept = [(r, fp) for r, (why, fp) in zip(everything, results) if not why]
     if not kept:
         raise UserError(f"{source.image_root}: no readable images")
-    return [r for r, _ in kept], [fp for _, fp in kept], rejected
+    return [r for r, _ in kept], [fingerprint_of(fp) for _, fp in kept], rejected
 
 
 def _replace_shards(out: Path, plan: list[tuple[str, str, list[Record]]], rejected: list[dict],
