@@ -173,7 +173,7 @@ def test_two_set_check(tmp_path, capsys):
 def test_bad_input_is_one_line(tmp_path, capsys):
     bad = tmp_path / "set"
     bad.mkdir()
-    (bad / "_info.json").write_text(json.dumps({"splits": {}}))
+    (bad / "_info.json").write_text(json.dumps({"splits": {}, "classes": []}))
     (bad / "_fingerprints.npz").write_bytes(b"not a zip")
     for argv in ([str(bad)], [str(tmp_path / "missing")], [], ["--bench", "1"], [str(bad), "--threshold", "99"]):
         with pytest.raises(SystemExit) as e:

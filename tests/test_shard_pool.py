@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from dist_train.errors import RunFailed
-from dist_train.shardset.images import check_image, encode_image
+from dist_train.shardset.images import check_and_fingerprint, check_image, encode_image
 from dist_train.shardset.pool import WorkerPool, _chunks, pool_map
 
 from conftest import ROOT
@@ -45,7 +45,10 @@ def test_pool_map_keeps_order_and_equals_in_process(raw_mask):
                    if p.suffix in (".jpg", ".png") and not p.name.startswith("."))[:40]
     tasks = [(p, 8 + i % 3, 90) for i, p in enumerate(paths)]
     assert list(pool_map(encode_image, tasks, 2, "", False)) == [encode_image(t) for t in tasks]
-    assert list(pool_map(check_image, paths, 3, "", False)) == [None] * len(paths)
+    checks = [(p, 10**8) for p in paths]
+    assert list(pool_map(check_image, checks, 3, "", False)) == [None] * len(paths)
+    fingerprints = list(pool_map(check_and_fingerprint, checks, 2, "", False))
+    assert fingerprints == [check_and_fingerprint(t) for t in checks] and all(why is None for why, _ in fingerprints)
 
 
 def test_worker_failure_is_a_run_failed_line(tmp_path):
@@ -72,7 +75,7 @@ def test_one_set_of_workers_for_the_check_and_write_passes(raw_mask):
 
     @pool_module.reuse_workers
     def two_passes() -> list:
-        checked = list(pool_map(check_image, paths, 2, "", False))
+        checked = list(pool_map(check_image, [(p, 10**8) for p in paths], 2, "", False))
         pids.append([p.pid for p in pool_module._session[-1].procs])
         encoded = list(pool_map(encode_image, [(p, 8, 90) for p in paths], 2, "", False))
         pids.append([p.pid for p in pool_module._session[-1].procs])

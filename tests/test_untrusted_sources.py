@@ -146,7 +146,7 @@ def test_out_with_other_files_is_refused_and_they_survive(tmp_path, capsys):
     assert_one_line(code, err, f"--out {out}: holds backup-000001.tar and no shard set", "--overwrite")
     assert sorted(p.name for p in out.iterdir()) == ["backup-000001.tar"]
 
-    shard.main(shard_args(src, out, "--overwrite"))
+    shard.main(shard_args(src, out, "--overwrite", "--samples-per-shard", "1"))
     assert backup.read_bytes() == b"the user's own backup" and (out / "_info.json").is_file()
     assert len(list(out.glob("train-*.tar"))) == 12
     # replacing the set (another shard count) removes the old set's shards, still not the backup

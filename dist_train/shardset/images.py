@@ -52,24 +52,24 @@ def check_image(task: tuple[str, int]) -> str | None:
     return None
 
 
-def check_and_fingerprint(task: tuple[str, int]) -> tuple[str | None, list | None]:
+def check_and_fingerprint(task: tuple[str, int]) -> list:
     """(path, max pixels): decode the image fully and fingerprint its pixels (`dedup.fingerprint`):
-    (None, [exact digest as hex, phash, mirrored phash, flat]) — plain JSON values, as the writer's
-    worker protocol carries them (`fingerprint_of` turns it back) — or (the reason, None) when it
+    [None, [exact digest as hex, phash, mirrored phash, flat]] — plain JSON values, as the writer's
+    worker protocol carries them (`fingerprint_of` turns it back) — or [the reason, None] when it
     does not decode. The header is read first (`trust.media`): a special file, or an image
     declaring more than max pixels, is refused without decoding."""
     path, max_pixels = task
     try:
         check_image_file(path, max_pixels)
     except (ImageRefused, OSError) as e:
-        return f"{type(e).__name__}: {e}", None
+        return [f"{type(e).__name__}: {e}", None]
     try:
         with pil_pixel_limit(max_pixels), Image.open(path) as im:
             im.load()
             digest, phash, mirror, flat = fingerprint(im if im.mode == "RGB" else _to_rgb(im))
-            return None, [digest.hex(), phash, mirror, flat]
+            return [None, [digest.hex(), phash, mirror, flat]]
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-        return f"{type(e).__name__}: {e}", None
+        return [f"{type(e).__name__}: {e}", None]
 
 
 def fingerprint_of(value: list) -> tuple[bytes, int, int, bool]:

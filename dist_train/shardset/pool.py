@@ -210,5 +210,5 @@ def startup_seconds(n: int) -> float:
     """Seconds from starting `n` workers to each one's first answer (a trivial task each)."""
     start = time.perf_counter()
     with WorkerPool(n) as pool:
-        list(pool.imap(check_image, [""] * n, 1))
+        list(pool.imap(check_image, [("", 1)] * n, 1))  # a missing file: answered at once
     return time.perf_counter() - start

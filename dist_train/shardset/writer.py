@@ -35,7 +35,6 @@ import json
 import math
 import os
 import random
-import sys
 import tarfile
 import time
 from collections import Counter, defaultdict
