@@ -4,10 +4,8 @@ write in --out."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,23 +13,10 @@ import pytest
 from dist_train import shard
 from dist_train.shardset.sources import load_source
 from test_bad_input import assert_one_line, call
+from test_data import time_limit  # fail instead of hanging (a FIFO opened for reading blocks forever)
 from test_sources import demo_persons, image_bytes, make_mask_set
 
 
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    """Fail instead of hanging the suite (a FIFO opened for reading blocks forever)."""
-
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"did not finish in {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def folder_set(src: Path, classes: tuple[str, ...] = ("a", "b"), n: int = 8) -> Path:

@@ -5,9 +5,8 @@ counts (DDP hangs) and evaluation duplicates or drops samples. Here shards are a
 explicitly to readers (one reader = one (rank, worker) pair):
 
 - training: every reader yields exactly the same number of full batches per epoch by cycling
-  its shards (as timm's ReaderWds does); all randomness comes from private RNGs seeded by
-  (seed, epoch, rank, worker, sample index), so an epoch is reproducible and can be resumed
-  mid-way without decoding the skipped samples;
+  its shards (as timm's ReaderWds does); all randomness comes from private RNGs seeded by (seed,
+  epoch, rank, worker, sample index): an epoch is reproducible and resumes without decoding;
 - evaluation: every sample of the split is yielded exactly once over all readers.
 
 Batches are collated in the workers into shared memory and stay uint8 (channels-last) until
@@ -17,7 +16,6 @@ the device-side preparation (`data.device`).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import multiprocessing as mp
 import warnings
@@ -29,7 +27,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from dist_train.errors import RunFailed, UserError, is_out_of_memory
 from dist_train.shardset.format import image_bytes, is_url
-from dist_train.trust.media import check_image_bytes, check_local_shards, max_pixels_for, refused, tar_samples
+from dist_train.trust.files import parse_json
+from dist_train.trust.schema import Dict
+from dist_train.trust.media import MAX_META_BYTES, check_image_bytes, check_local_shards, max_pixels_for, refused, tar_samples
 
 from .plan import Plan, mix_seed, shard_groups
 from .transforms import Transform, decode_rgb
@@ -112,6 +112,11 @@ class ShardReader(IterableDataset):
             self._count_bad(f"{sample.get('__key__')} in {sample.get('__url__')}", ValueError(f"no fold ({e!r})"))
             return False
 
+    @staticmethod
+    def _meta(sample: dict) -> dict:
+        """The sample's `json` member, an object, through the trust layer (size, depth, finite numbers)."""
+        return parse_json(sample["json"], f"{sample.get('__key__')}.json", spec=Dict(), max_bytes=MAX_META_BYTES)
+
     def _load(self, sample: dict, seed: int | None) -> tuple[torch.Tensor, int] | None:
         """(uint8 image, target), or None for an undecodable sample (warned and counted).
         Encoded mode: (the file's bytes as a 1-D uint8 tensor, target), checked from its header only.
@@ -129,7 +134,7 @@ class ShardReader(IterableDataset):
             cls = int(sample["cls"]) if "cls" in sample else None
             if self.needs_label and ("json" if self.target_fn is not None else "cls") not in sample:
                 raise ValueError(f"incomplete sample, no label (members: {sorted(sample)})")
-            meta = json.loads(sample["json"]) if self.target_fn is not None and "json" in sample else {}
+            meta = self._meta(sample) if self.target_fn is not None and "json" in sample else {}
         except Exception as e:
             self._count_bad(f"{sample.get('__key__')} in {sample.get('__url__')}", e)
             return None
@@ -253,7 +258,7 @@ class TrainReader(ShardReader):
         try:
             if self.target_fn is not None:
                 cls = int(sample["cls"]) if "cls" in sample else None
-                return int(self.target_fn(json.loads(sample["json"]), cls))
+                return int(self.target_fn(self._meta(sample), cls))
             return int(sample["cls"])
         except Exception:  # missing or bad members: the decode step counts it as bad
             return -1

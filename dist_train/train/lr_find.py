@@ -35,7 +35,7 @@ from dist_train.infer.accel import make_accelerator
 
 from .checkpoint import Progress
 from .guard import out_of_memory_hint
-from .parts import process_setup
+from .parts import global_batch, process_setup
 from .trainer import Trainer
 
 BETA = 0.98  # Lightning's smoothing of the loss
@@ -107,7 +107,7 @@ class RangeTest(Trainer):
         """The Trainer's set-up without its run folder, trackers, checkpoints or resume."""
         self._read_data()
         self.acc = self._part("accelerator")
-        self._check_global_batch()
+        self.global_batch = global_batch(self.cfg, self.acc.num_processes, self.n_train, self.train_split)
         process_setup(self.acc, self.cfg)
         self._build_model_and_data()
         self.progress = Progress()
