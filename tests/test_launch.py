@@ -297,7 +297,8 @@ def test_kfold_sbatch_trains_its_array_tasks_fold_and_requeues_it(project, fold_
            "SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "1",
            "SLURM_GPUS_ON_NODE": "2", "ACCEL_CONFIG": "launch/cpu_ddp.yaml"}
     cv = tmp_path / "cv"
-    args = ["--data", str(fold_shards), "--output", str(cv), *RUN[:6], "--workers", "0", "--time-limit", "1s"]
+    args = ["--data", str(fold_shards), "--output", str(cv), *RUN[:6], "--workers", "0", "--epochs", "1000",
+            "--time-limit", "1s"]
     proc = subprocess.run(["bash", str(project / "launch" / "slurm" / "kfold.sbatch"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
