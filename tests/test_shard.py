@@ -15,7 +15,7 @@ from PIL import Image
 
 from dist_train.errors import UserError
 from dist_train.shard import main
-from dist_train.shardset import writer as shard
+from dist_train.shardset.spool import Spool
 from dist_train.shardset.writer import inspect, shard_sizes, write_shards
 from dist_train.tasks.mask.labels import label_from_meta
 from test_sources import demo_persons, image_bytes, make_eval_set, make_mask_set, person_folder
@@ -197,16 +197,16 @@ def test_idempotent_rerun_refusal_and_overwrite(raw, tmp_path, capsys):
 def test_interrupted_write_leaves_no_finished_set(raw, tmp_path, monkeypatch):
     out = tmp_path / "out"
     run(raw, out, samples_per_shard=5)
-    real = shard.encode_image
+    real = Spool.member
     calls = []
 
-    def dying(task):
-        calls.append(task)
+    def dying(self, key, source):  # the write pass, reading the members the check pass spooled
+        calls.append(key)
         if len(calls) == 23:
             raise KeyboardInterrupt
-        return real(task)
+        return real(self, key, source)
 
-    monkeypatch.setattr(shard, "encode_image", dying)
+    monkeypatch.setattr(Spool, "member", dying)
     with pytest.raises(KeyboardInterrupt):
         run(raw, out, samples_per_shard=10, overwrite=True)
     assert not (out / "_info.json").exists()
@@ -214,7 +214,7 @@ def test_interrupted_write_leaves_no_finished_set(raw, tmp_path, monkeypatch):
     for p in out.glob("*.tar"):  # whatever carries a final name is a complete tar
         with tarfile.open(p) as tar:
             assert len(tar.getmembers()) % 3 == 0
-    monkeypatch.setattr(shard, "encode_image", real)
+    monkeypatch.setattr(Spool, "member", real)
 
     (out / ".train-000000.tar.x1y2.tmp").write_bytes(b"half a tar from a killed run")
     info = run(raw, out, samples_per_shard=10)  # no --overwrite needed: there was no finished set

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from dist_train.errors import RunFailed
-from dist_train.shardset.images import check_and_fingerprint, check_image, encode_image
+from dist_train.shardset.images import check_and_encode, check_image, encode_image
 from dist_train.shardset.pool import WorkerPool, _chunks, pool_map
 
 from conftest import ROOT
@@ -47,8 +47,11 @@ def test_pool_map_keeps_order_and_equals_in_process(raw_mask):
     assert list(pool_map(encode_image, tasks, 2, "", False)) == [encode_image(t) for t in tasks]
     checks = [(p, 10**8) for p in paths]
     assert list(pool_map(check_image, checks, 3, "", False)) == [None] * len(paths)
-    fingerprints = list(pool_map(check_and_fingerprint, checks, 2, "", False))
-    assert fingerprints == [check_and_fingerprint(t) for t in checks] and all(why is None for why, _ in fingerprints)
+    for resize in (None, 8):  # fingerprints and (with resize) the encoded member through the pipes
+        one_pass = [(p, 10**8, resize, 90) for p in paths]
+        results = list(pool_map(check_and_encode, one_pass, 2, "", False))
+        assert results == [check_and_encode(t) for t in one_pass] and all(why is None for (why, _, _), _ in results)
+        assert all(bool(data) == (resize is not None) for _, data in results)
 
 
 def test_worker_failure_is_a_run_failed_line(tmp_path):

@@ -1,6 +1,6 @@
 """Duplicates in a shard set: found from the fingerprints, merged into the split groups, stored.
 
-The writer fingerprints every image it checks (`images.check_and_fingerprint`), then
+The writer fingerprints every image it checks (`images.check_and_encode`), then
 `find_duplicates` pairs exact duplicates (same decoded pixels) and near duplicates (pHash, or
 the mirrored pHash, within `threshold` bits; flat images only exactly) and joins them with the
 layout's own groups (union-find): `regroup` gives every record of a component one group, so the

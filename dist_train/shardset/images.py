@@ -52,24 +52,52 @@ def check_image(task: tuple[str, int]) -> str | None:
     return None
 
 
-def check_and_fingerprint(task: tuple[str, int]) -> list:
-    """(path, max pixels): decode the image fully and fingerprint its pixels (`dedup.fingerprint`):
-    [None, [exact digest as hex, phash, mirrored phash, flat]] — plain JSON values, as the writer's
-    worker protocol carries them (`fingerprint_of` turns it back) — or [the reason, None] when it
-    does not decode. The header is read first (`trust.media`): a special file, or an image
-    declaring more than max pixels, is refused without decoding."""
-    path, max_pixels = task
+def check_and_encode(task: tuple[str, int, int | None, int]) -> tuple[list, bytes]:
+    """(path, max pixels, resize, quality): the writer's one pass over an image, on one full decode.
+
+    Returns ([None, [exact digest as hex, phash, mirrored phash, flat], member extension], member
+    bytes): the validity check, the fingerprints (`dedup.fingerprint`; plain JSON values, as the
+    writer's worker protocol carries them: `fingerprint_of` turns them back) and the bytes the
+    shard stores, exactly as `encode_image` makes them, from that decode. The bytes are empty when
+    the member is the source file itself (JPEG or PNG without resize: the writer copies it).
+    An image that does not decode gives ([the reason, None, None], b""); the header is read first
+    (`trust.media`): a special file, or an image declaring more than max pixels, is refused
+    without decoding. A failure to encode a decoded image raises (the run stops: not the file's fault).
+    """
+    path, max_pixels, resize, quality = task
     try:
         check_image_file(path, max_pixels)
     except (ImageRefused, OSError) as e:
-        return [f"{type(e).__name__}: {e}", None]
-    try:
-        with pil_pixel_limit(max_pixels), Image.open(path) as im:
+        return [f"{type(e).__name__}: {e}", None, None], b""
+    with pil_pixel_limit(max_pixels), contextlib.ExitStack() as stack:
+        try:
+            im = stack.enter_context(Image.open(path))
             im.load()
-            digest, phash, mirror, flat = fingerprint(im if im.mode == "RGB" else _to_rgb(im))
-            return [None, [digest.hex(), phash, mirror, flat]]
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-        return [f"{type(e).__name__}: {e}", None]
+            rgb = im if im.mode == "RGB" else _to_rgb(im)
+            digest, phash, mirror, flat = fingerprint(rgb)
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            return [f"{type(e).__name__}: {e}", None, None], b""
+        ext, data = _member(path, im, rgb, resize, quality)
+    return [None, [digest.hex(), phash, mirror, flat], ext], data
+
+
+def _member(path: str, im: Image.Image, rgb: Image.Image, resize: int | None, quality: int) -> tuple[str, bytes]:
+    """`encode_image`'s (extension, bytes) from the decoded image `im` (`rgb`: it in RGB), b"" for
+    the source file's own bytes. Where `encode_image` decodes a JPEG at a reduced DCT scale (`draft`:
+    the target is at least half the size), the file is decoded again at that scale, which is
+    several times cheaper than the full decode, so the bytes stay the same."""
+    fmt = im.format
+    if resize is None:
+        if fmt in JPEG_FORMATS or fmt == "PNG":
+            return ("jpg" if fmt in JPEG_FORMATS else "png"), b""
+        return "png", _png_bytes(im)
+    size = _target_size(im.size, resize)
+    if fmt in JPEG_FORMATS and min(im.width // size[0], im.height // size[1]) >= 2:  # draft may reduce
+        with pil_pixel_limit(1 << 62), Image.open(path) as small:
+            small.draft("RGB", size)
+            if small.size != im.size:
+                return "jpg", _jpeg_bytes(_to_rgb(small), size, quality)
+    return "jpg", _jpeg_bytes(rgb, size, quality)
 
 
 def fingerprint_of(value: list) -> tuple[bytes, int, int, bool]:
@@ -92,7 +120,8 @@ def _to_rgb(im: Image.Image, alpha: bool = False) -> Image.Image:
 
 
 def encode_image(task: tuple[str, int | None, int]) -> tuple[str, bytes]:
-    """(path, resize, quality) -> (member extension, bytes) for one sample.
+    """(path, resize, quality) -> (member extension, bytes) for one sample, from the file alone
+    (the writer makes the same bytes in `check_and_encode`; the peers bench encodes with this).
 
     Without resize JPEG and PNG bytes go in untouched; other formats (folder layout: bmp, webp,
     tiff, ...) are converted losslessly to PNG because the contract stores jpg or png. With
@@ -100,24 +129,36 @@ def encode_image(task: tuple[str, int | None, int]) -> tuple[str, bytes]:
     `quality`; alpha is dropped since JPEG has none.
     """
     path, resize, quality = task
-    # check_image bounded the pixels from the header (--max-image-pixels): PIL's default must not refuse them
+    # the header was bounded (--max-image-pixels) before: PIL's default must not refuse them
     with pil_pixel_limit(1 << 62), Image.open(path) as im:
         fmt = im.format
         if resize is None:
             if fmt in JPEG_FORMATS or fmt == "PNG":
                 return ("jpg" if fmt in JPEG_FORMATS else "png"), Path(path).read_bytes()
-            out = _to_rgb(im, alpha="A" in im.getbands() or "transparency" in im.info)
-            buf = io.BytesIO()
-            out.save(buf, format="PNG")
-            return "png", buf.getvalue()
-        w, h = im.size
-        scale = resize / min(w, h)
-        size = (w, h) if scale >= 1 else (max(1, round(w * scale)), max(1, round(h * scale)))
-        if fmt in JPEG_FORMATS and size != (w, h):
+            return "png", _png_bytes(im)
+        size = _target_size(im.size, resize)
+        if fmt in JPEG_FORMATS and size != im.size:
             im.draft("RGB", size)
-        rgb = _to_rgb(im)
-        if rgb.size != size:
-            rgb = rgb.resize(size, Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        rgb.save(buf, format="JPEG", quality=quality)
-        return "jpg", buf.getvalue()
+        return "jpg", _jpeg_bytes(_to_rgb(im), size, quality)
+
+
+def _target_size(size: tuple[int, int], resize: int) -> tuple[int, int]:
+    """The shorter side shrunk to `resize`, never enlarged."""
+    w, h = size
+    scale = resize / min(w, h)
+    return (w, h) if scale >= 1 else (max(1, round(w * scale)), max(1, round(h * scale)))
+
+
+def _jpeg_bytes(rgb: Image.Image, size: tuple[int, int], quality: int) -> bytes:
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _png_bytes(im: Image.Image) -> bytes:
+    """Lossless PNG of an image of another format (alpha kept)."""
+    buf = io.BytesIO()
+    _to_rgb(im, alpha="A" in im.getbands() or "transparency" in im.info).save(buf, format="PNG")
+    return buf.getvalue()

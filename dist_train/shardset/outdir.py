@@ -22,8 +22,9 @@ from .format import INFO_NAME, REJECTED_NAME, SHARD_RE, file_sha256, read_local_
 
 JOURNAL_NAME = "_writing.json"
 # Temporary names of the writer's files (errors.temp_file: ".NAME.XXXX.tmp").
+# The spool (`spool.SPOOL_NAME`) holds a run's encoded images until its shards are written.
 TMP_RE = re.compile(r"^\.([A-Za-z0-9_]+-\d{6}\.tar|_info\.json|_rejected\.jsonl|_writing\.json|_fingerprints\.npz"
-                    r"|_duplicates\.csv|_duplicates\.png)\..+\.tmp$")
+                    r"|_duplicates\.csv|_duplicates\.png|_spool)\..+\.tmp$")
 # The set's files beside its shards (the rejected list, the duplicate check's files).
 SIDE_NAMES = frozenset({REJECTED_NAME, FINGERPRINTS_NAME, DUPLICATES_NAME, CONTACT_NAME})
 
@@ -66,14 +67,15 @@ def check_out_dir(out: Path) -> None:
                         "(they are kept)")
 
 
-def begin_replacing(out: Path, new_names: Iterable[str]) -> set[str]:
+def begin_replacing(out: Path, new_names: Iterable[str], keep: str | None = None) -> set[str]:
     """Journal what this run may remove or create, then drop the old `_info.json` and the
-    writer's temporary files; returns the names of the files the run may remove."""
+    writer's temporary files but `keep` (this run's spool); returns the names of the files the run
+    may remove."""
     owned = owned_files(out)
     atomic_write_json(out / JOURNAL_NAME, {"files": sorted(owned | set(new_names) | SIDE_NAMES)})
     (out / INFO_NAME).unlink(missing_ok=True)
     for p in out.iterdir():
-        if TMP_RE.match(p.name):  # left by a killed run
+        if TMP_RE.match(p.name) and p.name != keep:  # left by a killed run
             p.unlink()
     return owned
 

@@ -44,7 +44,7 @@ def pool_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc:
                 yield fn(item)
                 bar.update()
             return
-        chunk = max(1, min(64, len(items) // (workers * 8)))
+        chunk = max(1, min(16, len(items) // (workers * 8)))  # small: no worker idles long at the end
         with _workers(workers if _session else min(workers, len(items))) as pool:
             for result in pool.imap(fn, items, chunk):
                 yield result

@@ -8,8 +8,9 @@ the caller's main module first: a torch import each, or a hang when there is non
 Protocol on stdin/stdout, between this process and the pool that started it (no pickle):
 request  = 4-byte little-endian length + JSON [seq, function name, [task, ...]]
 response = 4-byte length + JSON [seq, [result, ...]] + the bytes its results refer to, where a
-result is [value] (JSON), ["bytes", ext, n] (a (str, bytes) pair: ext and the next n payload
-bytes) or ["error", text] (the function raised). EOF on stdin: exit.
+result is [value] (JSON), ["bytes", value, n] (a (value, bytes) pair: the value as JSON, e.g. a
+member's extension, and the next n payload bytes) or ["error", text] (the function raised).
+EOF on stdin: exit.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import struct
 import sys
 from typing import Any, BinaryIO, Callable
 
-from .images import check_and_fingerprint, check_image, encode_image
+from .images import check_and_encode, check_image, encode_image
 
 FUNCTIONS: dict[str, Callable[[Any], Any]] = {"check_image": check_image, "encode_image": encode_image,
-                                              "check_and_fingerprint": check_and_fingerprint}
+                                              "check_and_encode": check_and_encode}
 HEADER = struct.Struct("<I")
 
 

@@ -13,10 +13,12 @@ The format is the contract in shards/README.md. Design choices that matter to us
   without being decoded (`trust.media`).
 - Deterministic: tar headers carry fixed mtime/owner/mode and members go in a fixed order, so
   the same input gives byte-identical shards (checked by sha256 in `_info.json`).
-- Every image is decoded once before anything is written, so a corrupt file is skipped and
+- Every image is decoded once, before any shard is written, so a corrupt file is skipped and
   listed in `_rejected.jsonl` (or, with `--strict`, stops the run before it writes anything)
-  instead of failing a training job hours later. That decode also fingerprints it: duplicates
-  join the layout's groups before the split is decided (`duplicates`, `--dup-threshold`).
+  instead of failing a training job hours later. That decode also fingerprints it (duplicates
+  join the layout's groups before the split is decided: `duplicates`, `--dup-threshold`) and,
+  with `--resize`, is the one the stored JPEG is made from: the encoded bytes wait in a spool
+  file in OUT (`spool`) until the split is known, and the write pass copies them into the tars.
 - Default shard count per split (train, validation, any other, folds or not), from its sample
   count n: max(1, min(64, n // 16), ceil(n / 1000)) shards of near-equal length. So a split has
   64 shards once it has 1,024 samples (8 GPUs x 8 loader workers each read their own), a small
@@ -30,37 +32,33 @@ The format is the contract in shards/README.md. Design choices that matter to us
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import os
 import random
-import tarfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 from dist_train import __version__
-from dist_train.errors import UserError, atomic_write_text, check_writable_dir, temp_file
+from dist_train.errors import UserError, atomic_write_text, check_writable_dir
 from dist_train.system import usable_cpus
 from dist_train.trust.media import DEFAULT_MAX_PIXELS
 
 from . import duplicates as dups
-from .format import REJECTED_NAME, SPLIT_RE, file_sha256, num_images, read_local_info, summary
-from .images import check_and_fingerprint, encode_image, fingerprint_of
+from .format import REJECTED_NAME, SPLIT_RE, num_images, read_local_info, summary
+from .images import check_and_encode, fingerprint_of
 from .outdir import begin_replacing, check_out_dir, inspect, publish  # noqa: F401 (inspect: the API)
 from .pool import pool_map as _pool_map
 from .pool import reuse_workers
 from .sources import Record, Source, assign_folds, get_layout, load_source, split_records
+from .spool import Spool
+from .tars import write_plan
 
 DEFAULT_OUT = Path("shards")
 DEFAULT_SHARDS = 64
 MAX_DEFAULT_SHARD = 1000
 MIN_DEFAULT_SHARD = 16  # samples: below 64 x 16 a split gets fewer shards, never near-empty ones
-# Fixed tar header fields: determinism must not depend on who ran the job, or when.
-TAR_MTIME = 0
-TAR_MODE = 0o444
 
 
 # ---------------------------------------------------------------- layout of the shard set
@@ -90,16 +88,6 @@ def source_fingerprint(source: Source) -> str:
         st = path.stat()
         h.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return h.hexdigest()
-
-
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = TAR_MTIME
-    info.mode = TAR_MODE
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _differences(old: dict, params: dict, fingerprint: str, out: Path) -> list[str]:
@@ -155,7 +143,7 @@ def default_out(source: Source) -> Path:
 # ---------------------------------------------------------------- writer
 
 
-@reuse_workers  # the check and write passes share one set of worker processes
+@reuse_workers  # one set of worker processes for the call, stopped when it returns
 def write_shards(
     src: str | Path,
     out: str | Path | None = None,
@@ -200,12 +188,14 @@ def write_shards(
     if old is not None:
         return old
     workers = workers or usable_cpus()
-    records, fps, rejected = _drop_unreadable(source, workers, strict, progress, max_image_pixels)
-    source, fp, pairs = dups.group_duplicates(source, records, fps, dup_threshold)
-    splits, fold_of = _split(source, as_split, val_fraction, seed, folds)
-    plan = [(name, f"{name}-{i:06d}.tar", recs[pos:pos + size]) for name, recs in splits.items()
-            for i, (pos, size) in enumerate(_offsets(shard_sizes(len(recs), samples_per_shard)))]
-    sha, nbytes = _replace_shards(out, plan, rejected, resize, quality, workers, progress, fold_of)
+    with Spool(out) as spool:
+        records, fps, rejected = _drop_unreadable(source, spool, (max_image_pixels, resize, quality), workers,
+                                                  strict, progress)
+        source, fp, pairs = dups.group_duplicates(source, records, fps, dup_threshold)
+        splits, fold_of = _split(source, as_split, val_fraction, seed, folds)
+        plan = [(name, f"{name}-{i:06d}.tar", recs[pos:pos + size]) for name, recs in splits.items()
+                for i, (pos, size) in enumerate(_offsets(shard_sizes(len(recs), samples_per_shard)))]
+        sha, nbytes = _replace_shards(out, plan, rejected, spool, progress, fold_of)
     info = _make_info(out, source, splits, plan, sha, params, fingerprint, len(rejected), fold_of, folds)
     info["duplicates"] = dups.store(out, fp, pairs, source, splits, dup_threshold, draw_pairs)
     publish(out, info)
@@ -236,33 +226,43 @@ def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
     return list(zip(starts, sizes))
 
 
-def _drop_unreadable(source: Source, workers: int, strict: bool, progress: bool,
-                     max_pixels: int) -> tuple[list[Record], list[tuple], list[dict]]:
-    """Decode and fingerprint every image once (those over `max_pixels` are not decoded); the
-    unreadable ones are left out (or, strict, stop all)."""
+def _drop_unreadable(source: Source, spool: Spool, how: tuple[int, int | None, int], workers: int, strict: bool,
+                     progress: bool) -> tuple[list[Record], list[tuple], list[dict]]:
+    """The one decode pass (`check_and_encode`, `how` = (max pixels, resize, quality)): every image
+    checked and fingerprinted, its member spooled; the unreadable ones are left out (or, strict,
+    stop all). Images over max pixels are not decoded."""
     everything = list(source.records)
-    tasks = [(str(r.path), max_pixels) for r in everything]
-    results = list(_pool_map(check_and_fingerprint, tasks, workers, "checking", progress))
-    rejected = [{"key": r.key, "path": r.rel, "reason": why} for r, (why, _) in zip(everything, results) if why]
+    tasks = [(str(r.path), *how) for r in everything]
+    results = _pool_map(check_and_encode, tasks, workers, "checking" if how[1] is None else "encoding", progress)
+    kept, fps, rejected = [], [], []
+    try:
+        for r, ((why, fp, ext), data) in zip(everything, results):
+            if why:
+                rejected.append({"key": r.key, "path": r.rel, "reason": why})
+                continue
+            kept.append(r)
+            fps.append(fingerprint_of(fp))
+            spool.add(r.key, ext, data)
+    finally:
+        results.close()  # stops the worker pool, also when spooling failed
+    spool.finish()
     if rejected and strict:
         lines = [f"{x['path']} ({x['reason']})" for x in rejected[:5]]
         more = f" and {len(rejected) - 5} more" if len(rejected) > 5 else ""
         raise UserError(f"{source.image_root}: {len(rejected)} unreadable image(s): {', '.join(lines)}{more}; "
                         "nothing written (--strict)")
-    kept = [(r, fp) for r, (why, fp) in zip(everything, results) if not why]
     if not kept:
         raise UserError(f"{source.image_root}: no readable images")
-    return [r for r, _ in kept], [fingerprint_of(fp) for _, fp in kept], rejected
+    return kept, fps, rejected
 
 
-def _replace_shards(out: Path, plan: list[tuple[str, str, list[Record]]], rejected: list[dict],
-                    resize: int | None, quality: int, workers: int, progress: bool,
-                    fold_of: dict[str, int]) -> tuple[dict[str, str], int]:
+def _replace_shards(out: Path, plan: list[tuple[str, str, list[Record]]], rejected: list[dict], spool: Spool,
+                    progress: bool, fold_of: dict[str, int]) -> tuple[dict[str, str], int]:
     """Write the new shards into OUT, which holds no finished set until the new _info.json lands;
     then remove the files of the previous set. Returns (sha256 per shard, bytes written)."""
     out.mkdir(parents=True, exist_ok=True)
-    owned = begin_replacing(out, [filename for _, filename, _ in plan])
-    sha, nbytes = _write_plan(out, plan, resize, quality, workers, progress, fold_of)
+    owned = begin_replacing(out, [filename for _, filename, _ in plan], keep=spool.name)
+    sha, nbytes = write_plan(out, plan, spool, progress, fold_of)
     for name in sorted(owned - set(sha) - {REJECTED_NAME}):  # only what the old set (or a killed run) wrote
         (out / name).unlink(missing_ok=True)
     if rejected:
@@ -270,41 +270,6 @@ def _replace_shards(out: Path, plan: list[tuple[str, str, list[Record]]], reject
     elif REJECTED_NAME in owned:
         (out / REJECTED_NAME).unlink(missing_ok=True)
     return sha, nbytes
-
-
-def _write_plan(out: Path, plan: list[tuple[str, str, list[Record]]], resize: int | None, quality: int,
-                workers: int, progress: bool, fold_of: dict[str, int]) -> tuple[dict[str, str], int]:
-    """Write every shard (temp name -> rename); returns sha256 per file and total bytes."""
-    tasks = [(str(r.path), resize, quality) for _, _, recs in plan for r in recs]
-    results = _pool_map(encode_image, tasks, workers, "writing", progress)
-    sha: dict[str, str] = {}
-    total = 0
-    try:
-        for _, filename, recs in plan:
-            fd, tmp_name = temp_file(out, filename)
-            tmp = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                        for r in recs:
-                            ext, data = next(results)
-                            _tar_member(tar, f"{r.key}.{ext}", data)
-                            if r.label is not None:
-                                _tar_member(tar, f"{r.key}.cls", str(r.label).encode())
-                            if r.key in fold_of:
-                                _tar_member(tar, f"{r.key}.fold", str(fold_of[r.key]).encode())
-                            _tar_member(tar, f"{r.key}.json", json.dumps(r.meta, ensure_ascii=False).encode())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, out / filename)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            sha[filename] = file_sha256(out / filename)
-            total += (out / filename).stat().st_size
-    finally:
-        results.close()  # stops the worker pool, also when a write failed
-    return sha, total
 
 
 def _make_info(out: Path, source: Source, splits: dict[str, list[Record]], plan: list[tuple[str, str, list[Record]]],

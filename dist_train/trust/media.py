@@ -114,6 +114,8 @@ def _pil_size(data: bytes) -> tuple[str, int, int]:
             return str(im.format), im.width, im.height
     except Image.DecompressionBombError as e:  # PIL's own limit, from the header too
         raise ImageRefused(str(e)) from None
+    except Image.UnidentifiedImageError:  # its text holds the BytesIO's address: not the same twice
+        raise ImageRefused("not an image PIL can read (no format recognises its header)") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for unknown data
         raise ImageRefused(f"not an image PIL can read ({type(e).__name__}: {e})") from None
 
