@@ -23,13 +23,14 @@ class SourceTree:
     def __init__(self, root: Path, ignored: dict[str, int]):
         self.root = Path(os.path.realpath(root))
         self.ignored = ignored
-        self.seen: set[Path] = {self.root}
+        self.seen: set[str] = {str(self.root)}
+        self._below = os.path.join(str(self.root), "")  # the root and a separator: what entries below start with
 
     def kind(self, p: Path) -> str | None:
         """"dir" or "file" for an entry that may be used (now marked as used), None for one that
         is skipped (and counted)."""
-        real = Path(os.path.realpath(p))
-        if real != self.root and self.root not in real.parents:
+        real = os.path.realpath(p)  # strings, not Paths: this runs for every file of the source
+        if real != str(self.root) and not real.startswith(self._below):
             return self._skip("outside_source")
         try:
             mode = os.stat(real).st_mode
