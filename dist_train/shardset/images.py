@@ -84,8 +84,8 @@ def check_and_encode(task: tuple[str, int, int | None, int]) -> tuple[list, byte
 def _member(path: str, im: Image.Image, rgb: Image.Image, resize: int | None, quality: int) -> tuple[str, bytes]:
     """`encode_image`'s (extension, bytes) from the decoded image `im` (`rgb`: it in RGB), b"" for
     the source file's own bytes. Where `encode_image` decodes a JPEG at a reduced DCT scale (`draft`:
-    the target is at least half the size), the file is decoded again at that scale, which is
-    several times cheaper than the full decode, so the bytes stay the same."""
+    the target is at most half the image's size), the file is decoded again at that scale (1/2 to
+    1/8 of each side: a fraction of the full decode's cost), so the bytes stay the same."""
     fmt = im.format
     if resize is None:
         if fmt in JPEG_FORMATS or fmt == "PNG":
@@ -101,7 +101,7 @@ def _member(path: str, im: Image.Image, rgb: Image.Image, resize: int | None, qu
 
 
 def fingerprint_of(value: list) -> tuple[bytes, int, int, bool]:
-    """`dedup.fingerprint`'s tuple from `check_and_fingerprint`'s JSON form."""
+    """`dedup.fingerprint`'s tuple from `check_and_encode`'s JSON form."""
     digest, phash, mirror, flat = value
     return bytes.fromhex(digest), int(phash), int(mirror), bool(flat)
 
