@@ -36,6 +36,7 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS default: 1024**3
 PIXEL_FACTOR = 1024  # bound = PIXEL_FACTOR * img_size**2 when that is larger: 32x the side
 MAX_IMAGE_BYTES = 256 << 20  # an image member larger than this is refused unread
 MAX_META_BYTES = 1 << 20  # cls / json / fold / any other member
+MAX_TAR_HEADER_BYTES = 1 << 20  # a PAX or GNU long-name header: a name and a few attributes
 HEADER_BYTES = 1 << 20  # how much of an image file `file_image_size` reads to find its header
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "pgm", "tif", "tiff")
 REFUSED = "__refused__"  # sample key: why a member of this sample was not read
@@ -214,6 +215,19 @@ def check_local_shards(paths: Iterable[str]) -> None:
         check_tar_head(head, path)
 
 
+class _CappedTarInfo(tarfile.TarInfo):
+    """tarfile reads a PAX / GNU long-name header whole, whatever size it declares: refuse one over
+    `MAX_TAR_HEADER_BYTES` before reading it (it ends the shard like any broken tar)."""
+
+    def _proc_member(self, tar: tarfile.TarFile):  # type: ignore[override]
+        extended = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                    tarfile.SOLARIS_XHDTYPE)
+        if self.type in extended and self.size > MAX_TAR_HEADER_BYTES:
+            raise tarfile.HeaderError(f"an extended (PAX/GNU) header declares {self.size:,} bytes, over the "
+                                      f"limit of {MAX_TAR_HEADER_BYTES:,}")
+        return super()._proc_member(tar)
+
+
 def member_problem(info: tarfile.TarInfo) -> str | None:
     """Why a tar member is not read (PEP 706's data filter, plus sparse and size limits), or None."""
     name = info.name
@@ -259,7 +273,7 @@ def tar_members(url: str, handler: Callable[[Exception], bool]) -> Iterator[tupl
         else:
             stream = io.BufferedReader(_Chain(head, source), buffer_size=1 << 16)
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
+            with tarfile.open(fileobj=stream, mode="r|", tarinfo=_CappedTarInfo) as tar:
                 for info in tar:
                     if info.isdir() or _META_RE.match(info.name):
                         continue
