@@ -45,6 +45,7 @@ COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
 # webdataset's sample key rule: everything up to the first '.' of the last path component.
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's skipped metadata names
+_DRIVE_RE, _SEP_RE = re.compile(r"^[A-Za-z]:"), re.compile(r"[/\\]")
 
 
 class ImageRefused(ValueError):
@@ -217,7 +218,7 @@ def check_local_shards(paths: Iterable[str]) -> None:
 
 
 def _name_problem(name: str) -> str | None:
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
+    if name.startswith(("/", "\\")) or _DRIVE_RE.match(name) or ".." in _SEP_RE.split(name):
         return f"member name {name!r} is absolute or has '..'"
     return None
 
