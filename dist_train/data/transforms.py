@@ -156,7 +156,6 @@ class Transform:
             img = TF.pil_to_tensor(seeded_call(self.auto_augment, pil, rng.getrandbits(63)))
         return img
 
-
     def _resize(self, img: torch.Tensor, size: int) -> torch.Tensor:
         """[1, C, h, w] -> [1, C, size, size], antialiased. Bilinear and bicubic go to torch's
         uint8 kernel directly: the pixels `TF.resize` gives (tested), without its ~15 us of checks
