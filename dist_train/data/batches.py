@@ -43,6 +43,9 @@ class BatchPool:
 
     Made in the main process before the workers start (its `busy` flags are shared with them);
     `take` runs in a worker, `release_when_dropped` in the main process on each batch received.
+    A batch the consumer never received (an epoch's iterator dropped early: the DataLoader
+    discards what its workers had prefetched) keeps its slot busy for good, which costs speed
+    only: with all its slots busy a worker makes fresh segments, as without the pool.
     """
 
     def __init__(self, workers: int, slots: int = POOL_SLOTS):
