@@ -18,7 +18,7 @@ import dist_train.data.readers as readers
 from dist_train import run, shard
 from dist_train.errors import UserError
 from dist_train.shardset.format import load_info
-from dist_train.trust import media
+from dist_train.trust import media, tarheader
 from test_bad_input import BASE, assert_one_line, call
 from test_data import LENGTHS7, epoch_batches, eval_loader, train_loader, write_set
 
@@ -197,7 +197,7 @@ def test_oversized_pax_header_ends_the_shard_unread(tmp_path, monkeypatch):
             info = tarfile.TarInfo(name)
             info.size, info.pax_headers = 1, {"comment": comment}
             tar.addfile(info, io.BytesIO(b"1"))
-    monkeypatch.setattr(media, "MAX_TAR_HEADER_BYTES", 100_000)
+    monkeypatch.setattr(tarheader, "MAX_TAR_HEADER_BYTES", 100_000)
     errors: list[Exception] = []
     members = list(media.tar_members(str(path), handler=lambda e: errors.append(e) or True))
     assert [m[0] for m in members] == ["a.cls"] and len(errors) == 1
