@@ -43,6 +43,9 @@ def end_report(trainer: Trainer) -> None:
     """RUN/report.png (main process), or one line saying why there is none: training is done,
     so a picture that cannot be drawn is no reason to fail."""
     shown = trainer.evaluator.shown
+    if not trainer.cfg.runtime.plots:
+        print("report.png: not drawn (--no-plots)", flush=True)
+        return
     if shown is None:
         print("report.png: not drawn (nothing was evaluated: no validation split, or the run ended before an "
               "evaluation)", flush=True)

@@ -77,6 +77,12 @@ def launch(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None
     return proc
 
 
+def with_plots_off(args: list[str]) -> list[str]:
+    """Runs in tests draw no pictures unless the test asks (`--plots`): matplotlib costs ~2 s of a
+    5 s tiny run. The pictures' own tests pass --plots."""
+    return args if {"--plots", "--no-plots"} & set(args) else [*args, "--no-plots"]
+
+
 def run_main(args: list[str]) -> subprocess.CompletedProcess:
     """`python dist_train/run.py ARGS` in this process (its imports already paid for): the exit
     code, stdout and stderr as a subprocess would give them. Process-wide state a run sets
@@ -96,7 +102,7 @@ def run_main(args: list[str]) -> subprocess.CompletedProcess:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                main(list(args))
+                main(with_plots_off(list(args)))
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
     finally:

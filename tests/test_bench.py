@@ -112,6 +112,18 @@ def test_peers_write_and_read_the_same_images(capfd, raw_mask, monkeypatch):
     assert "read_vs_timm_wds" in summary["ratios"] and "read_vs_timm_wds" in summary["targets"]
 
 
+
+def test_peers_read_timm_as_its_defaults_do(mask_shards):
+    """timm's wds pipeline is read with create_loader's (and train.py's) default prefetcher: the
+    DataLoader under its PrefetchLoader hands uint8 batches, the point where dist_train's is read."""
+    import argparse
+
+    from dist_train.perf.peers import timm_wds_loader
+
+    _, loader = timm_wds_loader(mask_shards, argparse.Namespace(img_size=16, batch_size=4, workers=0))
+    images, targets = next(iter(loader))
+    assert images.dtype == torch.uint8 and tuple(images.shape) == (4, 3, 16, 16) and targets.dtype == torch.int64
+
 def test_train_synthetic_against_bare_loop():
     r = run_cli(["train", "--synthetic", "--model", "test_resnet", "--img-size", "32", "--batch-size", "4",
                  "--steps", "3", "--warmup", "1"])

@@ -14,7 +14,7 @@ import pytest
 from conftest import launch, run_main
 
 BASE = ["--model", "test_resnet", "--img-size", "32", "--lr", "0.01", "--seed", "0", "--warmup-epochs", "0.5",
-        "--val-split", "none", "--epochs", "2", "--sched", "cosine", "--min-lr", "0.0001"]
+        "--val-split", "none", "--epochs", "2", "--sched", "cosine", "--min-lr", "0.0001", "--no-plots"]
 
 
 def train(shards: Path, out: Path, log: Path, nproc: int, *args: str) -> None:

@@ -20,7 +20,7 @@ from dist_train.shardset.format import iter_samples, load_info
 from dist_train.shardset.sources import Record, assign_folds
 from dist_train.shardset.writer import write_shards
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--workers", "0", "--seed", "0"]
+TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--workers", "0", "--seed", "0", "--no-plots"]
 FAST = [*TINY, "--batch-size", "16"]  # in-process runs: fewer, larger steps
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import launch, run_main
 
 COMMON = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--seed", "0", "--warmup-epochs", "0",
-          "--lr", "0.01"]
+          "--lr", "0.01", "--no-plots"]
 
 
 def final_state(out: Path) -> dict[str, torch.Tensor]:

@@ -30,3 +30,24 @@ def test_relabel_bad_file(tmp_path):
         L.load_relabel(str(bad))
     with pytest.raises(UserError, match="cannot read"):
         L.load_relabel(str(tmp_path / "missing.csv"))
+
+
+def test_relabel_file_goes_through_the_trust_layer(tmp_path):
+    """A --relabel path (also one read back from a fold's config.yaml by `oof`) is read capped:
+    a FIFO is refused without blocking, non-UTF-8 bytes and over-long fields are one line."""
+    import os
+
+    from dist_train.errors import UserError
+
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="not a regular file"):
+        L.load_relabel(str(fifo))  # would block forever in open() before
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"id,gender\n\xff\xfe,male\n")
+    with pytest.raises(UserError, match="not a readable UTF-8 CSV"):
+        L.load_relabel(str(binary))
+    wide = tmp_path / "wide.csv"
+    wide.write_text("id,gender\n" + "1" * 200_000 + ",male\n")
+    with pytest.raises(UserError, match="not a readable UTF-8 CSV"):
+        L.load_relabel(str(wide))

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, free_port, launch, run_main
 
 BASE = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--lr", "0.01", "--seed", "0",
-        "--warmup-epochs", "0", "--val-split", "none"]
+        "--warmup-epochs", "0", "--val-split", "none", "--no-plots"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
 STEPS_PER_EPOCH = 11  # 168 train samples / (8 x 2 ranks), rounded up (the DDP runs below)
 

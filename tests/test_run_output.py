@@ -23,7 +23,8 @@ from dist_train.train.overfit import falls_to_floor, overfit, reachable_floor
 from dist_train.train.results import compact_line, done_line, epoch_table
 from dist_train.train.trainer import Trainer
 
-BASE = dict(model="test_resnet", img_size=32, batch_size=8, lr=0.01, seed=0, warmup_epochs=0.0, epochs=1, workers=0)
+BASE = dict(model="test_resnet", img_size=32, batch_size=8, lr=0.01, seed=0, warmup_epochs=0.0, epochs=1, workers=0,
+            plots=False)
 ARGS = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--lr", "0.01", "--seed", "0",
         "--warmup-epochs", "0", "--workers", "0", "--log-with", "none"]
 
@@ -108,7 +109,8 @@ def test_done_line_summary_and_results_name_the_best_evaluation(mask_shards, tmp
 
     monkeypatch.setattr(Evaluator, "metrics", scripted)
     out = tmp_path / "run"
-    p = run_main(["--data", str(mask_shards), "--output", str(out), *ARGS, "--max-steps", "6", "--eval-every", "2"])
+    p = run_main(["--data", str(mask_shards), "--output", str(out), *ARGS, "--max-steps", "6", "--eval-every", "2",
+                  "--plots"])
     assert p.returncode == 0, p.stderr[-3000:]
     done = [line for line in p.stdout.splitlines() if line.startswith("done:")]
     assert done == [f"done: step 6 (0 epochs completed); best val macro F1 0.5000 (acc "
@@ -138,12 +140,23 @@ def test_done_line_summary_and_results_name_the_best_evaluation(mask_shards, tmp
 def test_max_steps_before_any_evaluation_reports_none(mask_shards, tmp_path):
     """No evaluation ran: no -1.0 anywhere, and the done line says so."""
     out = tmp_path / "run"
-    p = run_main(["--data", str(mask_shards), "--output", str(out), *ARGS, "--max-steps", "2"])
+    p = run_main(["--data", str(mask_shards), "--output", str(out), *ARGS, "--max-steps", "2", "--plots"])
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] is True and summary["best_val_macro_f1"] is None and summary["best"] is None
     assert "done: step 2 (0 epochs completed); no evaluation yet" in p.stdout
     assert "report.png: not drawn (nothing was evaluated" in p.stdout and not (out / "report.png").exists()
+
+
+def test_no_plots_writes_the_files_without_pictures(mask_shards, tmp_path):
+    """--no-plots: confusion.csv and every JSON/CSV file as usual, no confusion.png, no report.png."""
+    out = tmp_path / "run"
+    p = run_main(["--data", str(mask_shards), "--output", str(out), *ARGS, "--max-steps", "2", "--eval-every", "2",
+                  "--no-plots"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / "confusion.csv").is_file() and (out / "results.csv").is_file() and (out / "best").is_dir()
+    assert not (out / "confusion.png").exists() and not (out / "report.png").exists()
+    assert "report.png: not drawn (--no-plots)" in p.stdout and "plots: false" in (out / "config.yaml").read_text()
 
 
 def test_compact_line_and_table_formats():

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, launch, run_main
 
-BASE = ["--img-size", "32", "--seed", "0", "--warmup-epochs", "0"]
+BASE = ["--img-size", "32", "--seed", "0", "--warmup-epochs", "0", "--no-plots"]
 RESNET = ["--model", "test_resnet", "--batch-size", "8", "--lr", "0.01", *BASE]
 RECIPES = ROOT / "launch" / "configs"
 # recipe -> the tiny timm model of the same family that stands in for it on CPU

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, launch, run_main
 
 BASE = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--lr", "0.01", "--seed", "0",
-        "--warmup-epochs", "0"]
+        "--warmup-epochs", "0", "--no-plots"]
 
 
 def run_py(args: list[str]) -> subprocess.CompletedProcess:
@@ -42,7 +42,7 @@ def test_ddp_two_ranks_uneven_shards(mask_shards, tmp_path):
     assert len(info["splits"]["train"]["filenames"]) % 2 == 1  # uneven over 2 ranks x 2 workers
     out = tmp_path / "run"
     launch(["dist_train/run.py", "--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "2",
-            "--workers", "2", "--model-ema", "--model-ema-decay", "0.9", "--unfreeze", "head:1,all"])
+            "--workers", "2", "--model-ema", "--model-ema-decay", "0.9", "--unfreeze", "head:1,all", "--plots"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert len(set(summary["steps_per_rank"])) == 1 and summary["steps_per_rank"][0] > 0

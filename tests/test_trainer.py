@@ -30,7 +30,8 @@ from dist_train.train.checkpoint import Checkpointer, Progress
 from dist_train.train.evaluator import Evaluator
 from dist_train.train.trainer import Trainer
 
-BASE = dict(model="test_resnet", img_size=32, batch_size=8, lr=0.01, seed=0, warmup_epochs=0.0, epochs=1, workers=0)
+BASE = dict(model="test_resnet", img_size=32, batch_size=8, lr=0.01, seed=0, warmup_epochs=0.0, epochs=1, workers=0,
+            plots=False)
 
 
 def make_cfg(shards: Path, out: Path | None, **kw) -> Config:

@@ -82,7 +82,7 @@ def test_a_run_folder_follows_the_umask(mask_shards, tmp_path):
     try:
         p = run_main(["--data", str(mask_shards), "--output", str(out), "--model", "test_resnet", "--img-size", "32",
                       "--batch-size", "8", "--workers", "0", "--max-steps", "1", "--eval-every", "1",
-                      "--log-with", "none"])
+                      "--log-with", "none", "--plots"])
     finally:
         os.umask(old)
     assert p.returncode == 0, p.stderr[-2000:]

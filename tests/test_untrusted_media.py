@@ -18,7 +18,7 @@ import dist_train.data.readers as readers
 from dist_train import run, shard
 from dist_train.errors import UserError
 from dist_train.shardset.format import load_info
-from dist_train.trust import media
+from dist_train.trust import media, tarheader
 from test_bad_input import BASE, assert_one_line, call
 from test_data import LENGTHS7, epoch_batches, eval_loader, train_loader, write_set
 
@@ -186,6 +186,22 @@ def test_crafted_members_are_bad_samples(tmp_path):
         batches = epoch_batches(loader, 0)
     assert len(batches) == len(loader) == 4 and loader.bad_samples == 5
     assert sorted({int(t) for _, targets in batches for t in targets}) == [0, 2, 7]
+
+
+def test_oversized_pax_header_ends_the_shard_unread(tmp_path, monkeypatch):
+    """tarfile reads a PAX header whole, whatever it declares: one over the cap ends the shard as a
+    broken tar (the handler gets it) and is never read; a normal PAX header still works."""
+    path = tmp_path / "pax.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, comment in (("a.cls", "ok"), ("b.cls", "x" * 300_000)):
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = 1, {"comment": comment}
+            tar.addfile(info, io.BytesIO(b"1"))
+    monkeypatch.setattr(tarheader, "MAX_TAR_HEADER_BYTES", 100_000)
+    errors: list[Exception] = []
+    members = list(media.tar_members(str(path), handler=lambda e: errors.append(e) or True))
+    assert [m[0] for m in members] == ["a.cls"] and len(errors) == 1
+    assert "extended (PAX/GNU) header declares" in str(errors[0]) and "over the limit of 100,000" in str(errors[0])
 
 
 def test_member_filter_devices_fifos_and_sizes():

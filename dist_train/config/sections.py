@@ -130,6 +130,8 @@ class RuntimeSection:
     patience: int | None = _f(None, "stop after N evaluations without a better val macro F1 (with a checkpoint)")
     time_limit: str | None = _f(None, "stop cleanly before this much time has passed (90s, 45m, 2h, 1h30m), with a "
                                       "checkpoint that --resume auto continues")
+    plots: bool = _f(True, "draw confusion.png at each evaluation (also sent to the trackers) and report.png at the "
+                           "end; --no-plots writes the same CSV/JSON files without pictures (sweeps, tests)")
     debug: bool = _f(False, "a smoke run: one process, workers 0, fp32, anomaly detection, --debug-steps train "
                             "batches then one validation of at most as many")
     debug_steps: int = _f(5, "train and val batches in --debug")

@@ -24,7 +24,8 @@ from dist_train.trust.media import check_local_shards
 
 from .device import check_gpu_augment, decode_device, decode_on_device
 from .plan import Plan
-from .readers import EvalReader, TargetFn, TrainReader, unpack
+from .batches import unpack
+from .readers import EvalReader, TargetFn, TrainReader
 from .transforms import AugmentConfig, Transform
 
 
@@ -119,7 +120,14 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         batches = iter(self._loader)
-        return batches if self._device is None else self._decoded(batches)
+        return self._released(batches) if self._device is None else self._decoded(batches)
+
+    def _released(self, batches: Iterator[tuple]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """Each batch's shared-memory buffer goes back to its worker once the batch is dropped."""
+        release = self._reader.pool.release_when_dropped
+        for images, targets, keys, slot in batches:
+            release(images, slot)
+            yield images, targets, keys
 
     def _decoded(self, batches: Iterator[tuple]) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         """gpu_decode: images decoded and augmented on the device; a batch loses the rare image

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dist_train.errors import RunFailed, UserError, is_out_of_memory
+from dist_train.errors import RunFailed, is_out_of_memory
 from dist_train.shardset.format import image_bytes, is_url
 from dist_train.trust.files import parse_json
 from dist_train.trust.schema import Dict
 from dist_train.trust.media import MAX_META_BYTES, check_image_bytes, check_local_shards, max_pixels_for, refused, tar_samples
 
+from .batches import BatchPool, pack, stack, too_big
 from .plan import Plan, mix_seed, shard_groups
 from .transforms import Transform, decode_rgb
 
@@ -183,6 +184,7 @@ class TrainReader(ShardReader):
         self.skip = mp.Value("q", 0, lock=False)
         self.has_done = mp.Value("b", 0, lock=False)
         self.done_bits = mp.RawArray("B", self.num_samples)  # positions delivered under an earlier plan
+        self.pool = BatchPool(self.workers)  # shared-memory batch buffers the workers reuse
 
     def plan(self, epoch: int, done: np.ndarray | None = None) -> Plan:
         return Plan(self.seed, epoch, tuple(self.lengths), self.world_size, self.workers, self.batch_size,
@@ -283,7 +285,8 @@ class TrainReader(ShardReader):
         return items[first:]
 
     def __iter__(self) -> Iterator[tuple]:
-        """(uint8 images, targets, keys) batches; encoded mode: (bytes, lengths, targets, seeds, keys)."""
+        """(uint8 images, targets, keys, pool slot) batches (`TrainLoader` hands the slot back to the
+        pool); encoded mode: (bytes, lengths, targets, seeds, keys)."""
         dl_worker, nworkers = self._worker()
         if nworkers != self.workers:
             raise RuntimeError(f"reader built for {self.workers} workers runs in {nworkers}")
@@ -307,7 +310,8 @@ class TrainReader(ShardReader):
         target = torch.tensor(targets, dtype=torch.int64)
         if self.encoded:
             return (*pack(images), target, torch.tensor(seeds, dtype=torch.int64), list(keys))
-        return _stack(images), target, list(keys)
+        batch, slot = stack(images, self.pool)
+        return batch, target, list(keys), slot
 
 
 class EvalReader(ShardReader):
@@ -346,55 +350,8 @@ def eval_collate(batch: list[tuple[torch.Tensor, int, str, int]], encoded: bool 
     """Encoded mode: "image" is (bytes, lengths) as `pack` makes them."""
     images, targets, keys, order = zip(*batch)
     return {
-        "image": pack(images) if encoded else _stack(images),
+        "image": pack(images) if encoded else stack(images)[0],
         "target": torch.tensor(targets, dtype=torch.int64),
         "key": list(keys),
         "order": torch.tensor(order, dtype=torch.int64),
     }
-
-
-def too_big(img_size: int, batch_size: int) -> UserError:
-    """The line for images or batches that do not fit in memory: the sizes, and what to change."""
-    image = 3 * img_size * img_size
-    return UserError(f"--img-size {img_size}: out of memory making a batch of {batch_size} images of "
-                     f"{img_size}x{img_size} ({image * batch_size:,} bytes as uint8, {image:,} per image): "
-                     "use a smaller --img-size or --batch-size")
-
-
-def _batch_buffer(numel: int) -> torch.Tensor:
-    """A uint8 buffer, in shared memory when in a DataLoader worker (default_collate's trick):
-    a batch built in it crosses to the main process without a second copy."""
-    if get_worker_info() is None:
-        return torch.empty(numel, dtype=torch.uint8)
-    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(numel))
-
-
-def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[B, C, H, W] in the first image's memory layout (channels-last from `Transform`):
-    converting layouts here would cost more than the resize that made the images."""
-    c, h, w = images[0].shape
-    try:
-        buf = _batch_buffer(len(images) * images[0].numel())
-    except Exception as e:
-        if not is_out_of_memory(e):
-            raise
-        raise too_big(h, len(images)) from None
-    if images[0].stride(0) == 1 and c > 1:  # channels innermost
-        out = buf.view(len(images), h, w, c).permute(0, 3, 1, 2)
-    else:
-        out = buf.view(len(images), c, h, w)
-    for slot, img in zip(out, images):
-        slot.copy_(img)
-    return out
-
-
-def pack(encoded: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded images -> (all bytes in one uint8 tensor, int64 lengths): one shared-memory
-    segment per batch between worker and main process instead of one per image."""
-    lengths = [len(e) for e in encoded]
-    return torch.cat(list(encoded), out=_batch_buffer(sum(lengths))), torch.tensor(lengths, dtype=torch.int64)
-
-
-def unpack(flat: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-    return list(torch.split(flat, lengths.tolist()))
-

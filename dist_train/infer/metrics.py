@@ -92,13 +92,11 @@ def draw_confusion(ax, cm: np.ndarray, class_names: Sequence[str], fontsize: flo
     return im
 
 
-def save_confusion(cm: np.ndarray, class_names: Sequence[str], csv_path: str | Path, png_path: str | Path,
+def save_confusion(cm: np.ndarray, class_names: Sequence[str], csv_path: str | Path, png_path: str | Path | None,
                    title: str | None = None) -> None:
     """Confusion matrix as CSV (rows true, columns predicted) and as a row-normalised heatmap PNG
-    whose title says what it is of (`title`: the epoch and step, or the model and split)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    whose title says what it is of (`title`: the epoch and step, or the model and split); no PNG
+    when `png_path` is None."""
     cm = np.asarray(cm)
     k = len(class_names)
     buf = io.StringIO()
@@ -107,6 +105,10 @@ def save_confusion(cm: np.ndarray, class_names: Sequence[str], csv_path: str | P
     for name, row in zip(class_names, cm):
         w.writerow([name, *(int(v) for v in row)])
     atomic_write_text(csv_path, buf.getvalue())
+    if png_path is None:
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     side = max(4.0, 0.45 * k + 2.5)
     fig = Figure(figsize=(side, side))

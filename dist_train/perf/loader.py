@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import webdataset as wds
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
@@ -20,13 +19,15 @@ from dist_train.data.transforms import AugmentConfig, decode_rgb
 from dist_train.errors import UserError
 from dist_train.shardset.format import image_bytes, load_info, shard_urls
 from dist_train.system import usable_cpus
+from dist_train.trust.media import tar_samples
 
 from .timing import loader_warmup, rate
 
 
 class DecodeOnly(IterableDataset):
-    """The pipeline's limit: the same shard bytes read and decoded by the same workers, with no
-    augmentation and no collation. Yields the image count of every `batch_size` decoded."""
+    """The pipeline's limit: the same shard bytes read (by the loader's own tar reader) and decoded
+    by the same workers, with no checks, augmentation or collation. Yields the image count of
+    every `batch_size` decoded."""
 
     def __init__(self, urls: Sequence[str], batch_size: int):
         self.urls = list(urls)
@@ -38,7 +39,7 @@ class DecodeOnly(IterableDataset):
         mine = self.urls[worker::workers] or self.urls
         count = 0
         for url in itertools.cycle(mine):
-            for sample in wds.tarfile_samples([dict(url=url)]):
+            for sample in tar_samples([url], handler=lambda e: True):  # the loader's own tar reader
                 data = image_bytes(sample)
                 decode_rgb(data)
                 count += 1

@@ -15,14 +15,16 @@ slows each alike; every figure is the median of the rounds.
   `merge_index` (its docs' parallel conversion), read by a `StreamingDataset(shuffle=True)`
   subclass whose `__getitem__` decodes and transforms, in a torch `DataLoader`.
 - timm_wds: timm's own WebDataset reader (`create_dataset("wds/...")` + `create_loader`) on
-  dist_train's shards; it has no writer.
+  dist_train's shards, with `create_loader`'s and train.py's default prefetcher: PIL decode and
+  crop in the workers, uint8 batches, normalised on the device (read below its `PrefetchLoader`,
+  as dist_train's loader is read below its device prep); it has no writer.
 - seed: the per-file starting point, a `Dataset` opening each raw file with PIL; writes nothing.
 Every loader keeps its workers across epochs (timm's and dist_train's default; set for the
 others), and all run under the platform's start method (litdata's `optimize` leaves "spawn" set:
-put back). Peers decode with PIL and normalise to float in the worker (ToTensor + Normalize), as their docs
-do. Deviation: litdata and streaming store the JPEG bytes as a `bytes` column (not their PIL
-`jpeg` encoders) so that every system reads identical bytes; streaming's `jpeg` encoder would
-re-encode at PIL's default quality 75.
+put back). litdata, streaming and seed decode with PIL and normalise to float in the worker
+(ToTensor + Normalize), as their docs do. Deviation: litdata and streaming store the JPEG bytes
+as a `bytes` column (not their PIL `jpeg` encoders) so that every system reads identical bytes;
+streaming's `jpeg` encoder would re-encode at PIL's default quality 75.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ from .timing import loader_warmup, rate
 SYSTEMS = ("dist_train", "litdata", "mosaicml_streaming", "timm_wds", "seed")
 PACKAGES = {"litdata": "litdata", "mosaicml_streaming": "streaming"}  # system -> module (pip: the bench extra)
 SCALE, RATIO = (0.5, 1.0), (3 / 4, 4 / 3)
+OUTPUTS = {"dist_train": "uint8 batches, normalised on the device",
+           "timm_wds": "uint8 batches (PIL decode, fast_collate), normalised on the device by timm's PrefetchLoader"}
 
 
 def peer_transform(img_size: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -189,13 +193,23 @@ def read_streaming(out: Path, a: argparse.Namespace, items: list) -> Iterator[in
     return _forever(lambda e: loader)
 
 
-def read_timm_wds(out: Path, a: argparse.Namespace, items: list) -> Iterator[int]:
+def timm_wds_loader(out: Path, a: argparse.Namespace) -> tuple[Any, DataLoader]:
+    """timm's wds dataset and the DataLoader its `create_loader` builds with its default
+    `use_prefetcher=True` (train.py's too, unless --no-prefetcher): the workers hand uint8 batches
+    (`fast_collate`) to a `PrefetchLoader` that moves and normalises them on the device. The bench
+    reads that DataLoader, the point where dist_train's loader is read too (its device prep
+    normalises likewise); the PrefetchLoader's work would be GPU work on a GPU machine."""
     from timm.data import create_dataset, create_loader
 
     ds = create_dataset("wds/peers", root=str(out), split="train", is_training=True, batch_size=a.batch_size)
     loader = create_loader(ds, input_size=(3, a.img_size, a.img_size), batch_size=a.batch_size, is_training=True,
                            scale=SCALE, ratio=RATIO, hflip=0.5, color_jitter=None, interpolation="bilinear",
-                           num_workers=a.workers, use_prefetcher=False, pin_memory=False)
+                           num_workers=a.workers, use_prefetcher=True, device=torch.device("cpu"), pin_memory=False)
+    return ds, loader.loader
+
+
+def read_timm_wds(out: Path, a: argparse.Namespace, items: list) -> Iterator[int]:
+    ds, loader = timm_wds_loader(out, a)
 
     def epoch(e: int) -> Any:
         ds.set_epoch(e)
@@ -305,8 +319,7 @@ def _report(a: argparse.Namespace, images: int, systems: list[str], writes: dict
                 "write_images_per_s": round(statistics.median(writes[s]), 1) if s in writes else None,
                 "write_rounds": [round(x, 1) for x in writes.get(s, [])],
                 "read_images_per_s": round(statistics.median(r), 1), "read_rounds": r,
-                "output": "uint8 batches, normalised on the device" if s == "dist_train"
-                else "float batches, PIL decode + ToTensor + Normalize in the workers"}
+                "output": OUTPUTS.get(s, "float batches: PIL decode, ToTensor + Normalize in the workers")}
         cpu = [x["cpu_ms_per_image"] for x in reads[s] if x.get("cpu_ms_per_image", -1) >= 0]  # < 0: a child left
         if cpu:
             line["read_cpu_ms_per_image"] = round(statistics.median(cpu), 3)

@@ -34,13 +34,14 @@ class Evaluator:
     """`loader` None (no validation split): the timing still drives the metrics lines."""
 
     def __init__(self, loader: Any, *, every: int | None, task: Task, class_names: list[str], out: Path,
-                 prep: BatchPrep, export: dict, meta: dict, tta: TTA = TTA(), limit: int | None = None) -> None:
+                 prep: BatchPrep, export: dict, meta: dict, tta: TTA = TTA(), limit: int | None = None, plots: bool = True) -> None:
         self.loader, self.every, self.task = loader, every, task
         self.class_names, self.out, self.prep = class_names, Path(out), prep
         self.export = export  # save_for_timm's model description: model_name, img_size, crop_pct, mean, std
         self.meta = meta  # recorded beside the metrics in best/metrics.json (the task options)
         self.tta = tta  # --val-tta: the views whose probabilities val_* metrics average
         self.limit = limit
+        self.plots = plots  # --plots: confusion.png at each evaluation (and to the trackers)
         # The predictions behind the best evaluation of this process (else its last one), for the
         # end-of-training report: epoch, step, weights, key, target, prob, confusion.
         self.shown: dict | None = None
@@ -69,7 +70,8 @@ class Evaluator:
         self._when = f"epoch {progress.epoch}, step {progress.step}"  # confusion.png's title
         m = self.metrics(model, acc)
         views = {"model": {**self._latest, "weights": "model"}}  # the predictions behind m
-        log_confusion(acc, self.out / "confusion.png", progress.step)
+        if self.plots:
+            log_confusion(acc, self.out / "confusion.png", progress.step)
         candidates = [("model", acc.unwrap_model(model), m["val_macro_f1"])]
         if ema is not None:
             m_ema = self.metrics(ema, acc, write_confusion=False)
@@ -106,7 +108,8 @@ class Evaluator:
         y_pred, y_true = preds[labeled.numpy()], res["target"][labeled.numpy()]
         stats = summarize(y_pred, y_true, len(self.class_names), self.class_names)
         if acc.is_main_process and write_confusion:
-            save_confusion(stats["confusion"], self.class_names, self.out / "confusion.csv", self.out / "confusion.png",
+            save_confusion(stats["confusion"], self.class_names, self.out / "confusion.csv",
+                           self.out / "confusion.png" if self.plots else None,
                            title=f"validation, {self._when}" if self._when else "validation")
         self._latest = {"key": [k for k, ok in zip(res["key"], labeled.tolist()) if ok], "target": y_true,
                         "prob": torch.softmax(logits[labeled].float(), 1).numpy(), "confusion": stats["confusion"],

@@ -204,7 +204,8 @@ class Trainer:
                                    class_names=self.class_names, out=self.out, prep=BatchPrep(
                                        self.acc.device, dcfg["mean"], dcfg["std"], cfg.model.channels_last),
                                    export=export, meta=meta, tta=self.val_tta,
-                                   limit=cfg.runtime.debug_steps if cfg.runtime.debug else None)
+                                   limit=cfg.runtime.debug_steps if cfg.runtime.debug else None,
+                                   plots=cfg.runtime.plots)
 
     def _enter_stage(self, stage: int) -> None:
         self.model, self.optimizer = self.stager.enter(self.acc, self.model, self.optimizer, stage, self.progress)

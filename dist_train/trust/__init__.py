@@ -10,5 +10,6 @@ executing code, never following a path out of the folder it was given. Every vio
 - `shardinfo`: `_info.json` (bounds, cross-checked counts). `runs`: run folders (config.yaml,
   run.json, progress.json, summary.json, best/config.json, metrics.json). `weights`:
   safetensors headers checked before mapping. `arrays`: npz shapes checked before inflating.
-- `media`: images (dimensions from the header before decoding) and tar members.
+- `media`: images (dimensions from the header before decoding) and tar members; `tarheader`: its
+  fast path for plain tar headers (anything else is left to `tarfile`).
 """

@@ -73,7 +73,8 @@ def read_capped(path: str | os.PathLike, max_bytes: int, hint: str = "") -> byte
     path = Path(path)
     tail = f": {hint}" if hint else ""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+        with open(fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise UserError(f"{path}: not a regular file{tail}")

@@ -26,11 +26,13 @@ import stat
 import struct
 import tarfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Generator, Iterable, Iterator
 
 from PIL import Image
 
 from dist_train.errors import UserError
+
+from .tarheader import CappedTarInfo, plain_header
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS default: 1024**3 / 4 / 3
 PIXEL_FACTOR = 1024  # bound = PIXEL_FACTOR * img_size**2 when that is larger: 32x the side
@@ -43,6 +45,7 @@ COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
 # webdataset's sample key rule: everything up to the first '.' of the last path component.
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META_RE = re.compile(r"__[^/]*__($|/)")  # webdataset's skipped metadata names
+_DRIVE_RE, _SEP_RE = re.compile(r"^[A-Za-z]:"), re.compile(r"[/\\]")
 
 
 class ImageRefused(ValueError):
@@ -216,11 +219,25 @@ def check_local_shards(paths: Iterable[str]) -> None:
         check_tar_head(head, path)
 
 
+def _name_problem(name: str) -> str | None:
+    if name.startswith(("/", "\\")) or _DRIVE_RE.match(name) or ".." in _SEP_RE.split(name):
+        return f"member name {name!r} is absolute or has '..'"
+    return None
+
+
+def _size_problem(name: str, size: int) -> str | None:
+    suffix = name.rsplit(".", 1)[-1].lower()
+    limit = MAX_IMAGE_BYTES if suffix in IMAGE_SUFFIXES else MAX_META_BYTES
+    if size > limit:
+        return f"member {name!r} has {size:,} bytes, over the limit of {limit:,}"
+    return None
+
+
 def member_problem(info: tarfile.TarInfo) -> str | None:
     """Why a tar member is not read (PEP 706's data filter, plus sparse and size limits), or None."""
     name = info.name
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
-        return f"member name {name!r} is absolute or has '..'"
+    if _name_problem(name):
+        return _name_problem(name)
     if info.issym() or info.islnk():
         return f"member {name!r} is a link"
     if info.ischr() or info.isblk() or info.isfifo():
@@ -229,11 +246,7 @@ def member_problem(info: tarfile.TarInfo) -> str | None:
         return f"member {name!r} is sparse (declares {info.size:,} bytes)"
     if not info.isreg():
         return f"member {name!r} is not a regular file"
-    suffix = name.rsplit(".", 1)[-1].lower()
-    limit = MAX_IMAGE_BYTES if suffix in IMAGE_SUFFIXES else MAX_META_BYTES
-    if info.size > limit:
-        return f"member {name!r} has {info.size:,} bytes, over the limit of {limit:,}"
-    return None
+    return _size_problem(name, info.size)
 
 
 def _open(url: str) -> io.BufferedIOBase:
@@ -261,22 +274,69 @@ def tar_members(url: str, handler: Callable[[Exception], bool]) -> Iterator[tupl
         else:
             stream = io.BufferedReader(_Chain(head, source), buffer_size=1 << 16)
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for info in tar:
-                    if info.isdir() or _META_RE.match(info.name):
-                        continue
-                    why = member_problem(info)
-                    if why is not None:
-                        yield info.name, None, why
-                        continue
-                    f = tar.extractfile(info)
-                    yield info.name, f.read() if f is not None else b"", None
-                    tar.members = []
+            rest = yield from _plain_members(stream)
+            if rest is not None:  # a header the fast path leaves to tarfile: it goes on from there
+                with tarfile.open(fileobj=io.BufferedReader(_Chain(rest, stream), 1 << 16), mode="r|",
+                                  tarinfo=CappedTarInfo) as tar:
+                    for info in tar:
+                        if info.isdir() or _META_RE.match(info.name):
+                            continue
+                        why = member_problem(info)
+                        if why is not None:
+                            yield info.name, None, why
+                            continue
+                        f = tar.extractfile(info)
+                        yield info.name, f.read() if f is not None else b"", None
+                        tar.members = []
         except (tarfile.TarError, OSError, EOFError) as e:
             handler(ValueError(f"{url}: {e}"))
     finally:
         with contextlib.suppress(Exception):  # a URL's command stopped early exits non-zero
             source.close()
+
+
+def _plain_members(stream: io.BufferedIOBase) -> Generator[tuple[str, bytes | None, str | None], None, bytes | None]:
+    """`tar_members`' fast path: the members whose headers are plain (`tarheader.plain_header`),
+    with the same checks; returns the first header block left to tarfile, or None where tarfile
+    would have ended the archive (a zero block, or a damaged header after the first member)."""
+    first = True
+    while True:
+        block = stream.read(tarfile.BLOCKSIZE)
+        head = plain_header(block)
+        if head is None:
+            if not first:
+                try:
+                    tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+                except tarfile.HeaderError:  # tarfile ends there quietly after the first member
+                    return None
+            return block
+        first = False
+        name, size = head
+        pad = -size % tarfile.BLOCKSIZE
+        meta = _META_RE.match(name)
+        why = None if meta else _name_problem(name) or _size_problem(name, size)
+        if meta or why:  # never read: passed over, or refused (and reported before its bytes are)
+            if why:
+                yield name, None, why
+            complete = _skip(stream, size + pad)
+        else:
+            data = stream.read(size)
+            if len(data) < size:
+                raise tarfile.ReadError("unexpected end of data")
+            yield name, data, None
+            complete = _skip(stream, pad)
+        if not complete:
+            raise tarfile.ReadError("unexpected end of data")
+
+
+def _skip(stream: io.BufferedIOBase, n: int) -> bool:
+    """Read past `n` bytes; False if the stream ends first."""
+    while n > 0:
+        got = len(stream.read(min(n, 1 << 20)))
+        if not got:
+            return False
+        n -= got
+    return True
 
 
 class _Chain(io.RawIOBase):

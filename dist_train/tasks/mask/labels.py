@@ -108,6 +108,9 @@ def label_from_meta(meta: dict, bins: Sequence[int] = DEFAULT_AGE_BINS) -> int:
     return encode(int(meta["mask"]), int(meta["gender"]), age_group(int(meta["age"]), bins))
 
 
+MAX_RELABEL_BYTES = 64 << 20  # a row per person: far more than any real table
+
+
 def load_relabel(path: str) -> dict[str, dict]:
     """Label corrections per person: CSV `id[,gender][,age][,swap_mask]`, empty cell = keep.
 
@@ -115,14 +118,16 @@ def load_relabel(path: str) -> dict[str, dict]:
     `normal` swapped; fixing them at load time needs no resharding.
     """
     import csv
+    import io
 
     from dist_train.errors import UserError
+    from dist_train.trust.files import read_capped
 
+    data = read_capped(path, MAX_RELABEL_BYTES, hint="expected a --relabel CSV (id,gender,age,swap_mask)")
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as e:
-        raise UserError(f"--relabel {path}: cannot read ({e.strerror})") from None
+        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline="")))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"--relabel {path}: not a readable UTF-8 CSV ({e})") from None
     if not rows or "id" not in rows[0]:
         raise UserError(f"--relabel {path}: expected a CSV with an 'id' column and gender/age/swap_mask columns")
     fixes: dict[str, dict] = {}
