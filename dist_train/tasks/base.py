@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from dist_train.errors import UserError
-from dist_train.model.build import create_model
 from dist_train.shardset.format import label_counts
 from dist_train.shardset.sources import Layout
 
@@ -106,6 +105,8 @@ class Task:
         """The model for `head` (`model.build.create_model` options in kwargs)."""
         if head not in self.heads:
             raise UserError(f"--head {head!r}: task {self.name} offers {', '.join(self.heads)}")
+        from dist_train.model.build import create_model  # timm (~2 s) only where a model is made: not in `shard`
+
         return create_model(name, num_classes, **kwargs)
 
     def criterion(self, cfg: "TaskSection", info: dict, split: str, num_classes: int,

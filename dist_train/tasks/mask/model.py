@@ -11,12 +11,10 @@ from __future__ import annotations
 import copy
 from typing import Callable, Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 
 from dist_train.errors import UserError
-from dist_train.model.build import create_model
 from dist_train.tasks.losses import make_loss
 
 from . import labels as L
@@ -58,6 +56,8 @@ class MultiHeadModel(torch.nn.Module):
 
     def group_matcher(self, coarse: bool = False):
         """timm-style matcher: the backbone's groups, then the three heads as the last group."""
+        import timm  # not at import: `shard` loads this task without making models
+
         rev = timm.models.group_parameters(self.backbone, self.backbone.group_matcher(coarse=coarse), reverse=True)
         head_id = max(rev.values(), default=-1) + 1
 
@@ -155,4 +155,6 @@ def create_multi_head(name: str, num_classes: int, **kwargs) -> MultiHeadModel:
     """A headless timm backbone (`model.build.create_model` options) with the three heads."""
     if num_classes != L.NUM_CLASSES:
         raise UserError(f"--head multi predicts the {L.NUM_CLASSES} mask classes, but the data has {num_classes}")
+    from dist_train.model.build import create_model
+
     return MultiHeadModel(create_model(name, 0, **kwargs))
