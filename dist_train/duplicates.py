@@ -212,10 +212,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise UserError(f"--bench {' '.join(map(str, args.bench))}: expected sizes of 2 or more")
         rows, peers = bench(args.bench, DEFAULT_THRESHOLD if args.threshold is None else args.threshold, args.method)
         for r in rows:
-            print(f"n={r['n']:>9,}: {r['method']} {r['seconds']:9.2f} s (own pHashes {r['own_seconds']:.2f} s, mirrored "
-                  f"{r['mirrored_seconds']:.2f} s; {r['threads']} thread(s) for blocked), peak {r['peak_mb']:.1f} MB "
-                  f"allocated, max RSS {r['max_rss_mb']:.0f} MB ({r['start_rss_mb']:.0f} MB before), recall of planted pairs {r['planted_recall']:.3f}; "
-                  f"estimated banded {r['estimated_banded_s']:.2f} s, blocked {r['estimated_blocked_s']:.2f} s", flush=True)
+            print(f"n={r['n']:>9,}: {r['method']} {r['seconds']:9.2f} s (own pHashes {r['own_seconds']:.2f} s, "
+                  f"mirrored {r['mirrored_seconds']:.2f} s; {r['threads']} thread(s) for blocked), "
+                  f"peak {r['peak_mb']:.1f} MB allocated, max RSS {r['max_rss_mb']:.0f} MB "
+                  f"({r['start_rss_mb']:.0f} MB before), recall of planted pairs {r['planted_recall']:.3f}; "
+                  f"estimated banded {r['estimated_banded_s']:.2f} s, blocked {r['estimated_blocked_s']:.2f} s",
+                  flush=True)
         print(f"own pHashes at n={peers['n']:,}: banded {peers['banded']:.3f} s, blocked {peers['blocked']:.3f} s, "
               f"all-pairs allocating {peers['all_pairs']:.3f} s", flush=True)
         print(json.dumps({"bench": "duplicates", "rows": rows, "peers": peers}))

@@ -1,4 +1,4 @@
-"""Duplicate images: fingerprints, a near-duplicate search that is not all-pairs, and groups.
+"""Duplicate images: fingerprints, the near-duplicate search (hamming.py) and groups.
 
 - `fingerprint(rgb)`: an exact fingerprint of the decoded pixels (128-bit XXH3 of the size and
   the RGB bytes: a PNG and a JPEG of the same pixels match, and so do the same bytes under two

@@ -3,16 +3,16 @@
 - banded (multi-index hashing, Norouzi et al., 2012): the 64 bits are cut into m bands; two
   hashes within distance T agree within floor(T/m) bits on at least one band (pigeonhole), so
   each band is looked up in a dense bucket table under every flip pattern of that many bits, and
-  only the candidates found are verified with a popcount. m is chosen from the set size (bands of
-  about log2(n) bits keep the buckets small). It prunes well at small T; at the default 14 bits
-  of 64 the flip patterns and candidates grow until it does about as much work as all pairs.
-- blocked: every pair, BLOCK_ROWS queries x BLOCK_COLS hashes at a time in preallocated
-  buffers (xor, popcount into uint8, minimum per row; positions are taken only in the rows
-  whose minimum is within T), about 0.6 ns a pair on one core; blocks of queries are spread over a thread pool
-  (numpy's ufuncs release the GIL) of `usable_cpus()` threads, each with its own buffers
-  (BLOCK_ROWS x BLOCK_COLS x 9 bytes), so memory stays bounded whatever n.
-- `near_pairs` runs the one with the smaller estimated time (`estimate`): both give exactly the
-  pairs of `brute_pairs`, the all-pairs reference.
+  only the candidates found are verified with a popcount; m is the one of least estimated time.
+  It prunes well at small T; at the default 14 bits of 64 the flip patterns and candidates grow
+  until it costs more than all pairs.
+- blocked: every pair, BLOCK_ROWS queries x BLOCK_COLS hashes at a time in preallocated buffers
+  (xor, popcount into uint8, minimum per row; positions are taken only in the rows whose
+  minimum is within T), about 0.65 ns a pair on one core; tasks of TASK_ROWS queries are spread
+  over a thread pool of `usable_cpus()` threads (numpy's ufuncs release the GIL), each with its
+  own buffers (BLOCK_ROWS x BLOCK_COLS x 9 bytes): memory stays bounded whatever n.
+- `near_pairs` runs the one of smaller estimated time (`estimate`, a cost model fitted on the
+  2-core CPU box); both give exactly the pairs of `brute_pairs`, the all-pairs reference.
 Without np.bitwise_count (numpy < 2) the popcount is a byte lookup table (slower, same result).
 """
 
