@@ -264,6 +264,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: --method blocked: only with --bench")
     np.savez(bad / "_fingerprints.npz", version=np.int64(1), threshold=np.int64(8), key=np.array(["a"]),
              split=np.array(["train"]), label=np.array([0]), exact=np.zeros((1, 3), np.uint8), phash=np.zeros(1, np.uint64),
              mirror=np.zeros(1, np.uint64), flat=np.zeros(1, bool), group=np.zeros(1, np.int64))
