@@ -1,19 +1,21 @@
 """Duplicates inside one shard set or between two, from the fingerprints the shard step stored.
 
     python -m dist_train.duplicates A [B] [--threshold T] [--csv OUT.csv] [--grid OUT.png]
-    python -m dist_train.duplicates --bench 10000 100000 1000000 [--threshold T]
+    python -m dist_train.duplicates --bench 10000 100000 1000000 [--threshold T] [--method M]
 
 A alone: the exact and near-duplicate pairs inside it (what `shard` printed). A and B (e.g. a
 training set and an evaluation set): the images of B that have a duplicate in A — "these N
 test images are in your training data". Nothing is decoded again: A/_fingerprints.npz (and
 B's) hold the hashes; only `--grid` reads the images of the pairs it draws. `--bench` times the
-banded near-duplicate search on synthetic 64-bit hashes against all-pairs brute force.
+near-duplicate search on synthetic 64-bit hashes (hamming.py: banded or blocked all-pairs,
+whichever is estimated faster).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import resource
 import time
 import tracemalloc
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ArgParser, UserError, atomic_write_bytes, atomic_write_text, check_writable_file, cli_main
-from .shardset.dedup import HASH_BITS, brute_pairs, near_pairs, plan_bands
+from .shardset.hamming import HASH_BITS, brute_pairs, estimate, near_pairs
 from .shardset.duplicates import (
     DEFAULT_THRESHOLD,
     FINGERPRINTS_NAME,
@@ -36,9 +38,10 @@ from .shardset.duplicates import (
     read_fingerprints,
 )
 from .shardset.format import class_names, is_url, load_info
+from .system import usable_cpus
 
 GRID_PAIRS = 24
-BRUTE_MAX = 10_000  # the all-pairs reference is timed up to this size and extrapolated beyond
+BRUTE_MAX = 10_000  # the three methods are compared at the smallest size, at most this
 
 
 def parser() -> ArgParser:
@@ -50,6 +53,8 @@ def parser() -> ArgParser:
     p.add_argument("--csv", type=Path, help="write every pair found (columns as the shard set's _duplicates.csv)")
     p.add_argument("--grid", type=Path, metavar="PNG", help="draw the closest pairs (reads their images)")
     p.add_argument("--bench", type=int, nargs="+", metavar="N", help="time the search on N synthetic hashes")
+    p.add_argument("--method", choices=("auto", "banded", "blocked"), default="auto",
+                   help="with --bench: the search to time (default auto: the one estimated faster, as shard uses)")
     return p
 
 
@@ -131,36 +136,66 @@ def _grid(png: Path, roots: Sequence[Path], fa: Fingerprints, fb: Fingerprints, 
 
 
 # ----------------------------------------------------------------------------- bench
-def bench(sizes: Sequence[int], threshold: int, seed: int = 0) -> list[dict]:
-    """Banded search vs all-pairs on uniform random hashes with 1% planted near pairs."""
-    rng = np.random.default_rng(seed)
-    brute_n = min(BRUTE_MAX, min(sizes))
-    h = rng.integers(0, 1 << 63, size=brute_n, dtype=np.uint64) * np.uint64(2)
+def _synthetic(n: int, threshold: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(pHashes, mirrored pHashes, src, dst): uniform random hashes, 1% of them planted as near
+    copies (1..threshold bits flipped) of others."""
+    h = rng.integers(0, 1 << 63, size=n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+    mirror = rng.integers(0, 1 << 63, size=n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+    planted = max(1, n // 100)
+    src, dst = rng.choice(n, size=(2, planted), replace=False) if n >= 2 * planted else (np.array([0]), np.array([n - 1]))
+    flips = np.zeros(len(src), np.uint64)
+    for k in range(len(src)):
+        for bit in rng.choice(HASH_BITS, size=int(rng.integers(1, threshold + 1)) if threshold else 0, replace=False):
+            flips[k] |= np.uint64(1) << np.uint64(int(bit))
+    h[dst] = h[src] ^ flips
+    return h, mirror, src, dst
+
+
+def _timed(fn, *args) -> tuple[object, float, int]:
+    """(result, seconds, peak bytes allocated through numpy/Python meanwhile)."""
+    tracemalloc.start()
     start = time.perf_counter()
-    brute_pairs(h, threshold)
-    brute_s = time.perf_counter() - start
+    out = fn(*args)
+    elapsed = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return out, elapsed, peak
+
+
+def _max_rss_mb() -> float:
+    """The peak resident memory of this process so far (Linux: ru_maxrss is in KB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def bench(sizes: Sequence[int], threshold: int, method: str = "auto", seed: int = 0) -> tuple[list[dict], dict]:
+    """The search an image set needs (its pHashes among themselves, then its mirrored pHashes
+    against them) on synthetic hashes, timed per size; the estimated time of both methods beside
+    it, and at the smallest size all three methods measured (banded, blocked, the allocating
+    all-pairs reference)."""
+    rng = np.random.default_rng(seed)
+    threads = usable_cpus()
+    start_rss = _max_rss_mb()
     rows = []
     for n in sizes:
-        h = rng.integers(0, 1 << 63, size=n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
-        planted = max(1, n // 100)
-        src, dst = rng.choice(n, size=(2, planted), replace=False) if n >= 2 * planted else (np.array([0]), np.array([n - 1]))
-        flips = np.zeros(len(src), np.uint64)
-        for k in range(len(src)):
-            for bit in rng.choice(HASH_BITS, size=int(rng.integers(1, threshold + 1)) if threshold else 0, replace=False):
-                flips[k] |= np.uint64(1) << np.uint64(int(bit))
-        h[dst] = h[src] ^ flips
-        tracemalloc.start()
-        start = time.perf_counter()
-        i, j, _ = near_pairs(h, None, threshold)
-        elapsed = time.perf_counter() - start
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        found = set(zip(i.tolist(), j.tolist()))
-        hit = sum((min(a, b), max(a, b)) in found for a, b in zip(src.tolist(), dst.tolist()) if a != b)
-        rows.append({"n": n, "threshold": threshold, "bands": len(plan_bands(n, threshold)), "seconds": round(elapsed, 3),
-                     "peak_mb": round(peak / 2**20, 1), "pairs": len(i), "planted_recall": round(hit / len(src), 4),
-                     "brute_seconds": round(brute_s * (n / brute_n) ** 2, 3), "brute_measured_at": brute_n})
-    return rows
+        h, mirror, src, dst = _synthetic(n, threshold, rng)
+        (i, j, _), own_s, own_peak = _timed(near_pairs, h, None, threshold, method)
+        (mi, _, _), mirror_s, mirror_peak = _timed(near_pairs, h, mirror, threshold, method)
+        rss = _max_rss_mb()  # before the recall check below allocates
+        own, mirrored = estimate(n, n, threshold, True, threads), estimate(n, n, threshold, False, threads)
+        chosen = [method if method != "auto" else min(e, key=e.get) for e in (own, mirrored)]
+        hit = np.isin(np.minimum(src, dst) * n + np.maximum(src, dst), i * n + j)[src != dst].sum()
+        rows.append({"n": n, "threshold": threshold, "method": "/".join(dict.fromkeys(chosen)), "threads": threads,
+                     "seconds": round(own_s + mirror_s, 3), "own_seconds": round(own_s, 3),
+                     "mirrored_seconds": round(mirror_s, 3), "peak_mb": round(max(own_peak, mirror_peak) / 2**20, 1),
+                     "max_rss_mb": rss, "start_rss_mb": start_rss,
+                     "pairs": len(i), "mirrored_pairs": len(mi), "planted_recall": round(int(hit) / len(src), 4),
+                     "estimated_banded_s": round(own["banded"] + mirrored["banded"], 3),
+                     "estimated_blocked_s": round(own["blocked"] + mirrored["blocked"], 3)})
+    n = min(min(sizes), BRUTE_MAX)
+    h = _synthetic(n, threshold, rng)[0]
+    peers = {"n": n, **{m: round(_timed(near_pairs, h, None, threshold, m)[1], 3) for m in ("banded", "blocked")},
+             "all_pairs": round(_timed(brute_pairs, h, threshold)[1], 3)}
+    return rows, peers
 
 
 @cli_main
@@ -168,19 +203,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     if args.threshold is not None and not 0 <= args.threshold <= MAX_THRESHOLD:
         raise UserError(f"--threshold {args.threshold}: expected 0..{MAX_THRESHOLD} bits of {HASH_BITS}")
+    if not args.bench and args.method != "auto":
+        raise UserError(f"--method {args.method}: only with --bench (the search otherwise picks its method)")
     if args.bench:
         if args.sets or args.csv or args.grid:
             raise UserError("--bench N... runs on synthetic hashes: it takes no shard sets, --csv or --grid")
         if any(n < 2 for n in args.bench):
             raise UserError(f"--bench {' '.join(map(str, args.bench))}: expected sizes of 2 or more")
-        rows = bench(args.bench, DEFAULT_THRESHOLD if args.threshold is None else args.threshold)
+        rows, peers = bench(args.bench, DEFAULT_THRESHOLD if args.threshold is None else args.threshold, args.method)
         for r in rows:
-            print(f"n={r['n']:>9,}: banded {r['seconds']:9.2f} s, peak {r['peak_mb']:8.1f} MB, {r['bands']} bands, "
-                  f"recall of planted pairs {r['planted_recall']:.3f}; all-pairs {r['brute_seconds']:11.2f} s "
-                  f"({'measured' if r['n'] == r['brute_measured_at'] else 'extrapolated n^2 from ' + str(r['brute_measured_at'])})"
-                  f", {r['brute_seconds'] / max(r['seconds'], 1e-9):.1f}x", flush=True)
-        print(json.dumps({"bench": "duplicates", "rows": rows}))
-        return {"rows": rows}
+            print(f"n={r['n']:>9,}: {r['method']} {r['seconds']:9.2f} s (own pHashes {r['own_seconds']:.2f} s, "
+                  f"mirrored {r['mirrored_seconds']:.2f} s; {r['threads']} thread(s) for blocked), "
+                  f"peak {r['peak_mb']:.1f} MB allocated, max RSS {r['max_rss_mb']:.0f} MB "
+                  f"({r['start_rss_mb']:.0f} MB before), recall of planted pairs {r['planted_recall']:.3f}; "
+                  f"estimated banded {r['estimated_banded_s']:.2f} s, blocked {r['estimated_blocked_s']:.2f} s",
+                  flush=True)
+        print(f"own pHashes at n={peers['n']:,}: banded {peers['banded']:.3f} s, blocked {peers['blocked']:.3f} s, "
+              f"all-pairs allocating {peers['all_pairs']:.3f} s", flush=True)
+        print(json.dumps({"bench": "duplicates", "rows": rows, "peers": peers}))
+        return {"rows": rows, "peers": peers}
     if not 1 <= len(args.sets) <= 2:
         raise UserError("expected one shard set A (duplicates inside it) or two, A B (B's images found in A); "
                         "or --bench N...")

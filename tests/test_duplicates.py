@@ -14,7 +14,9 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from dist_train import duplicates, shard
-from dist_train.shardset.dedup import DEFAULT_THRESHOLD, brute_pairs, fingerprint, near_pairs, popcount
+from dist_train.shardset import hamming
+from dist_train.shardset.dedup import DEFAULT_THRESHOLD, fingerprint
+from dist_train.shardset.hamming import brute_pairs, near_pairs, popcount
 from dist_train.shardset.duplicates import Fingerprints, cross_label_pairs, pairs_between, read_fingerprints
 from dist_train.shardset.format import iter_samples, load_info
 from dist_train.shardset.writer import write_shards
@@ -59,21 +61,101 @@ def test_fingerprint_exact_vs_near():
     assert flat[3] and not a[3]
 
 
-@pytest.mark.parametrize("threshold", [3, 8, 14])
-def test_banded_search_finds_what_all_pairs_finds(threshold):
-    rng = np.random.default_rng(threshold)
-    h = rng.integers(0, 1 << 63, 3000, dtype=np.uint64) * np.uint64(2)
-    for _ in range(100):  # planted pairs at every distance up to threshold + 2
-        a, b = rng.integers(3000, size=2)
-        bits = rng.choice(64, int(rng.integers(0, threshold + 3)), replace=False)
+def _planted(n: int, threshold: int, seed: int) -> np.ndarray:
+    """Uniform random hashes, a tenth of them near copies of others at every distance up to threshold + 2."""
+    rng = np.random.default_rng(seed)
+    h = rng.integers(0, 1 << 63, n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+    for _ in range(max(1, n // 10)):
+        a, b = rng.integers(n, size=2)
+        bits = rng.choice(64, int(rng.integers(0, min(threshold + 3, 64))), replace=False)
         h[b] = h[a] ^ np.uint64(sum(1 << int(x) for x in bits))
-    i, j, d = near_pairs(h, None, threshold)
+    return h
+
+
+def _reference(index: np.ndarray, query: np.ndarray | None, threshold: int) -> set:
+    """Every (query, index) pair within threshold by a bit-by-bit count (i < j within one set)."""
+    q = index if query is None else query
+    x = q[:, None] ^ index[None, :]
+    d = sum(((x >> np.uint64(k)) & np.uint64(1)).astype(np.int64) for k in range(64))
+    i, j = np.nonzero(d <= threshold)
+    keep = i < j if query is None else np.ones(len(i), bool)
+    return set(zip(i[keep].tolist(), j[keep].tolist()))
+
+
+@pytest.mark.parametrize("method", ["banded", "blocked"])
+@pytest.mark.parametrize("threshold", [0, 3, 14, 20])
+def test_both_searches_find_exactly_the_reference_pairs(method, threshold, monkeypatch):
+    # tiny blocks and tasks so that 300 x 77 hashes cross every block and task edge
+    monkeypatch.setattr(hamming, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(hamming, "BLOCK_COLS", 24)
+    monkeypatch.setattr(hamming, "TASK_ROWS", 10)
+    h = _planted(300, threshold, threshold)
+    q = np.concatenate([h[:40] ^ np.uint64(1 << 5), _planted(37, threshold, threshold + 1)])
+    for index, query, threads in ((h, None, 1), (h, None, 3), (h, q, 3), (q, h, 2), (h[:1], None, 2)):
+        i, j, d = near_pairs(index, query, threshold, method, threads)
+        ref = _reference(index, query, threshold)
+        assert list(zip(i.tolist(), j.tolist())) == sorted(ref)  # the same pairs, each once, sorted
+        assert (d == popcount((index if query is None else query)[i] ^ index[j])).all() and (d <= threshold).all()
+    assert len(_reference(h, None, threshold)) > 0
     bi, bj = brute_pairs(h, threshold)
-    assert set(zip(i.tolist(), j.tolist())) == set(zip(bi.tolist(), bj.tolist())) and len(bi) > 0
-    assert (d <= threshold).all()
-    q = h[:50] ^ np.uint64(1)  # two sets: every query near its source
-    qi, xi, _ = near_pairs(h, q, max(threshold, 1))
-    assert {(k, k) for k in range(50)} <= set(zip(qi.tolist(), xi.tolist()))
+    assert set(zip(bi.tolist(), bj.tolist())) == _reference(h, None, threshold)
+    empty = np.zeros(0, np.uint64)
+    for index, query in ((empty, None), (empty, h), (h, empty)):
+        assert all(len(x) == 0 for x in near_pairs(index, query, threshold, method))
+
+
+def test_popcount_without_bitwise_count(monkeypatch):
+    """numpy < 2 has no bitwise_count: the byte lookup table gives the same pairs."""
+    h = _planted(200, 14, 5)
+    expected = [near_pairs(h, None, 14, m) for m in ("banded", "blocked")]
+    monkeypatch.setattr(hamming, "HAVE_BITWISE_COUNT", False)
+    for m, want in zip(("banded", "blocked"), expected):
+        got = near_pairs(h, None, 14, m)
+        assert all((a == b).all() for a, b in zip(got, want)) and len(want[0])
+    assert popcount(np.array([0, 1, 2**64 - 1, 0xF0F0], np.uint64)).tolist() == [0, 1, 64, 8]
+
+
+def _prefer(method: str):
+    """An `estimate` under which `method` is the cheaper one."""
+    return lambda *args: {m: 1.0 if m == method else 2.0 for m in ("banded", "blocked")}
+
+
+def test_the_search_picks_the_method_estimated_faster(monkeypatch):
+    def pick(n, threshold, threads=2, same=True):
+        cost = hamming.estimate(n, n, threshold, same, threads)
+        return min(cost, key=cost.get)
+
+    assert pick(10**6, DEFAULT_THRESHOLD) == "blocked" and pick(10**6, DEFAULT_THRESHOLD, same=False) == "blocked"
+    assert pick(10**6, 4) == "banded" and pick(10**5, 2) == "banded"  # banding prunes at small thresholds
+    assert pick(10**6, 10, threads=1) == "banded" and pick(10**6, 10, threads=16) == "blocked"  # cores count
+    assert pick(10**4, DEFAULT_THRESHOLD) == "blocked"
+    called = []
+    monkeypatch.setattr(hamming, "_banded", lambda *a: called.append("banded") or (np.zeros(0, np.int64),) * 2)
+    monkeypatch.setattr(hamming, "_blocked", lambda *a: called.append("blocked") or (np.zeros(0, np.int64),) * 2)
+    h = _planted(100, 4, 0)
+    for cheaper in ("banded", "blocked"):
+        monkeypatch.setattr(hamming, "estimate", _prefer(cheaper))
+        near_pairs(h, None, 4)
+    assert called == ["banded", "blocked"]
+
+
+def test_mirrored_pairs_are_the_same_whichever_search(monkeypatch):
+    rng = np.random.default_rng(3)
+    n = 120
+    h = _planted(n, 14, 3)
+    mirror = rng.integers(0, 1 << 63, n, dtype=np.uint64) * np.uint64(2)
+    mirror[60:80] = h[:20] ^ np.uint64(0b111)  # 20 images whose mirror is near another image
+    mirror[5] = h[5]  # an image equal to its own mirror: never paired with itself
+    fp = Fingerprints(key=np.array([f"k{k}" for k in range(n)]), split=np.array(["train"] * n),
+                      label=np.zeros(n, np.int64), exact=(np.arange(n * 16) % 251).astype(np.uint8).reshape(n, 16),
+                      phash=h, mirror=mirror, flat=np.zeros(n, bool), group=np.arange(n, dtype=np.int64))
+    found = {}
+    for cheaper in ("banded", "blocked"):
+        monkeypatch.setattr(hamming, "estimate", _prefer(cheaper))
+        p = pairs_between(fp, None, 14)
+        found[cheaper] = [x.tolist() for x in (p.a, p.b, p.distance, p.mirrored)]
+        assert (p.a < p.b).all() and p.mirrored.sum() >= 20
+    assert found["banded"] == found["blocked"]
 
 
 def _folder_with_duplicates(root: Path) -> Path:
@@ -175,12 +257,14 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     bad.mkdir()
     (bad / "_info.json").write_text(json.dumps({"splits": {}, "classes": []}))
     (bad / "_fingerprints.npz").write_bytes(b"not a zip")
-    for argv in ([str(bad)], [str(tmp_path / "missing")], [], ["--bench", "1"], [str(bad), "--threshold", "99"]):
+    for argv in ([str(bad)], [str(tmp_path / "missing")], [], ["--bench", "1"], [str(bad), "--threshold", "99"],
+                 [str(bad), "--method", "blocked"]):
         with pytest.raises(SystemExit) as e:
             duplicates.main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: --method blocked: only with --bench")
     np.savez(bad / "_fingerprints.npz", version=np.int64(1), threshold=np.int64(8), key=np.array(["a"]),
              split=np.array(["train"]), label=np.array([0]), exact=np.zeros((1, 3), np.uint8), phash=np.zeros(1, np.uint64),
              mirror=np.zeros(1, np.uint64), flat=np.zeros(1, bool), group=np.zeros(1, np.int64))
@@ -199,7 +283,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 def test_bench_command_runs(capsys):
     result = duplicates.main(["--bench", "500", "2000", "--threshold", "6"])
     assert [r["n"] for r in result["rows"]] == [500, 2000] and all(r["planted_recall"] == 1.0 for r in result["rows"])
-    assert "all-pairs" in capsys.readouterr().out
+    assert result["peers"]["n"] == 500 and {"banded", "blocked", "all_pairs"} <= set(result["peers"])
+    assert "all-pairs allocating" in capsys.readouterr().out
+    forced = duplicates.main(["--bench", "300", "--threshold", "14", "--method", "banded"])["rows"][0]
+    assert forced["method"] == "banded" and forced["planted_recall"] == 1.0
 
 
 # ----------------------------------------------------------------------------- quality on real photos
