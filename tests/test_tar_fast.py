@@ -11,14 +11,7 @@ import pytest
 
 from dist_train.trust import media
 from dist_train.trust.tarheader import plain_header
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes = b"", **kw) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    for k, v in kw.items():
-        setattr(info, k, v)
-    tar.addfile(info, io.BytesIO(data) if data else None)
+from test_untrusted_media import _member as _add  # one tar member with any header fields
 
 
 def _tar(fmt: int) -> bytes:
