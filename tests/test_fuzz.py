@@ -399,6 +399,11 @@ JSON_VALUES = st.recursive(
     max_leaves=6)
 
 
+def mutate_json_file(path: Path, data) -> None:
+    """`mutate` one JSON file in place."""
+    path.write_text(dump(mutate(json.loads(path.read_text()), data)))
+
+
 def mutate(doc, data) -> object:
     """One random change somewhere in a JSON-like document: a value replaced, a key removed or
     added, a container emptied, or the whole document replaced."""
@@ -443,8 +448,7 @@ def dump(doc) -> str:
 def test_mutated_info_json(data, base, tmp_path):
     with Scratch(tmp_path) as d:
         copy(base, d, "shards")
-        doc = json.loads((d / "shards" / "_info.json").read_text())
-        (d / "shards" / "_info.json").write_text(dump(mutate(doc, data)))
+        mutate_json_file(d / "shards" / "_info.json", data)
         check_case("inspect", d, base)
 
 
@@ -471,8 +475,7 @@ def test_mutated_tar_bytes(data, base, tmp_path):
 def test_mutated_progress_json(data, base, tmp_path):
     with Scratch(tmp_path) as d:
         copy(base, d, "run")
-        p = d / "run" / CKPT / "progress.json"
-        p.write_text(dump(mutate(json.loads(p.read_text()), data)))
+        mutate_json_file(d / "run" / CKPT / "progress.json", data)
         check_case("verify", d, base)
 
 
@@ -508,8 +511,7 @@ def test_mutated_config_yaml(data, base, tmp_path):
 def test_mutated_best_json(data, name, base, tmp_path):
     with Scratch(tmp_path) as d:
         copy(base, d, "run")
-        p = d / "run" / ("run.json" if name == "run.json" else f"best/{name}")
-        p.write_text(dump(mutate(json.loads(p.read_text()), data)))
+        mutate_json_file(d / "run" / ("run.json" if name == "run.json" else f"best/{name}"), data)
         check_reader(d, base, lambda: load_outcome(d))
 
 
