@@ -343,6 +343,20 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     assert sorted(keys) == [f"train_{k:04d}" for k in range(48) if k not in (10, 30)]
 
 
+def test_eval_workers_started_early_read_ahead_the_first_pass(tmp_path):
+    """`start` forks the workers and lets them read ahead; the next passes are whole, once each,
+    with the bad samples counted per pass (not lost to the read-ahead, not doubled)."""
+    root = write_set(tmp_path / "s", {"train": LENGTHS7}, corrupt={10: b"not an image", 30: b"\xff\xd8\xff"})
+    ev = eval_loader(root, "train", target_fn=IDX, workers=2)
+    ev.start()
+    assert ev._loader._iterator is not None  # the workers run before the first pass
+    want = [f"train_{k:04d}" for k in range(48) if k not in (10, 30)]
+    for _ in range(2):
+        with time_limit(60):  # (the warnings are the workers')
+            keys = [k for b in ev for k in b["key"]]
+        assert sorted(keys) == want and ev.bad_samples == 2
+
+
 def test_corrupt_sample_counted_across_workers(tmp_path):
     root = write_set(tmp_path / "s", {"train": LENGTHS7}, corrupt={k: b"bad" for k in range(0, 48, 6)})
     loader = train_loader(root, batch_size=4, workers=2)

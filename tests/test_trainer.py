@@ -275,6 +275,26 @@ def test_task_options_of_another_task_are_refused(folder_shards, tmp_path, optio
 
 
 # ----------------------------------------------------------------------------- timing and config
+def test_validation_workers_are_forked_before_the_first_step(mask_shards, tmp_path, monkeypatch):
+    """Forked at the first evaluation, amid training's threads (gloo, OpenMP, the train loader's
+    queue feeders), a worker can inherit a lock held by one of them and hang in fork: the
+    trainer starts them before its first step, and the evaluation still sees every sample once."""
+    alive = []
+    step = Trainer.train_step
+
+    def recording(self, batches):
+        alive.append(self.val_loader._loader._iterator is not None)
+        return step(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", recording)
+    out = tmp_path / "run"
+    trainer = Trainer(make_cfg(mask_shards, out, max_steps=2, eval_every=2, workers=1))
+    trainer.train()
+    assert alive == [True, True]
+    n = json.loads((mask_shards / "_info.json").read_text())["splits"]["validation"]["num_samples"]
+    assert rows(out)[-1]["val_samples"] == n
+
+
 def test_checkpointer_and_evaluator_decide_their_own_timing(tmp_path):
     acc = Accelerator(cpu=True)
     ck = Checkpointer(tmp_path / "run", keep=10, every=2)

@@ -147,6 +147,7 @@ class EvalLoader:
         self._reader = reader
         self._loader = loader
         self._device = device  # gpu_decode: where batches are decoded (images arrive there)
+        self._started: Iterator | None = None  # the first pass, begun by `start`
         per_rank = max(1, workers)
         readers = reader.world_size * per_rank
         counts = [reader.reader_samples(reader.rank * per_rank + w, readers) for w in range(per_rank)]
@@ -161,10 +162,25 @@ class EvalLoader:
         """Bad samples and tar errors skipped in the current / last pass."""
         return self._reader.bad.value
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def start(self) -> None:
+        """Fork the (persistent) workers now and let them read ahead the first pass, which the
+        next iteration then continues. A trainer calls this before its first step: forked later,
+        a worker can inherit a native lock that a thread of the busy training process (gloo,
+        OpenMP, the train loader's queue feeders) held at that instant, and hang in fork, which
+        rank 1 of a 2-process run did once (a Linux fork copies only the forking thread)."""
+        if self._loader.num_workers and self._started is None:
+            self._reset_bad()
+            self._started = iter(self._loader)
+
+    def _reset_bad(self) -> None:
         with self._reader.bad.get_lock():
             self._reader.bad.value = 0
-        batches = iter(self._loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches, self._started = self._started, None
+        if batches is None:
+            self._reset_bad()
+            batches = iter(self._loader)
         return batches if self._device is None else self._decoded(batches)
 
     def _decoded(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

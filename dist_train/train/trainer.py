@@ -123,6 +123,8 @@ class Trainer:
         self.guard = self.build_guard()  # first: the time budget starts now
         with same_on_every_rank():
             self._checked_setup()
+        if not self.finished():
+            self.evaluator.start()  # forked before the trackers', tqdm's and training's threads exist
         open_run(self.acc, self.cfg, self.class_names)
         acc = self.acc
         self.meter = Meter(acc.device, len(self.class_names))
