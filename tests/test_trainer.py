@@ -28,6 +28,7 @@ from dist_train.tasks.losses import class_weights_from_counts, f1_loss, focal_lo
 from dist_train.tasks.mask.model import MultiHeadModel, multi_head_loss, split_heads, split_targets
 from dist_train.train.checkpoint import Checkpointer, Progress
 from dist_train.train.evaluator import Evaluator
+from dist_train.train.stager import Stager
 from dist_train.train.trainer import Trainer
 
 BASE = dict(model="test_resnet", img_size=32, batch_size=8, lr=0.01, seed=0, warmup_epochs=0.0, epochs=1, workers=0,
@@ -275,24 +276,27 @@ def test_task_options_of_another_task_are_refused(folder_shards, tmp_path, optio
 
 
 # ----------------------------------------------------------------------------- timing and config
-def test_validation_workers_are_forked_before_the_first_step(mask_shards, tmp_path, monkeypatch):
-    """Forked at the first evaluation, amid training's threads (gloo, OpenMP, the train loader's
-    queue feeders), a worker can inherit a lock held by one of them and hang in fork: the
-    trainer starts them before its first step, and the evaluation still sees every sample once."""
-    alive = []
-    step = Trainer.train_step
+def test_loader_workers_are_forked_before_the_first_collective(mask_shards, tmp_path, monkeypatch):
+    """A fork amid collectives can inherit CPython's thread-state lock from a gloo thread and hang
+    (TrainLoader.start): both loaders' workers exist before the stager first wraps the model in
+    DDP (its broadcast is the first collective), the train workers having read nothing, and the
+    run still sees every sample once."""
+    seen = []
+    enter = Stager.enter
 
-    def recording(self, batches):
-        alive.append(self.val_loader._loader._iterator is not None)
-        return step(self, batches)
+    def recording(self, *args, **kw):
+        seen.append((trainer.train_loader._loader._iterator is not None, trainer.val_loader._loader._iterator is not None,
+                     trainer.train_loader.bad_samples))
+        return enter(self, *args, **kw)
 
-    monkeypatch.setattr(Trainer, "train_step", recording)
+    monkeypatch.setattr(Stager, "enter", recording)
     out = tmp_path / "run"
-    trainer = Trainer(make_cfg(mask_shards, out, max_steps=2, eval_every=2, workers=1))
+    trainer = Trainer(make_cfg(mask_shards, out, epochs=1, workers=1))
     trainer.train()
-    assert alive == [True, True]
-    n = json.loads((mask_shards / "_info.json").read_text())["splits"]["validation"]["num_samples"]
-    assert rows(out)[-1]["val_samples"] == n
+    assert seen[0] == (True, True, 0)
+    info = json.loads((mask_shards / "_info.json").read_text())["splits"]
+    assert rows(out)[-1]["val_samples"] == info["validation"]["num_samples"]
+    assert trainer.progress.epoch == 1 and trainer.batches_seen == trainer.train_loader.plan(0).batches_per_rank
 
 
 def test_checkpointer_and_evaluator_decide_their_own_timing(tmp_path):

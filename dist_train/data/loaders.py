@@ -94,6 +94,19 @@ class TrainLoader:
     def __len__(self) -> int:
         return self._reader.current_plan().batches_per_rank
 
+    def start(self) -> None:
+        """Fork the persistent workers now, reading nothing (a plan that skips the whole epoch;
+        the next `set_epoch` and iteration restart them on the real one).
+
+        A trainer starts its loaders before its first collective. A fork copies only the forking
+        thread, and gloo's threads take CPython's thread-state lock without the GIL (to release
+        Python objects after a collective): a worker forked at that instant inherits the lock
+        held and hangs inside os.fork, on CPython releases without the fix of gh-112275 (3.11.7
+        is one). A worker forked at the first evaluation hung so, once, in a 2-rank CI run."""
+        if self._loader.num_workers and self._loader._iterator is None:
+            self.set_epoch(0, skip_batches=self._reader.plan(0).batches_per_rank)
+            iter(self._loader)  # kept by the DataLoader (persistent workers)
+
     @property
     def transform(self) -> Transform:
         """The per-sample augmentation the workers apply."""
@@ -163,12 +176,9 @@ class EvalLoader:
         return self._reader.bad.value
 
     def start(self) -> None:
-        """Fork the (persistent) workers now and let them read ahead the first pass, which the
-        next iteration then continues. A trainer calls this before its first step: forked later,
-        a worker can inherit a native lock that a thread of the busy training process (gloo,
-        OpenMP, the train loader's queue feeders) held at that instant, and hang in fork, which
-        rank 1 of a 2-process run did once (a Linux fork copies only the forking thread)."""
-        if self._loader.num_workers and self._started is None:
+        """Fork the (persistent) workers now (why: `TrainLoader.start`) and let them read ahead
+        the first pass, which the next iteration continues."""
+        if self._loader.num_workers and self._loader._iterator is None:
             self._reset_bad()
             self._started = iter(self._loader)
 

@@ -48,11 +48,6 @@ class Evaluator:
         self._latest: dict = {}
         self._when = ""  # the evaluation in progress: "epoch E, step S"
 
-    def start(self) -> None:
-        """Fork the validation loader's workers now, before training (`EvalLoader.start`)."""
-        if (start := getattr(self.loader, "start", None)) is not None:
-            start()
-
     def should_evaluate(self, step: int, end_of_epoch: bool) -> bool:
         return end_of_epoch or bool(self.every and step % self.every == 0)
 

@@ -123,8 +123,6 @@ class Trainer:
         self.guard = self.build_guard()  # first: the time budget starts now
         with same_on_every_rank():
             self._checked_setup()
-        if not self.finished():
-            self.evaluator.start()  # forked before the trackers', tqdm's and training's threads exist
         open_run(self.acc, self.cfg, self.class_names)
         acc = self.acc
         self.meter = Meter(acc.device, len(self.class_names))
@@ -193,6 +191,9 @@ class Trainer:
         self.aug = augment_config(cfg, dcfg)
         self.train_loader = self._part("train_loader")
         self.val_loader = self._part("val_loader")
+        for loader in (self.train_loader, self.val_loader):
+            if hasattr(loader, "start"):
+                loader.start()  # workers forked before DDP's first collective (TrainLoader.start)
         full = self.train_loader.plan(0).batches_per_rank  # a whole epoch's batches, every rank
         self.batches = min(full, cfg.runtime.debug_steps) if cfg.runtime.debug else full
         self.steps_per_epoch = math.ceil(self.batches / cfg.optim.grad_accum_steps)
