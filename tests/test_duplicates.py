@@ -126,6 +126,19 @@ def test_compiled_search_loses_no_pair_when_its_buffer_overflows(monkeypatch):
     assert found == len(ref) > 3 and set(out.tolist()) <= ref  # counted every pair, wrote what fits
 
 
+def test_compiled_without_a_writable_cache_folder(monkeypatch):
+    """numba refuses cache=True where no cache folder is writable: the kernel is compiled per process."""
+    real = hamming_jit.numba.njit
+
+    def njit(*args, **options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'f.py'")
+        return real(*args, **options)
+
+    monkeypatch.setattr(hamming_jit.numba, "njit", njit)
+    assert hamming_jit._jit()(lambda x: x + 1)(41) == 42
+
+
 def test_numpy_search_when_numba_does_not_import(monkeypatch, capsys):
     """Without numba (an ImportError) the search falls back to numpy's blocked method: same pairs."""
     h = _planted(400, 14, 9)
