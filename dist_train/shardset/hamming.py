@@ -7,8 +7,8 @@
   It prunes well at small T; at the default 14 bits of 64 the flip patterns and candidates grow
   until it costs more than all pairs.
 - compiled: every pair, in a numba kernel (hamming_jit.py: xor, popcount and a minimum per
-  query and chunk of 256 hashes in one vectorized loop, rescanning only chunks with a hit),
-  about 0.09 ns a pair on one core with AVX-512 VPOPCNTQ; tasks of hamming_jit.TASK_ROWS queries
+  query and chunk of 512 hashes in one vectorized loop, rescanning only chunks with a hit),
+  about 0.08 ns a pair on one core with AVX-512 VPOPCNTQ; tasks of hamming_jit.TASK_ROWS queries
   over a thread pool of `usable_cpus()` threads (the kernel releases the GIL). Used when numba
   imports; its first use in a process costs COMPILED_START_S (import, cached machine code).
 - blocked: every pair in numpy, the fallback without numba: BLOCK_ROWS queries x BLOCK_COLS
@@ -44,7 +44,7 @@ FEW_ROWS = 4  # a block with hits in at most this many rows is searched row by r
 # Cost model, seconds per unit, fitted on one core of the 2-core CPU box (numpy 2.4; README,
 # "Duplicates and leakage"); only their ratios decide the method.
 PAIR_S = 0.65e-9  # blocked: one pair
-COMPILED_PAIR_S = 0.09e-9  # compiled: one pair (AVX-512 VPOPCNTQ)
+COMPILED_PAIR_S = 0.08e-9  # compiled: one pair (AVX-512 VPOPCNTQ)
 COMPILED_START_S = 0.7  # compiled: its first use in a process (numba's import, loading the cached kernel)
 LOOKUP_S = 15e-9  # banded: one query under one flip pattern of one band
 CANDIDATE_S = 30e-9  # banded: one candidate gathered and verified

@@ -2,11 +2,12 @@
 
 Imported by hamming.py only when the search needs it (numba's import costs ~0.4 s); an
 ImportError there (numba missing or unusable) leaves the numpy methods, which give the same
-pairs. The kernel takes the queries of one task against the index in column chunks of `cols`
+pairs. The kernel takes the queries of one task against the index in column chunks of COLS
 hashes (a chunk stays in L1 while every query of the task passes over it): per query and chunk
 it reduces min(popcount(q ^ x)) in a loop that LLVM vectorizes (AVX-512 VPOPCNTQ where the CPU
 has it, else POPCNT or the bit-twiddling count), and rescans only the chunks whose minimum is
-within the threshold, writing the codes of their pairs into a preallocated buffer. It counts
+within the threshold (the chunk is narrower at large thresholds, where more chunks hold a
+pair), writing the codes of their pairs into a preallocated buffer. It counts
 every pair it finds, also past the end of the buffer; a task whose pairs did not fit is run
 again with a buffer of exactly that count, so no pair is ever lost. `nogil=True`: tasks run
 in hamming.py's thread pool. `cache=True`: compiled once per machine and kept in the package's
@@ -20,7 +21,8 @@ import numba
 import numpy as np
 
 TASK_ROWS = 256  # queries per thread-pool task
-COLS = 256  # index hashes per chunk (2 KB): one minimum per query and chunk
+COLS = 512  # index hashes per chunk (4 KB): one minimum per query and chunk
+NARROW_ABOVE = 16  # above this threshold chunks of COLS // 4: more chunks hold a pair to rescan
 OUT_CODES = 1 << 17  # pairs a task's buffer holds (1 MB) before its second pass
 
 
@@ -81,9 +83,10 @@ def scan_rows(index, query, threshold, same, lo, hi, cols, out):
 def task_codes(index: np.ndarray, query: np.ndarray, threshold: int, same: bool, lo: int) -> np.ndarray:
     """The codes of one task's pairs (queries lo..lo+TASK_ROWS-1), all of them."""
     hi = min(lo + TASK_ROWS, len(query))
+    cols = COLS if threshold <= NARROW_ABOVE else max(1, COLS // 4)
     out = np.empty(OUT_CODES, np.int64)
-    found = scan_rows(index, query, int(threshold), bool(same), int(lo), int(hi), int(COLS), out)
+    found = scan_rows(index, query, int(threshold), bool(same), int(lo), int(hi), cols, out)
     if found > len(out):  # did not fit: again, with room for every one
         out = np.empty(found, np.int64)
-        scan_rows(index, query, int(threshold), bool(same), int(lo), int(hi), int(COLS), out)
+        scan_rows(index, query, int(threshold), bool(same), int(lo), int(hi), cols, out)
     return out[:found].copy()
