@@ -351,6 +351,7 @@ def test_bench_command_runs(capsys):
     assert [r["n"] for r in result["rows"]] == [500, 2000] and all(r["planted_recall"] == 1.0 for r in result["rows"])
     assert result["peers"]["n"] == 500 and {"banded", "blocked", "compiled", "all_pairs"} <= set(result["peers"])
     assert result["peers"]["compiled_start_s"] >= 0 and "estimated_compiled_s" in result["rows"][0]
+    assert all(r["cpu_seconds"] > 0 for r in result["rows"])
     assert "all-pairs allocating" in capsys.readouterr().out
     for method in ("banded", "blocked", "compiled"):
         forced = duplicates.main(["--bench", "300", "--threshold", "14", "--method", method])["rows"][0]
