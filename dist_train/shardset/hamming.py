@@ -8,9 +8,10 @@
   until it costs more than all pairs.
 - compiled: every pair, in a numba kernel (hamming_jit.py: xor, popcount and a minimum per
   query and chunk of 512 hashes in one vectorized loop, rescanning only chunks with a hit),
-  about 0.08 ns a pair on one core with AVX-512 VPOPCNTQ; tasks of hamming_jit.TASK_ROWS queries
-  over a thread pool of `usable_cpus()` threads (the kernel releases the GIL). Used when numba
-  imports; its first use in a process costs COMPILED_START_S (import, cached machine code).
+  about 0.08 ns a pair on one core with AVX-512 VPOPCNTQ (0.23 with AVX2 only); tasks of
+  hamming_jit.TASK_ROWS queries over a thread pool of `usable_cpus()` threads (the kernel
+  releases the GIL). Used when numba imports; its first use in a process costs
+  COMPILED_START_S (numba's import, the cached machine code).
 - blocked: every pair in numpy, the fallback without numba: BLOCK_ROWS queries x BLOCK_COLS
   hashes at a time in preallocated buffers (xor, popcount into uint8, minimum per row;
   positions are taken only in the rows whose minimum is within T), about 0.65 ns a pair on one
@@ -41,10 +42,26 @@ CHUNK = 1 << 16  # queries per vectorized step of the banded search (bounds the 
 BLOCK_ROWS, BLOCK_COLS = 32, 8192  # a block: 2 MB of xor, 256 KB of counts
 TASK_ROWS = 256  # queries per thread-pool task
 FEW_ROWS = 4  # a block with hits in at most this many rows is searched row by row
+
+
+def _has_vector_popcount() -> bool:
+    """Whether the CPU has AVX-512 VPOPCNTQ (read from /proc/cpuinfo; elsewhere assumed not)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512_vpopcntdq" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 # Cost model, seconds per unit, fitted on one core of the 2-core CPU box (numpy 2.4; README,
 # "Duplicates and leakage"); only their ratios decide the method.
 PAIR_S = 0.65e-9  # blocked: one pair
-COMPILED_PAIR_S = 0.08e-9  # compiled: one pair (AVX-512 VPOPCNTQ)
+# compiled: one pair, with AVX-512 VPOPCNTQ; else AVX2's byte-shuffle count (measured with numba
+# told this CPU had AVX2 only; SSE4.2's scalar POPCNT: 0.39 ns)
+COMPILED_PAIR_S = 0.08e-9 if _has_vector_popcount() else 0.23e-9
 COMPILED_START_S = 0.7  # compiled: its first use in a process (numba's import, loading the cached kernel)
 LOOKUP_S = 15e-9  # banded: one query under one flip pattern of one band
 CANDIDATE_S = 30e-9  # banded: one candidate gathered and verified
