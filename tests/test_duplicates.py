@@ -145,7 +145,8 @@ def test_numpy_search_when_numba_does_not_import(monkeypatch, capsys):
     want = near_pairs(h, None, 14, "compiled")
     monkeypatch.setattr(hamming, "_jit_module", None)  # not imported yet ...
     monkeypatch.setitem(sys.modules, "dist_train.shardset.hamming_jit", None)  # ... and its import fails
-    monkeypatch.setattr(hamming, "estimate", _prefer("compiled"))
+    monkeypatch.setattr(hamming, "COMPILED_START_S", 0.0)  # the estimate would pick it
+    monkeypatch.setattr(hamming, "COMPILED_PAIR_S", 1e-15)
     blocked = []
     real = hamming._blocked
     monkeypatch.setattr(hamming, "_blocked", lambda *a: blocked.append(1) or real(*a))

@@ -146,7 +146,7 @@ def near_pairs(index: np.ndarray, query: np.ndarray | None, threshold: int, meth
 
     query None: pairs within `index` itself, each once with i < j. Otherwise every query
     against every index entry (i == j allowed: they are different sets). `method`: "auto" (the
-    smallest `estimate`; numpy's blocked if the compiled one was chosen but numba does not
+    smallest `estimate`, among the others if the compiled one was chosen but numba does not
     import), "banded", "blocked" or "compiled"; `threads` for the all-pairs methods (default:
     usable cores).
     """
@@ -157,17 +157,19 @@ def near_pairs(index: np.ndarray, query: np.ndarray | None, threshold: int, meth
         return _EMPTY
     threads = usable_cpus() if threads is None else max(1, threads)
     chosen = method
-    if method == "auto":
+    for _ in range(2 if method == "auto" else 0):  # twice if numba is installed but does not import
         cost = estimate(len(index), len(query), threshold, same, threads)
         chosen = min(cost, key=cost.get)
+        if chosen != "compiled" or compiled_kernels() is not None:
+            break
     if chosen == "banded":
         i, j = _banded(index, query, threshold, same)
-    elif chosen == "compiled" and compiled_kernels() is not None:
-        i, j = _compiled(index, query, threshold, same, threads)
-    elif chosen == "blocked" or (chosen == "compiled" and method == "auto"):
+    elif chosen == "blocked":
         i, j = _blocked(index, query, threshold, same, threads)
     elif chosen == "compiled":
-        raise ValueError("method 'compiled': numba cannot be imported (pip install numba)")
+        if compiled_kernels() is None:
+            raise ValueError("method 'compiled': numba cannot be imported (pip install numba)")
+        i, j = _compiled(index, query, threshold, same, threads)
     else:
         raise ValueError(f"method {method!r}: expected auto, banded, blocked or compiled")
     return i, j, popcount(query[i] ^ index[j])
