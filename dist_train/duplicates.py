@@ -7,8 +7,8 @@ A alone: the exact and near-duplicate pairs inside it (what `shard` printed). A 
 training set and an evaluation set): the images of B that have a duplicate in A — "these N
 test images are in your training data". Nothing is decoded again: A/_fingerprints.npz (and
 B's) hold the hashes; only `--grid` reads the images of the pairs it draws. `--bench` times the
-near-duplicate search on synthetic 64-bit hashes (hamming.py: banded or blocked all-pairs,
-whichever is estimated faster).
+near-duplicate search on synthetic 64-bit hashes (hamming.py: banded, or all pairs compiled
+with numba or in numpy, whichever is estimated fastest).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ArgParser, UserError, atomic_write_bytes, atomic_write_text, check_writable_file, cli_main
-from .shardset.hamming import HASH_BITS, brute_pairs, estimate, near_pairs
+from .shardset.hamming import HASH_BITS, brute_pairs, compiled_kernels, estimate, have_compiled, near_pairs
 from .shardset.duplicates import (
     DEFAULT_THRESHOLD,
     FINGERPRINTS_NAME,
@@ -53,8 +53,9 @@ def parser() -> ArgParser:
     p.add_argument("--csv", type=Path, help="write every pair found (columns as the shard set's _duplicates.csv)")
     p.add_argument("--grid", type=Path, metavar="PNG", help="draw the closest pairs (reads their images)")
     p.add_argument("--bench", type=int, nargs="+", metavar="N", help="time the search on N synthetic hashes")
-    p.add_argument("--method", choices=("auto", "banded", "blocked"), default="auto",
-                   help="with --bench: the search to time (default auto: the one estimated faster, as shard uses)")
+    p.add_argument("--method", choices=("auto", "banded", "blocked", "compiled"), default="auto",
+                   help="with --bench: the search to time (default auto: the one estimated fastest, as shard uses; "
+                   "compiled: all pairs with numba, blocked: all pairs in numpy)")
     return p
 
 
@@ -167,35 +168,65 @@ def _max_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _compiled_start() -> float | None:
+    """Seconds until the compiled search is ready in this process (numba's import, then its
+    kernel from the cache or compiled), or None without numba."""
+    if not have_compiled():
+        return None
+    start = time.perf_counter()
+    near_pairs(np.arange(2, dtype=np.uint64), None, 0, "compiled")
+    return round(time.perf_counter() - start, 3) if have_compiled() else None
+
+
 def bench(sizes: Sequence[int], threshold: int, method: str = "auto", seed: int = 0) -> tuple[list[dict], dict]:
     """The search an image set needs (its pHashes among themselves, then its mirrored pHashes
-    against them) on synthetic hashes, timed per size; the estimated time of both methods beside
-    it, and at the smallest size all three methods measured (banded, blocked, the allocating
-    all-pairs reference)."""
+    against them) on synthetic hashes, timed per size after the compiled search is made ready
+    (its start-up reported apart); the estimated time of every method beside it, and at the
+    smallest size every method measured, with the allocating all-pairs reference."""
     rng = np.random.default_rng(seed)
     threads = usable_cpus()
     start_rss = _max_rss_mb()
+    compiled_start = _compiled_start()
     rows = []
     for n in sizes:
         h, mirror, src, dst = _synthetic(n, threshold, rng)
-        (i, j, _), own_s, own_peak = _timed(near_pairs, h, None, threshold, method)
-        (mi, _, _), mirror_s, mirror_peak = _timed(near_pairs, h, mirror, threshold, method)
-        rss = _max_rss_mb()  # before the recall check below allocates
         own, mirrored = estimate(n, n, threshold, True, threads), estimate(n, n, threshold, False, threads)
         chosen = [method if method != "auto" else min(e, key=e.get) for e in (own, mirrored)]
+        cpu = time.process_time()
+        (i, j, _), own_s, own_peak = _timed(near_pairs, h, None, threshold, method)
+        (mi, _, _), mirror_s, mirror_peak = _timed(near_pairs, h, mirror, threshold, method)
+        cpu = time.process_time() - cpu  # all threads' CPU time: what the search cost whatever else runs
+        rss = _max_rss_mb()  # before the recall check below allocates
         hit = np.isin(np.minimum(src, dst) * n + np.maximum(src, dst), i * n + j)[src != dst].sum()
         rows.append({"n": n, "threshold": threshold, "method": "/".join(dict.fromkeys(chosen)), "threads": threads,
                      "seconds": round(own_s + mirror_s, 3), "own_seconds": round(own_s, 3),
-                     "mirrored_seconds": round(mirror_s, 3), "peak_mb": round(max(own_peak, mirror_peak) / 2**20, 1),
+                     "mirrored_seconds": round(mirror_s, 3), "cpu_seconds": round(cpu, 3),
+                     "peak_mb": round(max(own_peak, mirror_peak) / 2**20, 1),
                      "max_rss_mb": rss, "start_rss_mb": start_rss,
                      "pairs": len(i), "mirrored_pairs": len(mi), "planted_recall": round(int(hit) / len(src), 4),
-                     "estimated_banded_s": round(own["banded"] + mirrored["banded"], 3),
-                     "estimated_blocked_s": round(own["blocked"] + mirrored["blocked"], 3)})
+                     **{f"estimated_{m}_s": round(own[m] + mirrored[m], 3) for m in own}})
     n = min(min(sizes), BRUTE_MAX)
     h = _synthetic(n, threshold, rng)[0]
-    peers = {"n": n, **{m: round(_timed(near_pairs, h, None, threshold, m)[1], 3) for m in ("banded", "blocked")},
-             "all_pairs": round(_timed(brute_pairs, h, threshold)[1], 3)}
+    methods = ("banded", "blocked", "compiled") if have_compiled() else ("banded", "blocked")
+    peers = {"n": n, **{m: round(_timed(near_pairs, h, None, threshold, m)[1], 3) for m in methods},
+             "all_pairs": round(_timed(brute_pairs, h, threshold)[1], 3), "compiled_start_s": compiled_start}
     return rows, peers
+
+
+def _print_bench(rows: list[dict], peers: dict) -> None:
+    if peers["compiled_start_s"] is not None:
+        print(f"compiled search ready in {peers['compiled_start_s']:.2f} s (numba's import, its kernel cached or "
+              f"compiled), not counted below", flush=True)
+    for r in rows:
+        estimated = ", ".join(f"{k[10:-2]} {v:.2f} s" for k, v in r.items() if k.startswith("estimated_"))
+        print(f"n={r['n']:>9,}: {r['method']} {r['seconds']:9.2f} s (own pHashes {r['own_seconds']:.2f} s, "
+              f"mirrored {r['mirrored_seconds']:.2f} s; {r['threads']} thread(s) for all pairs, "
+              f"CPU {r['cpu_seconds']:.2f} s), "
+              f"peak {r['peak_mb']:.1f} MB allocated, max RSS {r['max_rss_mb']:.0f} MB "
+              f"({r['start_rss_mb']:.0f} MB before), recall of planted pairs {r['planted_recall']:.3f}; "
+              f"estimated {estimated}", flush=True)
+    timed = ", ".join(f"{m} {peers[m]:.3f} s" for m in ("banded", "blocked", "compiled") if m in peers)
+    print(f"own pHashes at n={peers['n']:,}: {timed}, all-pairs allocating {peers['all_pairs']:.3f} s", flush=True)
 
 
 @cli_main
@@ -210,16 +241,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise UserError("--bench N... runs on synthetic hashes: it takes no shard sets, --csv or --grid")
         if any(n < 2 for n in args.bench):
             raise UserError(f"--bench {' '.join(map(str, args.bench))}: expected sizes of 2 or more")
+        if args.method == "compiled" and compiled_kernels() is None:
+            raise UserError("--method compiled: numba cannot be imported here (pip install numba)")
         rows, peers = bench(args.bench, DEFAULT_THRESHOLD if args.threshold is None else args.threshold, args.method)
-        for r in rows:
-            print(f"n={r['n']:>9,}: {r['method']} {r['seconds']:9.2f} s (own pHashes {r['own_seconds']:.2f} s, "
-                  f"mirrored {r['mirrored_seconds']:.2f} s; {r['threads']} thread(s) for blocked), "
-                  f"peak {r['peak_mb']:.1f} MB allocated, max RSS {r['max_rss_mb']:.0f} MB "
-                  f"({r['start_rss_mb']:.0f} MB before), recall of planted pairs {r['planted_recall']:.3f}; "
-                  f"estimated banded {r['estimated_banded_s']:.2f} s, blocked {r['estimated_blocked_s']:.2f} s",
-                  flush=True)
-        print(f"own pHashes at n={peers['n']:,}: banded {peers['banded']:.3f} s, blocked {peers['blocked']:.3f} s, "
-              f"all-pairs allocating {peers['all_pairs']:.3f} s", flush=True)
+        _print_bench(rows, peers)
         print(json.dumps({"bench": "duplicates", "rows": rows, "peers": peers}))
         return {"rows": rows, "peers": peers}
     if not 1 <= len(args.sets) <= 2:

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from dist_train import duplicates, shard
-from dist_train.shardset import hamming
+from dist_train.shardset import hamming, hamming_jit
 from dist_train.shardset.dedup import DEFAULT_THRESHOLD, fingerprint
 from dist_train.shardset.hamming import brute_pairs, near_pairs, popcount
 from dist_train.shardset.duplicates import Fingerprints, cross_label_pairs, pairs_between, read_fingerprints
@@ -82,13 +83,19 @@ def _reference(index: np.ndarray, query: np.ndarray | None, threshold: int) -> s
     return set(zip(i[keep].tolist(), j[keep].tolist()))
 
 
-@pytest.mark.parametrize("method", ["banded", "blocked"])
-@pytest.mark.parametrize("threshold", [0, 3, 14, 20])
-def test_both_searches_find_exactly_the_reference_pairs(method, threshold, monkeypatch):
-    # tiny blocks and tasks so that 300 x 77 hashes cross every block and task edge
+def _tiny_tiles(monkeypatch):
+    """Tiny blocks, chunks and tasks, so that 300 x 77 hashes cross every edge of every method."""
     monkeypatch.setattr(hamming, "BLOCK_ROWS", 4)
     monkeypatch.setattr(hamming, "BLOCK_COLS", 24)
     monkeypatch.setattr(hamming, "TASK_ROWS", 10)
+    monkeypatch.setattr(hamming_jit, "COLS", 24)
+    monkeypatch.setattr(hamming_jit, "TASK_ROWS", 10)
+
+
+@pytest.mark.parametrize("method", ["banded", "blocked", "compiled"])
+@pytest.mark.parametrize("threshold", [0, 3, 14, 20])
+def test_every_search_finds_exactly_the_reference_pairs(method, threshold, monkeypatch):
+    _tiny_tiles(monkeypatch)
     h = _planted(300, threshold, threshold)
     q = np.concatenate([h[:40] ^ np.uint64(1 << 5), _planted(37, threshold, threshold + 1)])
     for index, query, threads in ((h, None, 1), (h, None, 3), (h, q, 3), (q, h, 2), (h[:1], None, 2)):
@@ -104,6 +111,60 @@ def test_both_searches_find_exactly_the_reference_pairs(method, threshold, monke
         assert all(len(x) == 0 for x in near_pairs(index, query, threshold, method))
 
 
+def test_compiled_search_loses_no_pair_when_its_buffer_overflows(monkeypatch):
+    _tiny_tiles(monkeypatch)
+    h = _planted(300, 20, 7)
+    q = h[::-1] ^ np.uint64(3)
+    for size in (1, 3, 10**6):  # a buffer far too small (every task runs twice), and one that holds all
+        monkeypatch.setattr(hamming_jit, "OUT_CODES", size)
+        for index, query in ((h, None), (h, q)):
+            i, j, _ = near_pairs(index, query, 20, "compiled", 2)
+            assert list(zip(i.tolist(), j.tolist())) == sorted(_reference(index, query, 20))
+    out = np.empty(3, np.int64)
+    found = hamming_jit.scan_rows(h, h, 20, True, 0, 10, 24, out)
+    ref = {i * 300 + j for i, j in _reference(h, None, 20) if i < 10}
+    assert found == len(ref) > 3 and set(out.tolist()) <= ref  # counted every pair, wrote what fits
+
+
+def test_compiled_without_a_writable_cache_folder(monkeypatch):
+    """numba refuses cache=True where no cache folder is writable: the kernel is compiled per process."""
+    real = hamming_jit.numba.njit
+
+    def njit(*args, **options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'f.py'")
+        return real(*args, **options)
+
+    monkeypatch.setattr(hamming_jit.numba, "njit", njit)
+    assert hamming_jit._jit()(lambda x: x + 1)(41) == 42
+
+
+def test_numpy_search_when_numba_does_not_import(monkeypatch, capsys):
+    """Without numba (an ImportError) the search falls back to numpy's blocked method: same pairs."""
+    h = _planted(400, 14, 9)
+    want = near_pairs(h, None, 14, "compiled")
+    monkeypatch.setattr(hamming, "_jit_module", None)  # not imported yet ...
+    monkeypatch.setitem(sys.modules, "dist_train.shardset.hamming_jit", None)  # ... and its import fails
+    monkeypatch.setattr(hamming, "COMPILED_START_S", 0.0)  # the estimate would pick it
+    monkeypatch.setattr(hamming, "COMPILED_PAIR_S", 1e-15)
+    blocked = []
+    real = hamming._blocked
+    monkeypatch.setattr(hamming, "_blocked", lambda *a: blocked.append(1) or real(*a))
+    got = near_pairs(h, None, 14)
+    assert blocked and all((a == b).all() for a, b in zip(got, want)) and len(want[0])
+    assert hamming.compiled_kernels() is None and not hamming.have_compiled()
+    monkeypatch.undo()
+    monkeypatch.setattr(hamming, "_jit_module", False)
+    assert "compiled" not in hamming.estimate(10**6, 10**6, 14, True, 2)
+    with pytest.raises(ValueError, match="numba cannot be imported"):
+        near_pairs(h, None, 14, "compiled")
+    monkeypatch.setattr(hamming, "_jit_module", None)
+    monkeypatch.setitem(sys.modules, "dist_train.shardset.hamming_jit", None)
+    with pytest.raises(SystemExit) as e:
+        duplicates.main(["--bench", "10", "--method", "compiled"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --method compiled: numba cannot be imported")
+
+
 def test_popcount_without_bitwise_count(monkeypatch):
     """numpy < 2 has no bitwise_count: the byte lookup table gives the same pairs."""
     h = _planted(200, 14, 5)
@@ -117,26 +178,32 @@ def test_popcount_without_bitwise_count(monkeypatch):
 
 def _prefer(method: str):
     """An `estimate` under which `method` is the cheaper one."""
-    return lambda *args: {m: 1.0 if m == method else 2.0 for m in ("banded", "blocked")}
+    return lambda *args: {m: 1.0 if m == method else 2.0 for m in ("banded", "blocked", "compiled")}
 
 
-def test_the_search_picks_the_method_estimated_faster(monkeypatch):
+def test_the_search_picks_the_method_estimated_fastest(monkeypatch):
     def pick(n, threshold, threads=2, same=True):
         cost = hamming.estimate(n, n, threshold, same, threads)
         return min(cost, key=cost.get)
 
-    assert pick(10**6, DEFAULT_THRESHOLD) == "blocked" and pick(10**6, DEFAULT_THRESHOLD, same=False) == "blocked"
+    monkeypatch.setattr(hamming, "_jit_module", hamming_jit)  # numba imported: no start-up cost left
+    assert pick(10**6, DEFAULT_THRESHOLD) == "compiled" and pick(10**6, DEFAULT_THRESHOLD, same=False) == "compiled"
+    assert pick(10**6, 10, threads=1) == "compiled" and pick(10**4, DEFAULT_THRESHOLD) == "compiled"
     assert pick(10**6, 4) == "banded" and pick(10**5, 2) == "banded"  # banding prunes at small thresholds
+    monkeypatch.setattr(hamming, "_jit_module", None)  # not imported yet: small sets are not worth its start-up
+    assert pick(10**4, DEFAULT_THRESHOLD) == "blocked" and pick(10**6, DEFAULT_THRESHOLD) == "compiled"
+    monkeypatch.setattr(hamming, "_jit_module", False)  # numba does not import: numpy's methods
+    assert pick(10**6, DEFAULT_THRESHOLD) == "blocked" and pick(10**6, DEFAULT_THRESHOLD, same=False) == "blocked"
     assert pick(10**6, 10, threads=1) == "banded" and pick(10**6, 10, threads=16) == "blocked"  # cores count
-    assert pick(10**4, DEFAULT_THRESHOLD) == "blocked"
     called = []
-    monkeypatch.setattr(hamming, "_banded", lambda *a: called.append("banded") or (np.zeros(0, np.int64),) * 2)
-    monkeypatch.setattr(hamming, "_blocked", lambda *a: called.append("blocked") or (np.zeros(0, np.int64),) * 2)
+    for m in ("_banded", "_blocked", "_compiled"):
+        monkeypatch.setattr(hamming, m, lambda *a, m=m: called.append(m[1:]) or (np.zeros(0, np.int64),) * 2)
+    monkeypatch.setattr(hamming, "_jit_module", hamming_jit)
     h = _planted(100, 4, 0)
-    for cheaper in ("banded", "blocked"):
+    for cheaper in ("banded", "blocked", "compiled"):
         monkeypatch.setattr(hamming, "estimate", _prefer(cheaper))
         near_pairs(h, None, 4)
-    assert called == ["banded", "blocked"]
+    assert called == ["banded", "blocked", "compiled"]
 
 
 def test_mirrored_pairs_are_the_same_whichever_search(monkeypatch):
@@ -150,12 +217,12 @@ def test_mirrored_pairs_are_the_same_whichever_search(monkeypatch):
                       label=np.zeros(n, np.int64), exact=(np.arange(n * 16) % 251).astype(np.uint8).reshape(n, 16),
                       phash=h, mirror=mirror, flat=np.zeros(n, bool), group=np.arange(n, dtype=np.int64))
     found = {}
-    for cheaper in ("banded", "blocked"):
+    for cheaper in ("banded", "blocked", "compiled"):
         monkeypatch.setattr(hamming, "estimate", _prefer(cheaper))
         p = pairs_between(fp, None, 14)
         found[cheaper] = [x.tolist() for x in (p.a, p.b, p.distance, p.mirrored)]
         assert (p.a < p.b).all() and p.mirrored.sum() >= 20
-    assert found["banded"] == found["blocked"]
+    assert found["banded"] == found["blocked"] == found["compiled"]
 
 
 def _folder_with_duplicates(root: Path) -> Path:
@@ -283,10 +350,13 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 def test_bench_command_runs(capsys):
     result = duplicates.main(["--bench", "500", "2000", "--threshold", "6"])
     assert [r["n"] for r in result["rows"]] == [500, 2000] and all(r["planted_recall"] == 1.0 for r in result["rows"])
-    assert result["peers"]["n"] == 500 and {"banded", "blocked", "all_pairs"} <= set(result["peers"])
+    assert result["peers"]["n"] == 500 and {"banded", "blocked", "compiled", "all_pairs"} <= set(result["peers"])
+    assert result["peers"]["compiled_start_s"] >= 0 and "estimated_compiled_s" in result["rows"][0]
+    assert all(r["cpu_seconds"] > 0 for r in result["rows"])
     assert "all-pairs allocating" in capsys.readouterr().out
-    forced = duplicates.main(["--bench", "300", "--threshold", "14", "--method", "banded"])["rows"][0]
-    assert forced["method"] == "banded" and forced["planted_recall"] == 1.0
+    for method in ("banded", "blocked", "compiled"):
+        forced = duplicates.main(["--bench", "300", "--threshold", "14", "--method", method])["rows"][0]
+        assert forced["method"] == method and forced["planted_recall"] == 1.0
 
 
 # ----------------------------------------------------------------------------- quality on real photos

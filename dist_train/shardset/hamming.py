@@ -1,4 +1,4 @@
-"""All pairs of 64-bit hashes within a Hamming distance: two exact methods and a chooser.
+"""All pairs of 64-bit hashes within a Hamming distance: three exact methods and a chooser.
 
 - banded (multi-index hashing, Norouzi et al., 2012): the 64 bits are cut into m bands; two
   hashes within distance T agree within floor(T/m) bits on at least one band (pigeonhole), so
@@ -6,18 +6,26 @@
   only the candidates found are verified with a popcount; m is the one of least estimated time.
   It prunes well at small T; at the default 14 bits of 64 the flip patterns and candidates grow
   until it costs more than all pairs.
-- blocked: every pair, BLOCK_ROWS queries x BLOCK_COLS hashes at a time in preallocated buffers
-  (xor, popcount into uint8, minimum per row; positions are taken only in the rows whose
-  minimum is within T), about 0.65 ns a pair on one core; tasks of TASK_ROWS queries are spread
-  over a thread pool of `usable_cpus()` threads (numpy's ufuncs release the GIL), each with its
-  own buffers (BLOCK_ROWS x BLOCK_COLS x 9 bytes): memory stays bounded whatever n.
-- `near_pairs` runs the one of smaller estimated time (`estimate`, a cost model fitted on the
-  2-core CPU box); both give exactly the pairs of `brute_pairs`, the all-pairs reference.
-Without np.bitwise_count (numpy < 2) the popcount is a byte lookup table (slower, same result).
+- compiled: every pair, in a numba kernel (hamming_jit.py: xor, popcount and a minimum per
+  query and chunk of 512 hashes in one vectorized loop, rescanning only chunks with a hit),
+  about 0.08 ns a pair on one core with AVX-512 VPOPCNTQ (0.23 with AVX2 only); tasks of
+  hamming_jit.TASK_ROWS queries over a thread pool of `usable_cpus()` threads (the kernel
+  releases the GIL). Used when numba imports; its first use in a process costs
+  COMPILED_START_S (numba's import, the cached machine code).
+- blocked: every pair in numpy, the fallback without numba: BLOCK_ROWS queries x BLOCK_COLS
+  hashes at a time in preallocated buffers (xor, popcount into uint8, minimum per row;
+  positions are taken only in the rows whose minimum is within T), about 0.65 ns a pair on one
+  core; tasks of TASK_ROWS queries over the same thread pool (numpy's ufuncs release the GIL),
+  each with its own buffers (BLOCK_ROWS x BLOCK_COLS x 9 bytes): memory stays bounded whatever n.
+- `near_pairs` runs the one of smallest estimated time (`estimate`, a cost model fitted on the
+  2-core CPU box); all give exactly the pairs of `brute_pairs`, the all-pairs reference.
+Without np.bitwise_count (numpy < 2) the numpy popcount is a byte lookup table (slower, same result).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -34,13 +42,33 @@ CHUNK = 1 << 16  # queries per vectorized step of the banded search (bounds the 
 BLOCK_ROWS, BLOCK_COLS = 32, 8192  # a block: 2 MB of xor, 256 KB of counts
 TASK_ROWS = 256  # queries per thread-pool task
 FEW_ROWS = 4  # a block with hits in at most this many rows is searched row by row
+
+
+def _has_vector_popcount() -> bool:
+    """Whether the CPU has AVX-512 VPOPCNTQ (read from /proc/cpuinfo; elsewhere assumed not)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512_vpopcntdq" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 # Cost model, seconds per unit, fitted on one core of the 2-core CPU box (numpy 2.4; README,
 # "Duplicates and leakage"); only their ratios decide the method.
 PAIR_S = 0.65e-9  # blocked: one pair
+# compiled: one pair, with AVX-512 VPOPCNTQ; else AVX2's byte-shuffle count (measured with numba
+# told this CPU had AVX2 only; SSE4.2's scalar POPCNT: 0.39 ns)
+COMPILED_PAIR_S = 0.08e-9 if _has_vector_popcount() else 0.23e-9
+COMPILED_START_S = 0.7  # compiled: its first use in a process (numba's import, loading the cached kernel)
 LOOKUP_S = 15e-9  # banded: one query under one flip pattern of one band
 CANDIDATE_S = 30e-9  # banded: one candidate gathered and verified
 SORT_S = 10e-9  # banded: per hash and per bucket of a band (argsort, bucket table)
 HAVE_BITWISE_COUNT = hasattr(np, "bitwise_count")
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None  # without importing it
+_jit_module = None  # hamming_jit once imported; False once its import failed
 _BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 _EMPTY = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
@@ -82,13 +110,34 @@ def plan_bands(n: int, threshold: int) -> list[tuple[int, int]]:
     return min(plans, key=lambda bands: _banded_seconds(n, n, threshold, bands))
 
 
+def compiled_kernels():
+    """hamming_jit (numba's compiled search), or None where numba cannot be imported."""
+    global _jit_module
+    if _jit_module is None:
+        try:
+            _jit_module = importlib.import_module(".hamming_jit", __package__)
+        except ImportError:
+            _jit_module = False
+    return _jit_module or None
+
+
+def have_compiled() -> bool:
+    """Whether the compiled method can run (numba is installed and, once tried, imported)."""
+    return _jit_module is not False and (bool(_jit_module) or HAVE_NUMBA)
+
+
 def estimate(n_index: int, n_query: int, threshold: int, same: bool, threads: int) -> dict[str, float]:
-    """Estimated seconds of each method for uniform random hashes (banded: one thread; blocked:
-    `threads` threads over tasks of TASK_ROWS queries)."""
+    """Estimated seconds of each method that can run, for uniform random hashes (banded: one
+    thread; blocked and compiled: `threads` threads over their tasks; compiled with its start-up
+    cost while it has not been used in this process)."""
     banded = _banded_seconds(n_index, n_query, threshold, plan_bands(max(n_index, n_query), threshold))
     pairs = n_index * (n_index - 1) / 2 if same else n_index * n_query
     workers = max(1, min(threads, math.ceil(n_query / TASK_ROWS)))
-    return {"banded": banded, "blocked": PAIR_S * pairs / workers}
+    cost = {"banded": banded, "blocked": PAIR_S * pairs / workers}
+    if have_compiled():
+        start = 0.0 if _jit_module else COMPILED_START_S
+        cost["compiled"] = start + COMPILED_PAIR_S * pairs / workers
+    return cost
 
 
 def near_pairs(index: np.ndarray, query: np.ndarray | None, threshold: int, method: str = "auto",
@@ -97,7 +146,9 @@ def near_pairs(index: np.ndarray, query: np.ndarray | None, threshold: int, meth
 
     query None: pairs within `index` itself, each once with i < j. Otherwise every query
     against every index entry (i == j allowed: they are different sets). `method`: "auto" (the
-    smaller `estimate`), "banded" or "blocked"; `threads` for blocked (default: usable cores).
+    smallest `estimate`, among the others if the compiled one was chosen but numba does not
+    import), "banded", "blocked" or "compiled"; `threads` for the all-pairs methods (default:
+    usable cores).
     """
     index = np.ascontiguousarray(index, dtype=np.uint64)
     same = query is None
@@ -105,15 +156,22 @@ def near_pairs(index: np.ndarray, query: np.ndarray | None, threshold: int, meth
     if not len(index) or not len(query) or threshold < 0:
         return _EMPTY
     threads = usable_cpus() if threads is None else max(1, threads)
-    if method == "auto":
+    chosen = method
+    for _ in range(2 if method == "auto" else 0):  # twice if numba is installed but does not import
         cost = estimate(len(index), len(query), threshold, same, threads)
-        method = min(cost, key=cost.get)
-    if method == "banded":
+        chosen = min(cost, key=cost.get)
+        if chosen != "compiled" or compiled_kernels() is not None:
+            break
+    if chosen == "banded":
         i, j = _banded(index, query, threshold, same)
-    elif method == "blocked":
+    elif chosen == "blocked":
         i, j = _blocked(index, query, threshold, same, threads)
+    elif chosen == "compiled":
+        if compiled_kernels() is None:
+            raise ValueError("method 'compiled': numba cannot be imported (pip install numba)")
+        i, j = _compiled(index, query, threshold, same, threads)
     else:
-        raise ValueError(f"method {method!r}: expected auto, banded or blocked")
+        raise ValueError(f"method {method!r}: expected auto, banded, blocked or compiled")
     return i, j, popcount(query[i] ^ index[j])
 
 
@@ -164,7 +222,27 @@ def _band_pairs(index: np.ndarray, query: np.ndarray, shift: int, width: int, ra
     return np.concatenate(out_i), np.concatenate(out_j)
 
 
-# ----------------------------------------------------------------------------- blocked
+# ----------------------------------------------------------------------------- all pairs
+def _pooled(task, n_query: int, rows: int, threads: int, n_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) sorted, from the codes i * n_index + j that task(lo) returns for queries lo..lo+rows-1,
+    the tasks spread over `threads` threads."""
+    starts = range(0, n_query, rows)
+    if threads == 1 or len(starts) == 1:
+        codes = [task(lo) for lo in starts]
+    else:
+        with ThreadPoolExecutor(min(threads, len(starts)), thread_name_prefix="hamming") as pool:
+            codes = list(pool.map(task, starts))
+    code = np.sort(np.concatenate(codes))
+    return code // n_index, code % n_index
+
+
+def _compiled(index: np.ndarray, query: np.ndarray, threshold: int, same: bool,
+              threads: int) -> tuple[np.ndarray, np.ndarray]:
+    jit = compiled_kernels()
+    return _pooled(lambda lo: jit.task_codes(index, query, threshold, same, lo), len(query), jit.TASK_ROWS,
+                   threads, len(index))
+
+
 def _blocked(index: np.ndarray, query: np.ndarray, threshold: int, same: bool,
              threads: int) -> tuple[np.ndarray, np.ndarray]:
     local = threading.local()
@@ -175,14 +253,7 @@ def _blocked(index: np.ndarray, query: np.ndarray, threshold: int, same: bool,
             local.c = np.empty(BLOCK_ROWS * BLOCK_COLS, np.uint8)
         return _blocked_rows(index, query, threshold, same, lo, min(lo + TASK_ROWS, len(query)), local.x, local.c)
 
-    starts = range(0, len(query), TASK_ROWS)
-    if threads == 1 or len(starts) == 1:
-        codes = [task(lo) for lo in starts]
-    else:
-        with ThreadPoolExecutor(min(threads, len(starts)), thread_name_prefix="hamming") as pool:
-            codes = list(pool.map(task, starts))
-    code = np.sort(np.concatenate(codes))
-    return code // len(index), code % len(index)
+    return _pooled(task, len(query), TASK_ROWS, threads, len(index))
 
 
 def _blocked_rows(index: np.ndarray, query: np.ndarray, threshold: int, same: bool, lo: int, hi: int,
