@@ -112,6 +112,45 @@ def test_peers_write_and_read_the_same_images(capfd, raw_mask, monkeypatch):
     assert "read_vs_timm_wds" in summary["ratios"] and "read_vs_timm_wds" in summary["targets"]
 
 
+def test_peers_skip_a_package_that_does_not_import(tmp_path, monkeypatch):
+    """A peer installed without a module it imports (mosaicml-streaming goes in with --no-deps) is
+    skipped with the import's error and how to install it, not a traceback mid-run."""
+    import argparse
+
+    from dist_train.perf import peers
+
+    (tmp_path / "broken_peer.py").write_text("import absent_dependency_of_the_peer\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(peers, "PACKAGES", {"litdata": "absent_litdata", "mosaicml_streaming": "broken_peer"})
+    ran, skipped = peers._systems(argparse.Namespace(systems="dist_train,litdata,mosaicml_streaming"))
+    assert ran == ["dist_train"]
+    why = {x["system"]: x["skipped"] for x in skipped}
+    assert why["litdata"].startswith("package 'absent_litdata' is not installed (pip install")
+    assert "'broken_peer' does not import (ModuleNotFoundError" in why["mosaicml_streaming"]
+    assert "absent_dependency_of_the_peer" in why["mosaicml_streaming"]
+    assert "pip install --no-deps 'mosaicml-streaming" in why["mosaicml_streaming"]
+
+
+def test_peers_mosaicml_stores_the_same_bytes_and_reads_them(raw_mask, tmp_path):
+    """Where mosaicml-streaming is installed (the bench extra + --no-deps, not in CI): its parallel
+    conversion stores the bytes dist_train's writer stores, and its dataset reads augmented batches."""
+    pytest.importorskip("streaming", exc_type=ImportError)
+    import argparse
+
+    from streaming import StreamingDataset
+
+    from dist_train.perf import peers
+
+    items = peers._items(raw_mask / "train")[:12]
+    a = argparse.Namespace(resize=24, quality=95, workers=2, img_size=16, batch_size=4)
+    peers.write_streaming(raw_mask / "train", tmp_path / "mds", a, items)
+    ds = StreamingDataset(local=str(tmp_path / "mds"), batch_size=4)
+    stored = sorted(ds[i]["image"] for i in range(len(ds)))
+    assert stored == sorted(peers._encoded(item, 24, 95)["image"] for item in items)
+    a.workers = 0
+    images = next(iter(peers.read_streaming(tmp_path / "mds", a, items)))
+    assert images == 4
+
 
 def test_peers_read_timm_as_its_defaults_do(mask_shards):
     """timm's wds pipeline is read with create_loader's (and train.py's) default prefetcher: the

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import io
 import json
@@ -63,7 +64,11 @@ from dist_train.system import usable_cpus
 from .timing import loader_warmup, rate
 
 SYSTEMS = ("dist_train", "litdata", "mosaicml_streaming", "timm_wds", "seed")
-PACKAGES = {"litdata": "litdata", "mosaicml_streaming": "streaming"}  # system -> module (pip: the bench extra)
+PACKAGES = {"litdata": "litdata", "mosaicml_streaming": "streaming"}  # system -> module
+# mosaicml-streaming pins numpy<2.2 and transformers<5: the bench extra holds what it imports, and
+# the package itself goes in without its pins (README, "Against the peers")
+INSTALL = {"litdata": "pip install 'dist_train[bench]'",
+           "mosaicml_streaming": "pip install 'dist_train[bench]' && pip install --no-deps 'mosaicml-streaming>=0.11'"}
 SCALE, RATIO = (0.5, 1.0), (3 / 4, 4 / 3)
 OUTPUTS = {"dist_train": "uint8 batches, normalised on the device",
            "timm_wds": "uint8 batches (PIL decode, fast_collate), normalised on the device by timm's PrefetchLoader"}
@@ -246,14 +251,26 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+def _unusable(system: str) -> str | None:
+    """Why the peer cannot run here (its package absent, or installed without a module it imports:
+    streaming is installed with --no-deps), or None."""
+    module = PACKAGES[system]
+    if importlib.util.find_spec(module) is None:
+        return f"package {module!r} is not installed"
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # a third party's import: any failure means the peer cannot run
+        return f"package {module!r} does not import ({type(e).__name__}: {e})"
+    return None
+
+
 def _systems(a: argparse.Namespace) -> tuple[list[str], list[dict]]:
     wanted = [s.strip() for s in a.systems.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SYSTEMS]
     if unknown or "dist_train" not in wanted:
         raise UserError(f"--systems {a.systems}: expected dist_train and any of {', '.join(SYSTEMS[1:])}")
-    skipped = [{"bench": "peers", "system": s, "skipped": f"package {PACKAGES[s]!r} is not installed "
-                "(pip install 'dist_train[bench]')"}
-               for s in wanted if s in PACKAGES and importlib.util.find_spec(PACKAGES[s]) is None]
+    why = {s: _unusable(s) for s in wanted if s in PACKAGES}
+    skipped = [{"bench": "peers", "system": s, "skipped": f"{why[s]} ({INSTALL[s]})"} for s in wanted if why.get(s)]
     return [s for s in wanted if s not in {x["system"] for x in skipped}], skipped
 
 
