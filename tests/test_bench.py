@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -93,8 +94,18 @@ def test_peers_write_and_read_the_same_images(capfd, raw_mask, monkeypatch):
     from dist_train.perf import peers
 
     monkeypatch.setattr(peers, "PACKAGES", {k: f"absent_{v}" for k, v in peers.PACKAGES.items()})
+    alive = []  # processes alive while a system is timed: its own worker only, no other system's
+
+    def timed(stream, *args):
+        result = rate(stream, *args)
+        alive.append(len(multiprocessing.active_children()))
+        return result
+
+    rate = peers.rate
+    monkeypatch.setattr(peers, "rate", timed)
     bench.main(["peers", "--src", str(raw_mask / "train"), "--resize", "24", "--img-size", "16", "--batch-size", "8",
                 "--workers", "1", "--seconds", "0.2", "--rounds", "2"])
+    assert alive == [1] * 6
     out, err = capfd.readouterr()
     *lines, summary = [json.loads(line) for line in out.strip().splitlines()]
     by = {x["system"]: x for x in lines}
@@ -105,6 +116,7 @@ def test_peers_write_and_read_the_same_images(capfd, raw_mask, monkeypatch):
     assert {x["system"] for x in ran} == {"dist_train", "seed", "timm_wds"}
     for x in ran:
         assert x["read_images_per_s"] > 0 and len(x["read_rounds"]) == 2 and x["images"] == 210
+        assert x["children_left"] == 0
         assert (x["write_images_per_s"] is None) == (x["system"] in ("seed", "timm_wds"))
     assert summary["bench"] == "peers" and summary["rounds"] == 2
     assert summary["ratios"]["read_vs_seed"] == pytest.approx(
