@@ -143,6 +143,24 @@ def test_peers_skip_a_package_that_does_not_import(tmp_path, monkeypatch):
     assert "pip install --no-deps 'mosaicml-streaming" in why["mosaicml_streaming"]
 
 
+def test_peers_encode_in_plain_pil_the_bytes_the_writer_stores(raw_mask, monkeypatch):
+    """LitData's fn and Streaming's samples are the plain-PIL function their users write (PIL's own
+    LANCZOS), and give the bytes dist_train's writer stores with its compiled resize."""
+    from dist_train.perf import peers
+    from dist_train.shardset import resample
+    from dist_train.shardset.images import encode_image
+
+    monkeypatch.setitem(resample._state, "resized", resample.COMPILE_AFTER)  # the kernels from now on
+    calls, real = [], resample.resize_array
+    monkeypatch.setattr(resample, "resize_array", lambda *a, **k: calls.append(1) or real(*a, **k))
+    items = peers._items(raw_mask / "train")[:20]
+    assert {Path(p).suffix for p, _ in items} > {".jpg"}  # more formats than JPEG
+    for path, label in items:
+        for size in (24, 20):
+            assert peers._encoded((path, label), size, 95) == {"image": encode_image((path, size, 95))[1], "label": label}
+    assert calls  # the writer's side went through the kernels
+
+
 def test_peers_mosaicml_stores_the_same_bytes_and_reads_them(raw_mask, tmp_path):
     """Where mosaicml-streaming is installed (the bench extra + --no-deps, not in CI): its parallel
     conversion stores the bytes dist_train's writer stores, and its dataset reads augmented batches."""

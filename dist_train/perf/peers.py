@@ -1,7 +1,8 @@
 """dist_train against what users would pick instead, on the same raw images, in one run.
 
 Each system writes the same images (shorter side `--resize`, JPEG at `--quality`, the same
-bytes dist_train's shard writer stores) with `--workers` processes, and reads them back with the
+bytes dist_train's shard writer stores: the peers' per-image function is the plain-PIL one their
+users write, dist_train's writer resizes with its compiled copy of PIL's LANCZOS) with `--workers` processes, and reads them back with the
 same augmentation (RandomResizedCrop to `--img-size`, scale 0.5-1, ratio 3/4-4/3, bilinear,
 horizontal flip), batch `--batch-size`, `--workers` loader workers. Rounds alternate between the
 systems (write: each system once per round; read: likewise) so a machine shared with other jobs
@@ -86,9 +87,26 @@ def _jpeg(data: bytes, transform: Callable) -> torch.Tensor:
 
 
 def _encoded(item: tuple[str, int], resize: int | None, quality: int) -> dict:
-    """litdata's `fn` and streaming's sample: the bytes dist_train's writer stores for the file."""
+    """litdata's `fn` and streaming's sample, in plain PIL as their docs' image examples do it:
+    the shorter side shrunk to `resize` with LANCZOS (JPEGs decoded at a reduced DCT scale where
+    that halves them, as dist_train's writer does), JPEG at `quality`. These are the bytes
+    dist_train's writer stores (tested), which resizes with its compiled copy of PIL's LANCZOS
+    (`shardset.resample`); without resize, the file's own bytes as the writer stores them."""
     path, label = item
-    return {"image": encode_image((path, resize, quality))[1], "label": label}
+    if resize is None:
+        return {"image": encode_image((path, resize, quality))[1], "label": label}
+    with Image.open(path) as im:
+        w, h = im.size
+        scale = resize / min(w, h)
+        size = (w, h) if scale >= 1 else (max(1, round(w * scale)), max(1, round(h * scale)))
+        if im.format == "JPEG" and size != im.size:
+            im.draft("RGB", size)
+        rgb = im.convert("RGB")
+        if rgb.size != size:
+            rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        rgb.save(buf, format="JPEG", quality=quality)
+    return {"image": buf.getvalue(), "label": label}
 
 
 class DecodeBytes:

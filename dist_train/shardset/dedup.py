@@ -50,10 +50,11 @@ def _bits(coef: np.ndarray) -> int:
     return int(np.packbits(flat > np.median(flat), bitorder="little").view("<u8")[0])
 
 
-def exact_digest(rgb: Image.Image) -> bytes:
-    """16 bytes identifying the decoded pixels and their size (RGB image)."""
+def exact_digest(rgb: Image.Image, pixels: np.ndarray | None = None) -> bytes:
+    """16 bytes identifying the decoded pixels and their size (RGB image; `pixels`: its
+    `np.asarray`, the same bytes as `tobytes()`, when the caller has it already)."""
     h = xxhash.xxh3_128(f"{rgb.width}x{rgb.height}\0".encode())
-    h.update(rgb.tobytes())
+    h.update(rgb.tobytes() if pixels is None else np.ascontiguousarray(pixels))
     return h.digest()
 
 
@@ -65,9 +66,9 @@ def perceptual(rgb: Image.Image) -> tuple[int, int, bool]:
     return _bits(coef), _bits(coef * _MIRROR_SIGN), bool(grey.std() < FLAT_STD)
 
 
-def fingerprint(rgb: Image.Image) -> tuple[bytes, int, int, bool]:
-    """(exact digest, pHash, mirrored pHash, flat) of a decoded RGB image."""
-    return (exact_digest(rgb), *perceptual(rgb))
+def fingerprint(rgb: Image.Image, pixels: np.ndarray | None = None) -> tuple[bytes, int, int, bool]:
+    """(exact digest, pHash, mirrored pHash, flat) of a decoded RGB image (`pixels`: see exact_digest)."""
+    return (exact_digest(rgb, pixels), *perceptual(rgb))
 
 
 # ----------------------------------------------------------------------------- groups

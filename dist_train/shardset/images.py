@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from dist_train.trust.media import DEFAULT_MAX_PIXELS, ImageRefused, check_image_file
+from . import resample
 from .dedup import fingerprint
 
 JPEG_FORMATS = ("JPEG", "MPO")
@@ -52,8 +53,9 @@ def check_image(task: tuple[str, int]) -> str | None:
     return None
 
 
-def check_and_encode(task: tuple[str, int, int | None, int]) -> tuple[list, bytes]:
-    """(path, max pixels, resize, quality): the writer's one pass over an image, on one full decode.
+def check_and_encode(task: tuple) -> tuple[list, bytes]:
+    """(path, max pixels, resize, quality[, compiled]): the writer's one pass over an image, on one
+    full decode (`compiled`: resize with the compiled kernels now, `resample.use_compiled`).
 
     Returns ([None, [exact digest as hex, phash, mirrored phash, flat], member extension], member
     bytes): the validity check, the fingerprints (`dedup.fingerprint`; plain JSON values, as the
@@ -64,7 +66,9 @@ def check_and_encode(task: tuple[str, int, int | None, int]) -> tuple[list, byte
     (`trust.media`): a special file, or an image declaring more than max pixels, is refused
     without decoding. A failure to encode a decoded image raises (the run stops: not the file's fault).
     """
-    path, max_pixels, resize, quality = task
+    path, max_pixels, resize, quality = task[:4]
+    if task[4:5] == (True,):
+        resample.use_compiled()
     try:
         check_image_file(path, max_pixels)
     except (ImageRefused, OSError) as e:
@@ -74,15 +78,18 @@ def check_and_encode(task: tuple[str, int, int | None, int]) -> tuple[list, byte
             im = stack.enter_context(Image.open(path))
             im.load()
             rgb = im if im.mode == "RGB" else _to_rgb(im)
-            digest, phash, mirror, flat = fingerprint(rgb)
+            pixels = np.asarray(rgb)  # once: the exact digest and the compiled resize read it
+            digest, phash, mirror, flat = fingerprint(rgb, pixels)
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
             return [f"{type(e).__name__}: {e}", None, None], b""
-        ext, data = _member(path, im, rgb, resize, quality)
+        ext, data = _member(path, im, rgb, resize, quality, pixels)
     return [None, [digest.hex(), phash, mirror, flat], ext], data
 
 
-def _member(path: str, im: Image.Image, rgb: Image.Image, resize: int | None, quality: int) -> tuple[str, bytes]:
-    """`encode_image`'s (extension, bytes) from the decoded image `im` (`rgb`: it in RGB), b"" for
+def _member(path: str, im: Image.Image, rgb: Image.Image, resize: int | None, quality: int,
+            pixels: np.ndarray) -> tuple[str, bytes]:
+    """`encode_image`'s (extension, bytes) from the decoded image `im` (`rgb`: it in RGB, `pixels`:
+    its array), b"" for
     the source file's own bytes. Where `encode_image` decodes a JPEG at a reduced DCT scale (`draft`:
     the target is at most half the image's size), the file is decoded again at that scale (1/2 to
     1/8 of each side: a fraction of the full decode's cost), so the bytes stay the same."""
@@ -97,7 +104,7 @@ def _member(path: str, im: Image.Image, rgb: Image.Image, resize: int | None, qu
             small.draft("RGB", size)
             if small.size != im.size:
                 return "jpg", _jpeg_bytes(_to_rgb(small), size, quality)
-    return "jpg", _jpeg_bytes(rgb, size, quality)
+    return "jpg", _jpeg_bytes(rgb, size, quality, pixels)
 
 
 def fingerprint_of(value: list) -> tuple[bytes, int, int, bool]:
@@ -149,9 +156,11 @@ def _target_size(size: tuple[int, int], resize: int) -> tuple[int, int]:
     return (w, h) if scale >= 1 else (max(1, round(w * scale)), max(1, round(h * scale)))
 
 
-def _jpeg_bytes(rgb: Image.Image, size: tuple[int, int], quality: int) -> bytes:
+def _jpeg_bytes(rgb: Image.Image, size: tuple[int, int], quality: int, pixels: np.ndarray | None = None) -> bytes:
+    """JPEG at `quality` of `rgb` (`pixels`: its array, if at hand) resized to `size` with LANCZOS
+    (Pillow's pixels; compiled once the process has resized enough images to pay for it: `resample`)."""
     if rgb.size != size:
-        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+        rgb = resample.resize(rgb, size, "lanczos", pixels)
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()

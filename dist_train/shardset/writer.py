@@ -46,6 +46,7 @@ from dist_train.system import usable_cpus
 from dist_train.trust.media import DEFAULT_MAX_PIXELS
 
 from . import duplicates as dups
+from . import resample
 from .format import REJECTED_NAME, SPLIT_RE, num_images, read_local_info, summary
 from .images import check_and_encode, fingerprint_of
 from .outdir import begin_replacing, check_out_dir, inspect, publish  # noqa: F401 (inspect: the API)
@@ -230,9 +231,11 @@ def _drop_unreadable(source: Source, spool: Spool, how: tuple[int, int | None, i
                      progress: bool) -> tuple[list[Record], list[tuple], list[dict]]:
     """The one decode pass (`check_and_encode`, `how` = (max pixels, resize, quality)): every image
     checked and fingerprinted, its member spooled; the unreadable ones are left out (or, strict,
-    stop all). Images over max pixels are not decoded."""
+    stop all). Images over max pixels are not decoded. A job with resize and at least
+    `resample.COMPILE_JOB` images per worker resizes with the compiled kernels from its first image."""
     everything = list(source.records)
-    tasks = [(str(r.path), *how) for r in everything]
+    compiled = how[1] is not None and len(everything) >= resample.COMPILE_JOB * max(1, workers)
+    tasks = [(str(r.path), *how, compiled) for r in everything]
     results = _pool_map(check_and_encode, tasks, workers, "checking" if how[1] is None else "encoding", progress)
     kept, fps, rejected = [], [], []
     try:
