@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import selectors
 import subprocess
 import sys
@@ -31,6 +32,11 @@ MAX_REQUEST = 32 * 1024  # bytes per request, well under a pipe's buffer: writes
 IN_FLIGHT = 2  # requests per worker: one computing, one queued
 AHEAD = 4  # chunks per worker decoded ahead of the one the caller waits for (bounds memory)
 # sys.path[0] is the caller's folder under -c: the package's own root goes first
+# glibc malloc in the workers: keep freed memory up to these sizes instead of handing it back to
+# the kernel after every image (each decode, resize and encode otherwise touches fresh pages:
+# ~400 page faults and ~1 ms of system time per 384x512 photo, a fifth of the work). A worker
+# keeps at most TRIM bytes it does not use; allocations over MMAP still go straight to the kernel.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 BOOT = "import sys; sys.path.insert(0, sys.argv[1]); from dist_train.shardset.worker import main; main()"
 
 
@@ -127,8 +133,9 @@ class WorkerPool:
 
     def __init__(self, n: int):
         root = str(Path(__file__).resolve().parents[2])
+        env = {**MALLOC_ENV, **os.environ}  # the user's own malloc settings win
         self.procs = [subprocess.Popen([sys.executable, "-c", BOOT, root], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, bufsize=0) for _ in range(n)]
+                                       stdout=subprocess.PIPE, bufsize=0, env=env) for _ in range(n)]
         self.clean = True  # no request is outstanding
 
     def __enter__(self) -> "WorkerPool":

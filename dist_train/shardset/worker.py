@@ -94,6 +94,9 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's: it closes our stdin
+    # numba (the compiled resize of long jobs) probes for BLAS by importing scipy.linalg: 0.2 s of
+    # its ~0.5 s start in every worker. No worker function uses BLAS: the probe finds none.
+    sys.modules.setdefault("scipy.linalg.cython_blas", None)  # type: ignore[arg-type]
     try:
         serve(sys.stdin.buffer, sys.stdout.buffer)
     except BrokenPipeError:  # the caller went away
