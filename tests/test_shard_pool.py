@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -87,3 +88,19 @@ def test_one_set_of_workers_for_the_check_and_write_passes(raw_mask):
     checked, encoded = two_passes()
     assert checked == [None] * 8 and encoded == [encode_image((p, 8, 90)) for p in paths]
     assert pids[0] == pids[1] and len(pids[0]) == 2 and pool_module._session == []
+
+
+def test_workers_keep_freed_memory_unless_the_user_says_otherwise(monkeypatch):
+    """The workers start with glibc's malloc told to keep freed memory (no fresh pages per image);
+    a setting the user exported wins."""
+    from dist_train.shardset import pool as pool_module
+
+    envs = []
+    real = subprocess.Popen
+    monkeypatch.setattr(pool_module.subprocess, "Popen", lambda *a, **k: envs.append(k["env"]) or real(*a, **k))
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    with WorkerPool(2) as pool:
+        assert list(pool.imap(check_image, [], 1)) == []
+    assert len(envs) == 2
+    assert envs[0]["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20) and envs[0]["MALLOC_TRIM_THRESHOLD_"] == "12345"
+    assert envs[0]["PATH"] == os.environ["PATH"]  # the rest of the environment is the caller's
