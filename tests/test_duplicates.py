@@ -127,16 +127,19 @@ def test_compiled_search_loses_no_pair_when_its_buffer_overflows(monkeypatch):
 
 
 def test_compiled_without_a_writable_cache_folder(monkeypatch):
-    """numba refuses cache=True where no cache folder is writable: the kernel is compiled per process."""
-    real = hamming_jit.numba.njit
+    """numba refuses cache=True where no cache folder is writable: the kernels (hamming_jit's,
+    resample_jit's) are compiled per process."""
+    from dist_train.shardset import jit
+
+    real = jit.numba.njit
 
     def njit(*args, **options):
         if options.get("cache"):
             raise RuntimeError("cannot cache function 'f': no locator available for file 'f.py'")
         return real(*args, **options)
 
-    monkeypatch.setattr(hamming_jit.numba, "njit", njit)
-    assert hamming_jit._jit()(lambda x: x + 1)(41) == 42
+    monkeypatch.setattr(jit.numba, "njit", njit)
+    assert jit.njit()(lambda x: x + 1)(41) == 42
 
 
 def test_numpy_search_when_numba_does_not_import(monkeypatch, capsys):

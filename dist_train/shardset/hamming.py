@@ -9,7 +9,7 @@
 - compiled: every pair, in a numba kernel (hamming_jit.py: xor, popcount and a minimum per
   query and chunk of 512 hashes in one vectorized loop, rescanning only chunks with a hit),
   about 0.08 ns a pair on one core with AVX-512 VPOPCNTQ (0.23 with AVX2 only); tasks of
-  hamming_jit.TASK_ROWS queries over a thread pool of `usable_cpus()` threads (the kernel
+  TASK_ROWS queries over a thread pool of `usable_cpus()` threads (the kernel
   releases the GIL). Used when numba imports; its first use in a process costs
   COMPILED_START_S (numba's import, the cached machine code).
 - blocked: every pair in numpy, the fallback without numba: BLOCK_ROWS queries x BLOCK_COLS

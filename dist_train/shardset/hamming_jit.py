@@ -9,30 +9,20 @@ has it, else POPCNT or the bit-twiddling count), and rescans only the chunks who
 within the threshold (the chunk is narrower at large thresholds, where more chunks hold a
 pair), writing the codes of their pairs into a preallocated buffer. It counts
 every pair it finds, also past the end of the buffer; a task whose pairs did not fit is run
-again with a buffer of exactly that count, so no pair is ever lost. `nogil=True`: tasks run
-in hamming.py's thread pool. `cache=True`: compiled once per machine and kept in the package's
-__pycache__ (or numba's user-wide cache folder when that is not writable); where no cache folder
-is writable at all the kernel is compiled in every process instead (~1 s).
+again with a buffer of exactly that count, so no pair is ever lost. Compiled as jit.py says
+(`nogil`: tasks run in hamming.py's thread pool; cached per machine, ~1 s to compile).
 """
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
-TASK_ROWS = 256  # queries per thread-pool task
+from .hamming import TASK_ROWS
+from .jit import njit as _jit
+
 COLS = 512  # index hashes per chunk (4 KB): one minimum per query and chunk
 NARROW_ABOVE = 16  # above this threshold chunks of COLS // 4: more chunks hold a pair to rescan
 OUT_CODES = 1 << 17  # pairs a task's buffer holds (1 MB) before its second pass
-
-
-def _jit(**options):
-    def wrap(fn):
-        try:
-            return numba.njit(nogil=True, cache=True, **options)(fn)
-        except RuntimeError:  # numba: "cannot cache function ...: no locator available" (nothing writable)
-            return numba.njit(nogil=True, **options)(fn)
-    return wrap
 
 
 @_jit(inline="always")

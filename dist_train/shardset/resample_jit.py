@@ -9,28 +9,20 @@ written back transposed), which LLVM vectorizes: ~0.5 ms against Pillow's ~3.3 m
 384x512 RGB image to 256x341 with LANCZOS on the 2-core box.
 
 Imported by resample.py only when it pays (numba's import costs ~0.7 s in a process without
-torch); `cache=True` as in hamming_jit, compiled in every process where nothing is writable.
+torch); compiled and cached as jit.py says.
 """
 
 from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
+
+from .jit import njit as _jit
 
 PRECISION_BITS = 22  # Pillow's: 32 - 8 - 2
 HALF = 1 << (PRECISION_BITS - 1)
 MAX = 1 << PRECISION_BITS << 8
-
-
-def _jit(**options):
-    def wrap(fn):
-        try:
-            return numba.njit(nogil=True, cache=True, **options)(fn)
-        except RuntimeError:  # numba: "cannot cache function ...: no locator available" (nothing writable)
-            return numba.njit(nogil=True, **options)(fn)
-    return wrap
 
 
 @_jit(inline="always")
