@@ -61,12 +61,13 @@ def resize_array(pixels: np.ndarray, size: tuple[int, int], method: str, flip: b
     right with `flip` (the same as flipping the result); needs the compiled kernels."""
     jit = compiled_kernels()
     kind = FILTERS[method][0]
+    pixels = np.ascontiguousarray(pixels)  # a view (a crop) is copied: the kernels are compiled for C order only
     h, w = pixels.shape[:2]
     out_w, out_h = size
     ky, by = _coefficients(h, out_h, kind, False)
     horizontal = out_w != w or flip
     if out_h != h and not _horizontal_first(w, h, out_w, out_h):
-        pixels = jit.vertical(np.ascontiguousarray(pixels), ky, by)
+        pixels = jit.vertical(pixels, ky, by)
         return pixels if not horizontal else jit.horizontal(pixels, *_coefficients(w, out_w, kind, flip))
     if horizontal:
         first, last = int(by[0, 0]), int(by[-1, 0] + by[-1, 1])  # the rows the vertical pass reads
