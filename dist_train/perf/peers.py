@@ -58,7 +58,7 @@ from dist_train.data.loaders import build_train_loader
 from dist_train.data.transforms import AugmentConfig
 from dist_train.errors import UserError, scratch_dir
 from dist_train.shardset.format import load_info
-from dist_train.shardset.images import encode_image
+from dist_train.shardset.images import encode_image, target_size
 from dist_train.shardset.sources import load_source
 from dist_train.shardset.writer import write_shards
 from dist_train.system import usable_cpus
@@ -96,9 +96,7 @@ def _encoded(item: tuple[str, int], resize: int | None, quality: int) -> dict:
     if resize is None:
         return {"image": encode_image((path, resize, quality))[1], "label": label}
     with Image.open(path) as im:
-        w, h = im.size
-        scale = resize / min(w, h)
-        size = (w, h) if scale >= 1 else (max(1, round(w * scale)), max(1, round(h * scale)))
+        size = target_size(im.size, resize)  # the size rule alone is shared: the rest is the user's PIL
         if im.format == "JPEG" and size != im.size:
             im.draft("RGB", size)
         rgb = im.convert("RGB")

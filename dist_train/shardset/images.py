@@ -98,7 +98,7 @@ def _member(path: str, im: Image.Image, rgb: Image.Image, resize: int | None, qu
         if fmt in JPEG_FORMATS or fmt == "PNG":
             return ("jpg" if fmt in JPEG_FORMATS else "png"), b""
         return "png", _png_bytes(im)
-    size = _target_size(im.size, resize)
+    size = target_size(im.size, resize)
     if fmt in JPEG_FORMATS and min(im.width // size[0], im.height // size[1]) >= 2:  # draft may reduce
         with pil_pixel_limit(1 << 62), Image.open(path) as small:
             small.draft("RGB", size)
@@ -143,13 +143,13 @@ def encode_image(task: tuple[str, int | None, int]) -> tuple[str, bytes]:
             if fmt in JPEG_FORMATS or fmt == "PNG":
                 return ("jpg" if fmt in JPEG_FORMATS else "png"), Path(path).read_bytes()
             return "png", _png_bytes(im)
-        size = _target_size(im.size, resize)
+        size = target_size(im.size, resize)
         if fmt in JPEG_FORMATS and size != im.size:
             im.draft("RGB", size)
         return "jpg", _jpeg_bytes(_to_rgb(im), size, quality)
 
 
-def _target_size(size: tuple[int, int], resize: int) -> tuple[int, int]:
+def target_size(size: tuple[int, int], resize: int) -> tuple[int, int]:
     """The shorter side shrunk to `resize`, never enlarged."""
     w, h = size
     scale = resize / min(w, h)

@@ -74,9 +74,7 @@ def resize_array(pixels: np.ndarray, size: tuple[int, int], method: str, flip: b
         pixels = jit.horizontal(pixels[first:last], *_coefficients(w, out_w, kind, flip))
         by = by.copy()
         by[:, 0] -= first
-    if out_h != h:
-        pixels = jit.vertical(np.ascontiguousarray(pixels), ky, by)
-    return np.ascontiguousarray(pixels)
+    return jit.vertical(pixels, ky, by) if out_h != h else pixels
 
 
 def resize(im: Image.Image, size: tuple[int, int], method: str = "lanczos",

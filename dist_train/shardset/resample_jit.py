@@ -101,7 +101,7 @@ def _weighted_rows(rows, k, b, out_index, acc):
 
 @_jit()
 def _transposed(src):
-    """(W, H, C) copy of an (H, W, C) image (any strides: a crop's view is fine)."""
+    """(W, H, C) copy of an (H, W, C) image."""
     h, w, c = src.shape
     out = np.empty((w, h, c), np.uint8)
     if c == 3:  # unrolled: twice as fast as the generic loop
