@@ -53,6 +53,17 @@ def folder_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the groups into node ids
+def pytest_collection_modifyitems(config, items) -> None:
+    """`launch/test.sh` runs pytest-xdist with 2 workers (`--dist loadgroup`). Tests marked `ranks`
+    start several processes at once (DDP launches: ~1.5 busy cores each) and run one at a time on
+    one worker, so two launches never share the 2 cores and their timeouts keep their margins;
+    every other test runs with the rest of its module, so a module's fixtures are built once."""
+    for item in items:
+        group = "ranks" if item.get_closest_marker("ranks") else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def free_port() -> int:
     import socket
 

@@ -235,6 +235,7 @@ def launch_faulty(script_args: list[str], env: dict, timeout: float = 120) -> su
     return launch(["tests/scripts/faulty_checkpoints.py", *script_args], env=env, check=False, timeout=timeout)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("rank, part", [(0, "progress"), (1, "state")], ids=["main-progress.json", "rank1-state"])
 def test_one_rank_failing_its_part_stops_every_rank(mask_shards, tmp_path, rank, part):
     """Only one rank fails (the main its progress.json, or rank 1 its RNG state): the failure

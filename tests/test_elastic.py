@@ -52,6 +52,7 @@ CASES = {  # name: (first launch: processes, flags), (resumed launch: processes,
 }
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("case", list(CASES))
 def test_resume_on_another_layout_continues_the_run(mask_shards, tmp_path, reference, case):
     (n1, first), (n2, second), stop = CASES[case]

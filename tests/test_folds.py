@@ -179,6 +179,7 @@ def cv(fold_shards, tmp_path_factory) -> Path:
     return cv
 
 
+@pytest.mark.ranks
 def test_kfold_trains_every_fold_and_oof_covers_every_sample_once(cv, fold_shards):
     fold = folds_of(fold_shards)
     for k in range(3):
@@ -202,6 +203,7 @@ def test_kfold_trains_every_fold_and_oof_covers_every_sample_once(cv, fold_shard
     assert s["acc"] == pytest.approx(float((z["prob"].argmax(1) == z["label"]).mean()))
 
 
+@pytest.mark.ranks
 def test_predict_on_a_cv_folder_averages_the_fold_models(cv, raw_mask, tmp_path):
     from dist_train.predict import main as predict
 
@@ -232,6 +234,7 @@ def oof_error(cv: Path, capsys) -> str:
     return err
 
 
+@pytest.mark.ranks
 def test_a_missing_or_unfinished_fold_is_one_line(cv, tmp_path, capsys):
     copy = tmp_path / "cv"
     shutil.copytree(cv, copy)

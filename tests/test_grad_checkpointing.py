@@ -116,6 +116,7 @@ def test_yaml_key(tmp_path):
     assert not parse_config(["--data", "x"]).model.grad_checkpointing
 
 
+@pytest.mark.ranks
 def test_ddp_staged_unfreezing_stays_in_sync(mask_shards, tmp_path):
     """2 gloo processes, head:1,all (DDP rebuilt at the stage change, the stem frozen first): the
     ranks agree on every parameter and buffer, and both stages trained."""

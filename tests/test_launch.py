@@ -87,6 +87,7 @@ def test_cpu_ddp_config_picks_a_free_port():
     assert port == 0, f"cpu_ddp.yaml main_process_port: {port}"
 
 
+@pytest.mark.ranks
 def test_accelerate_launch_cpu_ddp_gives_two_gloo_ranks(mask_shards, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -102,6 +103,7 @@ def dist_train_cmd(*args: str, cwd: Path, timeout: int = 180) -> subprocess.Comp
                           text=True, timeout=timeout)
 
 
+@pytest.mark.ranks
 def test_dist_train_train_two_processes(mask_shards, tmp_path):
     out = tmp_path / "run"
     proc = dist_train_cmd("train", "--processes", "2", "--data", str(mask_shards), "--output", str(out), *RUN,
@@ -109,6 +111,7 @@ def test_dist_train_train_two_processes(mask_shards, tmp_path):
     assert_two_ranks(out, proc)
 
 
+@pytest.mark.ranks
 def test_dist_train_bad_input_is_one_line_and_exit_2(mask_shards, tmp_path):
     """Every rank reaches the same refusal (a global batch larger than the split, found after the
     process group formed): the main process prints it, no launcher text, the rank's exit 2."""
@@ -123,6 +126,7 @@ def test_dist_train_bad_input_is_one_line_and_exit_2(mask_shards, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.ranks
 def test_accelerate_launch_bad_input_prints_the_line_once(tmp_path):
     """Plain `accelerate launch`: the line once (main process), the root cause is the rank's exit 2;
     the launcher's own traceback follows (it cannot be avoided from the ranks) and it exits 1."""
@@ -153,6 +157,7 @@ def test_dist_train_usage_errors_are_one_line(capsys):
 
 
 # ----------------------------------------------------------------------------- shell launchers
+@pytest.mark.ranks
 def test_train_sh_cpu_ddp(project, mask_shards, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(["bash", str(project / "launch" / "train.sh"), "launch/cpu_ddp.yaml", "--data",
@@ -229,6 +234,7 @@ def run_sbatch(project: Path, tmp_path: Path, args: list[str], **env_extra: str)
     return proc, log.read_text()
 
 
+@pytest.mark.ranks
 def test_sbatch_runs_accelerate_with_slurm_values(project, mask_shards, tmp_path):
     out = tmp_path / "run"
     proc, calls = run_sbatch(project, tmp_path, ["--data", str(mask_shards), "--output", str(out), *RUN])
@@ -284,6 +290,7 @@ def test_gpu_check_script_runs_every_step_on_cpu(project, tmp_path):
     assert proc.returncode == 1 and "no CUDA GPU here" in proc.stderr
 
 
+@pytest.mark.ranks
 def test_kfold_sbatch_trains_its_array_tasks_fold_and_requeues_it(project, fold_shards, tmp_path):
     """Array task 1 trains fold 1 into CV/fold-1 on the node's 2 "GPUs" (CPU ranks here); a fold
     stopped early (--time-limit) is requeued as that array task alone."""

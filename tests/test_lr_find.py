@@ -56,6 +56,7 @@ def test_lr_find_writes_only_the_plot_and_prints_the_suggestion(mask_shards, tmp
     assert os.listdir(tmp_path / "again") == ["lr_find.png"]
 
 
+@pytest.mark.ranks
 def test_lr_find_under_accelerate_launch_agrees_and_prints_once(mask_shards, tmp_path):
     out = tmp_path / "lr"
     p = launch(["dist_train/lr_find.py", "--data", str(mask_shards), *FLAGS, *SWEEP, "--output", str(out)])

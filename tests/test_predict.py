@@ -87,6 +87,7 @@ def test_one_process_rows_in_source_order(trained_run, mask_shards, tmp_path):
     assert all(r[2] == L.class_name(int(r[1])) for r in rows)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("tta", ["none", "hflip,five-crop"])
 def test_two_processes_write_the_same_file(trained_run, mask_shards, tmp_path, tta):
     """The same rows for 1 and 2 processes, with 10 TTA views per image as without."""

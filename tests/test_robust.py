@@ -166,6 +166,7 @@ def assert_same_weights_as_uninterrupted(out: Path, ref: dict) -> None:
     # SLURM's --signal=USR1@300 warning as one rank sees it first: the others must follow.
     ("rank1", signal.SIGUSR1, 0),
 ], ids=["group-SIGTERM", "rank1-SIGUSR1"])
+@pytest.mark.ranks
 def test_signal_checkpoints_and_resume_continues(start, mask_shards, uninterrupted, tmp_path, target, sig, workers):
     out = tmp_path / "run"
     args = ["--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "2", "--workers", str(workers),
@@ -200,6 +201,7 @@ def test_signal_checkpoints_and_resume_continues(start, mask_shards, uninterrupt
     assert_same_weights_as_uninterrupted(out, uninterrupted)  # same data order, optimizer state, schedule
 
 
+@pytest.mark.ranks
 def test_dead_rank_others_exit_within_timeout_and_restart_resumes(start, mask_shards, uninterrupted, tmp_path):
     """Rank 1 freezes (SIGSTOP: a lost node or a hung NCCL peer, no connection reset to notice),
     then is SIGKILLed. Rank 0 must give up after --dist-timeout, not hang."""
@@ -251,6 +253,7 @@ def _corrupt_shards(src: Path, dst: Path) -> None:
             tar.addfile(m, io.BytesIO(data))
 
 
+@pytest.mark.ranks
 def test_corrupt_shards_are_counted_and_ranks_stay_in_step(mask_shards, tmp_path):
     bad = tmp_path / "shards"
     _corrupt_shards(mask_shards, bad)
@@ -291,6 +294,7 @@ def test_non_finite_losses_skip_steps_then_stop(mask_shards, tmp_path):
     assert all(json.loads((c / "progress.json").read_text())["updates"] == 1 for c in ckpts)
 
 
+@pytest.mark.ranks
 def test_non_finite_loss_on_one_rank_is_skipped_on_every_rank(mask_shards, tmp_path):
     """Rank 1 alone sees non-finite losses from step 3: both ranks skip steps 3, 4, 5 (the
     decision is all-reduced), both stop themselves at step 5 with exit 1 and one error line from
@@ -334,6 +338,7 @@ def http_shards(mask_shards):
     server.server_close()
 
 
+@pytest.mark.ranks
 def test_http_shards_train_ddp_secure(http_shards, mask_shards, tmp_path):
     """Both ranks stream train and validation shards over HTTP, in webdataset's secure mode."""
     info = json.loads((mask_shards / "_info.json").read_text())
@@ -458,6 +463,7 @@ def kill_moments(root: Path) -> list[tuple[str, str, object, int, bool]]:
     ]
 
 
+@pytest.mark.ranks
 def test_kill_9_at_any_moment_resumes_from_a_good_checkpoint(start, mask_shards, uninterrupted, tmp_path):
     """The whole launch SIGKILLed at 4 moments of its checkpoint cycle (tests/scripts/
     faulty_checkpoints.py slows the main process's writes so that the first two can be hit):
@@ -489,6 +495,7 @@ def test_kill_9_at_any_moment_resumes_from_a_good_checkpoint(start, mask_shards,
     assert_same_weights_as_uninterrupted(out, uninterrupted)
 
 
+@pytest.mark.ranks
 def test_time_limit_stops_every_rank_at_the_same_step_and_resumes(mask_shards, tmp_path):
     """2 ranks, a real 6 s budget for 1000 epochs (more than any machine runs in 6 s): they agree on the stop (like a signal), write a
     checkpoint, and the run is not finished; --resume auto continues from that checkpoint."""

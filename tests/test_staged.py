@@ -92,6 +92,7 @@ def changed(state: dict, init: dict, names: set[str]) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- DDP head -> all
+@pytest.mark.ranks
 @pytest.mark.parametrize("val_split", ["validation", "none"])
 def test_ddp_head_then_all_stays_in_sync(mask_shards, tmp_path, val_split):
     """Every parameter and buffer ends bit-identical on both ranks, frozen weights stay as loaded.
@@ -192,6 +193,7 @@ def test_resume_inside_stage_two_equals_uninterrupted(mask_shards, tmp_path):
     _assert_same_final(full, part)
 
 
+@pytest.mark.ranks
 def test_resume_inside_stage_two_equals_uninterrupted_ddp(mask_shards, tmp_path):
     common = ["dist_train/run.py", "--data", str(mask_shards), *RESNET, *STAGED, "--workers", "1"]
     full, part = tmp_path / "full", tmp_path / "part"

@@ -66,6 +66,7 @@ def same(a: float, b: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
 
 
+@pytest.mark.ranks
 def test_two_process_run_reaches_mlflow_wandb_and_tensorboard(mask_shards, tmp_path, monkeypatch):
     """Config as hyperparameters, every metrics.jsonl field at its step, the confusion matrix at
     each evaluation, from the main process only (one run per tracker)."""

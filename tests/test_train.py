@@ -33,6 +33,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.ranks
 def test_ddp_two_ranks_uneven_shards(mask_shards, tmp_path):
     """Uneven shards over 2 ranks x 2 workers, with model EMA and a stage change (one launch for
     both): the ranks stay identical, the EMA too. The EMA is updated after each step on every
@@ -65,6 +66,7 @@ def test_ddp_two_ranks_uneven_shards(mask_shards, tmp_path):
 
 
 
+@pytest.mark.ranks
 def test_ddp_multi_head_cutmix_focal(mask_shards, tmp_path):
     """Soft targets under DDP: each rank mixes its own batches (its own lambda), the three heads'
     focal losses on the marginals all-reduce, and the ranks stay identical."""
@@ -186,6 +188,7 @@ def test_resume_other_model_refused(mask_shards, tmp_path):
     assert p.returncode == 2 and "test_resnet" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.ranks
 def test_torchrun_two_ranks(mask_shards, tmp_path):
     from conftest import free_port
 

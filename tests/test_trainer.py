@@ -454,6 +454,7 @@ def test_sampler_reweights_the_classes_the_trainer_consumes(skewed_shards, tmp_p
     assert low <= counts.max() / counts.min() < high, counts
 
 
+@pytest.mark.ranks
 def test_sampler_under_ddp_keeps_equal_steps(skewed_shards, tmp_path):
     from conftest import launch
 
