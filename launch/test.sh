@@ -4,4 +4,4 @@
 # run one after another on one worker while the other runs the in-process tests; each module's
 # other tests stay together on one worker (tests/conftest.py).
 source "$(dirname "$0")/setup.sh"
-python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadgroup --durations=25 "$@"
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadscope --durations=25 "$@"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 import os
 import subprocess
 import sys
@@ -53,15 +55,47 @@ def folder_shards(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the groups into node ids
-def pytest_collection_modifyitems(config, items) -> None:
-    """`launch/test.sh` runs pytest-xdist with 2 workers (`--dist loadgroup`). Tests marked `ranks`
-    start several processes at once (DDP launches: ~1.5 busy cores each) and run one at a time on
-    one worker, so two launches never share the 2 cores and their timeouts keep their margins;
-    every other test runs with the rest of its module, so a module's fixtures are built once."""
-    for item in items:
-        group = "ranks" if item.get_closest_marker("ranks") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+# --- the suite under pytest-xdist -------------------------------------------------------------
+# `launch/test.sh` runs 2 xdist workers with `--dist loadscope` and the scheduler below: tests
+# marked `ranks` start several processes at once (a DDP launch keeps ~1.5 cores busy) and run one
+# after another on one worker, so two launches never share the 2 cores and their timeouts keep
+# their margins; every other test runs with the rest of its module (its fixtures built once).
+# (xdist's own `--dist loadgroup` cannot be used: with pytest 9 it drops every group.)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # In-process runs set 2 torch threads when OMP_NUM_THREADS is unset; beside the other worker's
+    # ranks that oversubscribes the cores, and OpenMP's waiting threads then slow a test 10-30x.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@functools.lru_cache(maxsize=None)
+def ranks_tests(path: Path) -> frozenset[str]:
+    """Names of the test functions of a test file marked `@pytest.mark.ranks` (read from its
+    source: the xdist controller schedules before any test module is imported)."""
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError):
+        return frozenset()
+    return frozenset(node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                     and any(ast.unparse(d).split("(")[0] == "pytest.mark.ranks" for d in node.decorator_list))
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The scheduling unit of a test: "ranks" for the DDP launches, else its module."""
+    path, _, rest = nodeid.partition("::")
+    name = rest.split("[")[0].rsplit("::", 1)[-1]
+    return "ranks" if name in ranks_tests(ROOT / path) else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RanksTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return RanksTogether(config, log)
 
 
 def free_port() -> int:
