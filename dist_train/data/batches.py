@@ -26,12 +26,14 @@ from dist_train.errors import UserError, is_out_of_memory
 POOL_SLOTS = 4  # per worker: the DataLoader's 2 prefetched batches + ~2 held by the consumer
 
 
-def too_big(img_size: int, batch_size: int) -> UserError:
+def too_big(img_size: int, batch_size: int, shared: bool = False) -> UserError:
     """The line for images or batches that do not fit in memory: the sizes, and what to change."""
     image = 3 * img_size * img_size
+    where = " in shared memory" if shared else ""
+    room = ", or give /dev/shm more room (docker: --shm-size)" if shared else ""
     return UserError(f"--img-size {img_size}: out of memory making a batch of {batch_size} images of "
-                     f"{img_size}x{img_size} ({image * batch_size:,} bytes as uint8, {image:,} per image): "
-                     "use a smaller --img-size or --batch-size")
+                     f"{img_size}x{img_size}{where} ({image * batch_size:,} bytes as uint8, {image:,} per image): "
+                     f"use a smaller --img-size or --batch-size{room}")
 
 
 def _batch_buffer(numel: int) -> torch.Tensor:
@@ -89,9 +91,10 @@ def new_batch(pool: BatchPool | None, n: int, c: int, h: int, w: int, channels_l
     try:
         buf, slot = pool.take(numel) if pool is not None else (_batch_buffer(numel), -1)
     except Exception as e:
-        if not is_out_of_memory(e):
+        shared = isinstance(e, RuntimeError) and "unable to allocate shared memory" in str(e)  # /dev/shm full
+        if not (shared or is_out_of_memory(e)):
             raise
-        raise too_big(h, n) from None
+        raise too_big(h, n, shared) from None
     if channels_last and c > 1:
         return buf.view(n, h, w, c).permute(0, 3, 1, 2), slot
     return buf.view(n, c, h, w), slot
