@@ -132,8 +132,8 @@ class Transform:
         # timm's auto-augment works on PIL images and draws from `random` and `np.random`.
         self.auto_augment = _auto_augment(aug) if train and aug.aa else None
         self.draws = self.random_crop or self.hflip > 0 or self.auto_augment is not None
-        # the memory layout a batch of results gets (`batches.batch_view`): channels innermost
-        # except for nearest-neighbour results (auto-augment's come back from PIL as HWC)
+        # the memory layout of a batch to write results into (`batches.new_batch`): channels
+        # innermost except for nearest-neighbour results (auto-augment's come back from PIL as HWC)
         self.channels_last = self.memory_format == torch.channels_last or self.auto_augment is not None
         # the random crop's resize writes into `out` itself (no result tensor, no copy)
         self._resize_out = None if self.auto_augment is not None else _AA_RESIZE.get(self.interpolation)
