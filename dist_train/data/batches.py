@@ -1,5 +1,8 @@
 """Batch memory: uint8 batches built in the DataLoader workers straight into shared memory.
 
+The training reader takes a batch's buffer first (`new_batch`) and its transforms write each
+image into its slot; `stack` copies finished images into one (evaluation, file lists).
+
 A batch built in shared memory crosses to the main process without a second copy
 (default_collate's trick). A fresh shared-memory segment is costly though: the kernel allocates,
 zeroes and maps every page of it, ~110 us of worker CPU per 224-px image on the 2-vCPU box (more
@@ -23,12 +26,14 @@ from dist_train.errors import UserError, is_out_of_memory
 POOL_SLOTS = 4  # per worker: the DataLoader's 2 prefetched batches + ~2 held by the consumer
 
 
-def too_big(img_size: int, batch_size: int) -> UserError:
+def too_big(img_size: int, batch_size: int, shared: bool = False) -> UserError:
     """The line for images or batches that do not fit in memory: the sizes, and what to change."""
     image = 3 * img_size * img_size
+    where = " in shared memory" if shared else ""
+    room = ", or give /dev/shm more room (docker: --shm-size)" if shared else ""
     return UserError(f"--img-size {img_size}: out of memory making a batch of {batch_size} images of "
-                     f"{img_size}x{img_size} ({image * batch_size:,} bytes as uint8, {image:,} per image): "
-                     "use a smaller --img-size or --batch-size")
+                     f"{img_size}x{img_size}{where} ({image * batch_size:,} bytes as uint8, {image:,} per image): "
+                     f"use a smaller --img-size or --batch-size{room}")
 
 
 def _batch_buffer(numel: int) -> torch.Tensor:
@@ -67,27 +72,39 @@ class BatchPool:
                 return buf, slot
         return _batch_buffer(numel), -1
 
+    def give_back(self, slot: int) -> None:
+        """Worker: free `slot` again when the batch taken on it was never finished (an error)."""
+        if slot >= 0:
+            self.busy[slot] = 0
+
     def release_when_dropped(self, images: torch.Tensor, slot: int) -> None:
         """Main process: free `slot` for its worker once no tensor uses the batch's memory any more."""
         if slot >= 0:
             weakref.finalize(images.untyped_storage(), self.busy.__setitem__, slot, 0)
 
 
+def new_batch(pool: BatchPool | None, n: int, c: int, h: int, w: int, channels_last: bool
+              ) -> tuple[torch.Tensor, int]:
+    """(uint8 [n, C, H, W] batch to write images into, pool slot or -1): channels innermost in
+    memory if `channels_last` (and C > 1), else plain CHW per image."""
+    numel = n * c * h * w
+    try:
+        buf, slot = pool.take(numel) if pool is not None else (_batch_buffer(numel), -1)
+    except Exception as e:
+        shared = isinstance(e, RuntimeError) and "unable to allocate shared memory" in str(e)  # /dev/shm full
+        if not (shared or is_out_of_memory(e)):
+            raise
+        raise too_big(h, n, shared) from None
+    if channels_last and c > 1:
+        return buf.view(n, h, w, c).permute(0, 3, 1, 2), slot
+    return buf.view(n, c, h, w), slot
+
+
 def stack(images: Sequence[torch.Tensor], pool: BatchPool | None = None) -> tuple[torch.Tensor, int]:
     """([B, C, H, W] in the first image's memory layout, pool slot or -1). Channels-last from
     `Transform` stays so: converting layouts here would cost more than the resize that made them."""
     c, h, w = images[0].shape
-    numel = len(images) * images[0].numel()
-    try:
-        buf, slot = pool.take(numel) if pool is not None else (_batch_buffer(numel), -1)
-    except Exception as e:
-        if not is_out_of_memory(e):
-            raise
-        raise too_big(h, len(images)) from None
-    if images[0].stride(0) == 1 and c > 1:  # channels innermost
-        out = buf.view(len(images), h, w, c).permute(0, 3, 1, 2)
-    else:
-        out = buf.view(len(images), c, h, w)
+    out, slot = new_batch(pool, len(images), c, h, w, images[0].stride(0) == 1)
     for target, img in zip(out, images):
         target.copy_(img)
     return out, slot

@@ -15,6 +15,9 @@ epoch out over (world x workers) readers, MosaicML-streaming style:
 Which positions are delivered after J batches per rank is a pure function of the plan, so a
 resume on the same layout skips J batches, and a resume on another (world, workers, batch size)
 lays the positions not yet delivered out afresh (`delivered`).
+
+A slot whose sample turns out bad (it does not decode) takes the next good sample of its window,
+cyclically (`with_replacements`), so every batch stays full and the positions stay the plan's.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import math
 import random
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -158,3 +161,29 @@ def shard_groups(shards: Sequence[int], indices: Sequence[int]) -> list[tuple[in
         else:
             groups.append((s, [i]))
     return groups
+
+
+def with_replacements(decode: Callable[[int], Any], first: int, end: int,
+                      none_good: Callable[[], Exception]) -> Iterator[Any]:
+    """decode(q) for q in first..end-1, in order, each decoded once; a bad slot (None) gives the
+    next good slot's item instead, cyclically: the next good one after it, else the first good
+    one. Slots are decoded ahead only as far as a bad one needs; no good slot at all raises
+    `none_good()`."""
+    ahead: dict[int, Any] = {}  # slots decoded before their turn
+    first_good = None
+    for q in range(first, end):
+        item = ahead.pop(q) if q in ahead else decode(q)
+        if item is not None:
+            first_good = item if first_good is None else first_good
+            yield item
+            continue
+        for g in range(q + 1, end):
+            if g not in ahead:
+                ahead[g] = decode(g)
+            if ahead[g] is not None:
+                yield ahead[g]
+                break
+        else:
+            if first_good is None:
+                raise none_good()
+            yield first_good

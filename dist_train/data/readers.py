@@ -9,8 +9,9 @@ explicitly to readers (one reader = one (rank, worker) pair):
   epoch, rank, worker, sample index): an epoch is reproducible and resumes without decoding;
 - evaluation: every sample of the split is yielded exactly once over all readers.
 
-Batches are collated in the workers into shared memory and stay uint8 (channels-last) until
-the device-side preparation (`data.device`).
+Training batches are made in the workers in shared memory: a batch's buffer is taken first,
+then each sample is decoded and transformed straight into its slot (the resize writes there);
+they stay uint8 (channels-last) until the device-side preparation (`data.device`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from dist_train.trust.files import parse_json
 from dist_train.trust.schema import Dict
 from dist_train.trust.media import MAX_META_BYTES, check_image_bytes, check_local_shards, max_pixels_for, refused, tar_samples
 
-from .batches import BatchPool, pack, stack, too_big
-from .plan import Plan, mix_seed, shard_groups
+from .batches import BatchPool, new_batch, pack, stack, too_big
+from .plan import Plan, mix_seed, shard_groups, with_replacements
 from .transforms import Transform, decode_rgb
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 IMAGE_FORMATS = ("JPEG", "PNG")  # what a shard's image member may hold (shards/README.md)
+CHANNELS = 3  # `decode_rgb` gives RGB whatever the file holds
 
 TargetFn = Callable[[dict, "int | None"], int]  # (sample json metadata, stored class) -> class
 
@@ -122,6 +124,13 @@ class ShardReader(IterableDataset):
         """(uint8 image, target), or None for an undecodable sample (warned and counted).
         Encoded mode: (the file's bytes as a 1-D uint8 tensor, target), checked from its header only.
         Only reading and decoding count as bad data; the transform's errors are the settings'."""
+        item = self._read(sample)
+        if item is None or self.encoded:
+            return item
+        return self._transform(item[0], seed), item[1]
+
+    def _read(self, sample: dict) -> tuple[torch.Tensor, int] | None:
+        """`_load` without the transform: (decoded image, or the bytes in encoded mode, target)."""
         try:
             if refused(sample):
                 raise ValueError(refused(sample))
@@ -139,18 +148,17 @@ class ShardReader(IterableDataset):
         except Exception as e:
             self._count_bad(f"{sample.get('__key__')} in {sample.get('__url__')}", e)
             return None
-        if not self.encoded:
-            img = self._transform(img, seed)
         # A failing target_fn is a code or config error, not bad data: let it raise.
         if self.target_fn is not None:
             return img, int(self.target_fn(meta, cls))
         return img, -1 if cls is None else cls
 
-    def _transform(self, img: torch.Tensor, seed: int | None) -> torch.Tensor:
-        """The augmentation; one that cannot allocate its output means the image size does not
-        fit this machine, which ends the run with one line instead of skipping every sample."""
+    def _transform(self, img: torch.Tensor, seed: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The augmentation (into `out` if given); one that cannot allocate its output means the
+        image size does not fit this machine, which ends the run with one line instead of
+        skipping every sample."""
         try:
-            return self.transform(img, seed)
+            return self.transform(img, seed, out=out)
         except Exception as e:
             if is_out_of_memory(e):
                 raise too_big(self.transform.aug.img_size, self.batch_size) from None
@@ -232,12 +240,13 @@ class TrainReader(ShardReader):
         return found
 
     def _decoded(self, raw: dict, pos: int, copy: int, epoch: int) -> tuple[Any, int, str, int] | None:
+        """(decoded image or encoded bytes, target, key, seed) of one slot, or None if it is bad."""
         seed = mix_seed(self.seed, epoch, pos, copy)
         sample = raw.get(pos)
         if sample is None:
             self._count_bad(f"position {pos} of the epoch", ValueError("missing from its shard (truncated tar?)"))
             return None
-        item = self._load(sample, seed)
+        item = self._read(sample)
         return None if item is None else (item[0], item[1], sample["__key__"], seed)
 
     def _reweighted(self, raw: dict, pos: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -265,24 +274,21 @@ class TrainReader(ShardReader):
         except Exception:  # missing or bad members: the decode step counts it as bad
             return -1
 
-    def _window_items(self, plan: Plan, pos: np.ndarray, copy: np.ndarray, first: int, window_id: int = 0
-                      ) -> list[tuple]:
-        """Decoded (image, target, key, seed) per slot from `first` on; bad slots take a good
-        sample of the same window (the next one, cyclically)."""
+    def _window_slots(self, plan: Plan, pos: np.ndarray, copy: np.ndarray, first: int, window_id: int = 0
+                      ) -> Iterator[tuple]:
+        """(decoded image, target, key, seed) per slot from `first` on, decoded as they are
+        consumed; bad slots take a good sample of the same window (`with_replacements`)."""
         raw = self._read_window(plan, pos)
         if self.class_weights is not None:
             pos, copy = self._reweighted(raw, pos, mix_seed(self.seed, plan.epoch, "sampler", self.rank, window_id,
                                                             plan.world, plan.workers, plan.batch))
-        items = [self._decoded(raw, int(p), int(c), plan.epoch) if q >= first else None
-                 for q, (p, c) in enumerate(zip(pos, copy))]
-        good = [q for q in range(first, len(pos)) if items[q] is not None]
-        if not good:
-            raise RunFailed(f"{len(pos) - first} bad samples in a row on reader {self.rank * self.workers}: "
-                            "the shards look broken")
-        for q in range(first, len(pos)):
-            if items[q] is None:
-                items[q] = items[next((g for g in good if g > q), good[0])]
-        return items[first:]
+
+        def none_good() -> RunFailed:
+            return RunFailed(f"{len(pos) - first} bad samples in a row on reader {self.rank * self.workers}: "
+                             "the shards look broken")
+
+        return with_replacements(lambda q: self._decoded(raw, int(pos[q]), int(copy[q]), plan.epoch),
+                                 first, len(pos), none_good)
 
     def __iter__(self) -> Iterator[tuple]:
         """(uint8 images, targets, keys, pool slot) batches (`TrainLoader` hands the slot back to the
@@ -301,17 +307,30 @@ class TrainReader(ShardReader):
         for a, b in plan.windows(self.rank, worker):
             if b <= skipped:
                 continue  # skipped without reading or decoding
-            items = self._window_items(plan, pos[a:b], copy[a:b], max(0, skipped - a), window_id=worker * 10**6 + a)
-            for i in range(0, len(items), self.batch_size):
-                yield self._batch(items[i:i + self.batch_size])
+            first = max(0, skipped - a)
+            slots = self._window_slots(plan, pos[a:b], copy[a:b], first, window_id=worker * 10**6 + a)
+            for i in range(first, b - a, self.batch_size):
+                yield self._batch(slots, min(self.batch_size, b - a - i))
 
-    def _batch(self, items: list[tuple]) -> tuple:
-        images, targets, keys, seeds = zip(*items)
-        target = torch.tensor(targets, dtype=torch.int64)
+    def _batch(self, slots: Iterator[tuple], n: int) -> tuple:
+        """The next `n` slots as a batch: each image transformed straight into its place in the
+        (shared-memory) batch, taken from the pool first."""
         if self.encoded:
-            return (*pack(images), target, torch.tensor(seeds, dtype=torch.int64), list(keys))
-        batch, slot = stack(images, self.pool)
-        return batch, target, list(keys), slot
+            images, targets, keys, seeds = zip(*itertools.islice(slots, n))
+            return (*pack(images), torch.tensor(targets, dtype=torch.int64), torch.tensor(seeds, dtype=torch.int64),
+                    list(keys))
+        size = self.transform.aug.img_size
+        batch, slot = new_batch(self.pool, n, CHANNELS, size, size, self.transform.channels_last)
+        targets, keys = [], []
+        try:
+            for j, (img, target, key, seed) in enumerate(itertools.islice(slots, n)):
+                self._transform(img, seed, out=batch[j:j + 1])
+                targets.append(target)
+                keys.append(key)
+        except BaseException:
+            self.pool.give_back(slot)
+            raise
+        return batch, torch.tensor(targets, dtype=torch.int64), keys, slot
 
 
 class EvalReader(ShardReader):

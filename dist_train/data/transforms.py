@@ -27,6 +27,9 @@ from torchvision.transforms.v2 import functional as TF
 from dist_train.errors import UserError
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# the kernels `F.interpolate(..., antialias=True)` calls, which take an `out=` tensor
+_AA_RESIZE = {InterpolationMode.BILINEAR: torch._C._nn._upsample_bilinear2d_aa,
+              InterpolationMode.BICUBIC: torch._C._nn._upsample_bicubic2d_aa}
 
 
 @dataclass
@@ -129,10 +132,17 @@ class Transform:
         # timm's auto-augment works on PIL images and draws from `random` and `np.random`.
         self.auto_augment = _auto_augment(aug) if train and aug.aa else None
         self.draws = self.random_crop or self.hflip > 0 or self.auto_augment is not None
+        # the memory layout of a batch to write results into (`batches.new_batch`): channels
+        # innermost except for nearest-neighbour results (auto-augment's come back from PIL as HWC)
+        self.channels_last = self.memory_format == torch.channels_last or self.auto_augment is not None
+        # the random crop's resize writes into `out` itself (no result tensor, no copy)
+        self._resize_out = None if self.auto_augment is not None else _AA_RESIZE.get(self.interpolation)
 
-    def __call__(self, img: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+    def __call__(self, img: torch.Tensor, seed: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """`seed` fixes the random choices (None: fresh entropy); the result is channels-last
-        in memory except with nearest-neighbour interpolation."""
+        in memory except with nearest-neighbour interpolation. With `out` (a [C, S, S] or
+        [1, C, S, S] uint8 view, e.g. a batch's slot) the result is written there and `out`
+        returned: the same pixels, without the intermediate image where the resize allows it."""
         # No generator for the deterministic eval steps: seeding one from OS entropy costs ~11 us.
         rng = random.Random(seed) if self.draws else None
         size = self.aug.img_size
@@ -144,6 +154,9 @@ class Transform:
             if self.hflip > 0 and rng.random() < self.hflip:
                 crop = crop.flip(-1)
             crop = crop.contiguous(memory_format=self.memory_format)
+            if out is not None and self._resize_out is not None:
+                self._resize_out(crop, (size, size), False, None, None, out=out if out.dim() == 4 else out[None])
+                return out
             img = self._resize(crop, size)[0]
         else:
             short = math.floor(size / self.aug.crop_pct)
@@ -154,6 +167,8 @@ class Transform:
         if self.auto_augment is not None:
             pil = TF.to_pil_image(img)
             img = TF.pil_to_tensor(seeded_call(self.auto_augment, pil, rng.getrandbits(63)))
+        if out is not None:
+            return out.copy_(img)
         return img
 
     def _resize(self, img: torch.Tensor, size: int) -> torch.Tensor:
