@@ -300,8 +300,10 @@ def test_skipped_batches_are_not_decoded(shards, monkeypatch):
         calls.append(1)
         return decode(*args, **kw)
 
-    decode = data.decode_image
-    monkeypatch.setattr(data, "decode_image", counting_decode)
+    import dist_train.data.readers as readers
+
+    decode = readers.decode_rgb
+    monkeypatch.setattr(readers, "decode_rgb", counting_decode)
     loader = train_loader(shards, batch_size=4, workers=0)
     epoch_batches(loader, 0, skip=5)
     assert len(calls) == (len(loader) - 5) * 4
@@ -595,3 +597,67 @@ def test_sixteen_bit_png_is_scaled_to_eight_bits():
     assert (img[0].int() - expected.int()).abs().max() <= 1 and torch.equal(img[0], img[2])
     out = data.Transform(AugmentConfig(img_size=16), train=True)(img, 0)
     assert out.dtype == torch.uint8 and out.float().mean() > 60  # a mid-grey ramp, not wrapped noise
+
+
+def _jpegs() -> dict[str, bytes]:
+    """JPEGs of the layouts a decoder meets: chroma subsamplings, progressive, grayscale, an
+    RGB-colorspace file, odd sizes, qualities; CMYK and damaged ones (torchvision's to decode)."""
+    rng = np.random.default_rng(0)
+    out = {}
+
+    def save(name: str, w: int, h: int, mode: str = "RGB", **kw) -> None:
+        arr = (rng.integers(0, 64, (h, w, 3)) + np.linspace(0, 190, w)[None, :, None]).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert(mode).save(buf, format="JPEG", **kw)
+        out[name] = buf.getvalue()
+
+    for sub in (0, 1, 2):
+        for q, progressive in ((20, False), (95, False), (90, True)):
+            for w, h in ((1, 1), (17, 33), (70, 41)):
+                save(f"sub{sub}-q{q}-prog{progressive}-{w}x{h}", w, h, subsampling=sub, quality=q,
+                     progressive=progressive)
+    save("gray", 33, 20, "L", quality=90)
+    save("rgb-colorspace", 30, 24, keep_rgb=True, quality=90)
+    save("cmyk", 30, 24, "CMYK", quality=90)
+    good = out["sub2-q95-progFalse-70x41"]
+    out["extraneous-bytes"] = good[:300] + b"\0\0" + good[300:]  # libjpeg warns, decodes
+    return out
+
+
+def test_decode_rgb_gives_torchvisions_pixels_and_uses_simplejpeg_where_it_can(monkeypatch):
+    """JPEGs go to simplejpeg (a whole image per libjpeg-turbo call, faster than torchvision's
+    row-by-row decode) with the same pixels; CMYK and warned-about files still go to torchvision."""
+    import simplejpeg
+    from torchvision.io import ImageReadMode, decode_image
+
+    calls = []
+    real = simplejpeg.decode_jpeg
+
+    def spy(*a, **k):
+        try:
+            arr = real(*a, **k)
+        except ValueError:
+            calls.append("refused")
+            raise
+        calls.append("decoded")
+        return arr
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", spy)
+    for name, jpeg in _jpegs().items():
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = decode_image(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            got = data.decode_rgb(jpeg)
+            got_t = data.decode_rgb(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
+        assert got.dtype == torch.uint8 and torch.equal(got, ref) and torch.equal(got_t, ref), name
+        assert got.stride() == ref.stride(), name  # HWC in memory, as the transform expects
+        # CMYK is left to torchvision (its own conversion formula); the damaged file's header
+        # already makes simplejpeg warn, so torchvision decodes it (with its warning) as before
+        expected = [] if name in ("cmyk", "extraneous-bytes") else ["decoded"] * 2
+        assert calls == expected, name
+    calls.clear()
+    with pytest.raises(RuntimeError):  # truncated: simplejpeg refuses it, torchvision raises as before
+        jpeg = _jpegs()["sub2-q95-progFalse-70x41"]
+        data.decode_rgb(jpeg[: len(jpeg) * 2 // 3])
+    assert calls == ["refused"]

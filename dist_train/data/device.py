@@ -19,8 +19,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from dist_train.errors import UserError
 
-from .readers import JPEG_MAGIC
-from .transforms import AugmentConfig, Transform, decode_rgb
+from .transforms import JPEG_MAGIC, AugmentConfig, Transform, decode_rgb
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:

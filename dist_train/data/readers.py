@@ -36,7 +36,6 @@ from .batches import BatchPool, new_batch, pack, stack, too_big
 from .plan import Plan, mix_seed, shard_groups, with_replacements
 from .transforms import Transform, decode_rgb
 
-JPEG_MAGIC = b"\xff\xd8\xff"
 IMAGE_FORMATS = ("JPEG", "PNG")  # what a shard's image member may hold (shards/README.md)
 CHANNELS = 3  # `decode_rgb` gives RGB whatever the file holds
 
@@ -138,9 +137,7 @@ class ShardReader(IterableDataset):
             if data is None:
                 raise ValueError(f"no image member (members: {sorted(sample)})")
             check_image_bytes(data, self.max_pixels, self.image_formats)  # from the header, before decoding
-            img = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            if not self.encoded:
-                img = decode_rgb(img)
+            img = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.encoded else decode_rgb(data)
             cls = int(sample["cls"]) if "cls" in sample else None
             if self.needs_label and ("json" if self.target_fn is not None else "cls") not in sample:
                 raise ValueError(f"incomplete sample, no label (members: {sorted(sample)})")
