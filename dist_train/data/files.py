@@ -27,7 +27,7 @@ from .transforms import AugmentConfig, Transform
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_PIXELS = DEFAULT_MAX_PIXELS  # PIL's decompression-bomb limit (89,478,485 pixels)
-FILE_FORMATS = ("JPEG", "PNG", "WEBP")  # what --images decodes (torchvision's decode_image)
+FILE_FORMATS = ("JPEG", "PNG", "WEBP")  # what --images decodes (`transforms.decode_rgb`)
 MAX_FILE_BYTES = 256 * 2**20  # larger files are refused unread
 
 
