@@ -15,6 +15,21 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin has set up its factory
+def pytest_configure(config):
+    """TMPDIR for everything the suite starts (torchrun's `torchelastic_*` folders, multiprocessing's
+    `pymp-*`, wandb's media folders, our own temporary folders): a folder in this session's pytest
+    temporary folder (pytest keeps the last three sessions' and removes older ones), not /tmp, where
+    each run of the suite left ~200 of them. Set here, before any test module is imported: some
+    copy os.environ at import for the processes they start."""
+    import tempfile
+
+    path = config._tmp_path_factory.getbasetemp() / "tmpdir"
+    path.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(path)
+    tempfile.tempdir = None  # tempfile caches its choice: made again from TMPDIR
+
+
 @pytest.fixture(scope="session")
 def raw_mask(tmp_path_factory) -> Path:
     """Synthetic competition layout: DIR/train/{train.csv,images/}, DIR/eval/{info.csv,images/}."""
