@@ -2,7 +2,7 @@
 # Throughput check on one CUDA GPU (about 6-8 minutes on an H100): resnet50, bf16, 224 px,
 # channels-last, batch 256; prints a table and keeps the JSON lines.
 #
-#   launch/gpu_check.sh            # results in $GPU_CHECK_DIR (default: a new /tmp/gpu_check.*)
+#   launch/gpu_check.sh            # results in $GPU_CHECK_DIR (default: a new $TMPDIR/gpu_check.*, /tmp without TMPDIR)
 #
 # 1. data: synthetic mask photos at 384x512 ($SYNTH_JOBS synth jobs in parallel), repeated through
 #    hard links into a class-folder set of IMAGES (default 60000: ~20 s of loading at 3000 img/s),
@@ -77,7 +77,7 @@ if [ -n "$missing" ]; then
   exit 1
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-WORK="${GPU_CHECK_DIR:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
+WORK="${GPU_CHECK_DIR:-$(mktemp -d -t gpu_check.XXXXXX)}"
 mkdir -p "$WORK"
 RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def run_script(args: list[str], timeout: int = 300) -> subprocess.CompletedProce
     """`python dist_train/run.py ARGS` as its own process."""
     return subprocess.run([sys.executable, "dist_train/run.py", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                "HF_HUB_OFFLINE": "1"})
+                                                "HF_HUB_OFFLINE": "1", "TMPDIR": os.environ["TMPDIR"]})
 
 
 def metrics(out: Path) -> list[dict]:
@@ -197,7 +198,8 @@ def test_torchrun_two_ranks(mask_shards, tmp_path):
                         "--master_port", str(free_port()), "dist_train/run.py", "--data", str(mask_shards),
                         "--output", str(out), *BASE, "--epochs", "1", "--workers", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                            "TMPDIR": os.environ["TMPDIR"]})
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["finished"]
