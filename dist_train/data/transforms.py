@@ -204,8 +204,8 @@ def decode_rgb(data: bytes | torch.Tensor) -> torch.Tensor:
     """JPEG/PNG/WebP bytes -> uint8 [3, H, W] (HWC in memory, as the decoder writes it).
 
     JPEGs go to libjpeg-turbo's TurboJPEG interface (`simplejpeg`), which decodes a whole
-    image per call: ~0.36 ms against torchvision's ~0.47 for a 256x341 photo (one row per
-    libjpeg call there), with the same library and settings (accurate DCT, smooth chroma
+    image per call: 0.36-0.43 ms against torchvision's 0.41-0.47 for a 256x341 photo (one row
+    per libjpeg call there), with the same library and settings (accurate DCT, smooth chroma
     upsampling), so the same pixels (tested). CMYK/YCCK JPEGs (torchvision converts them by
     its own formula) and any JPEG it refuses, even for a warning (12-bit, damaged data), go to
     torchvision's decoder, which decides as it always did.
