@@ -104,13 +104,27 @@ def _report(e: UserError | RunFailed) -> None:
         print(line, file=sys.stderr, flush=True)  # the main process did not end the run: say it here
 
 
+def end_process_group() -> None:
+    """Destroy torch.distributed's default group, if one was set up, while the interpreter is
+    still whole. A rank that exits with a Gloo group alive can abort in the group's destructor
+    during interpreter teardown ("terminate called without an active exception", SIGABRT), after
+    its work is done: the launcher then reports the run failed. Local: waits for no other rank."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cli_main(fn: F) -> F:
-    """Wrap a command's main(): UserError -> `error: ...` + exit 2; RunFailed -> exit 1."""
+    """Wrap a command's main(): UserError -> `error: ...` + exit 2; RunFailed -> exit 1. A main
+    that returns ends the process group (end_process_group); one that raises leaves it, since its
+    worker threads may still wait in a collective that other ranks never join."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            end_process_group()
+            return result
         except UserError as e:
             _report(e)
             sys.exit(EXIT_USAGE)

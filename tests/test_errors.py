@@ -188,3 +188,32 @@ def test_an_error_line_is_printed_once_per_run(monkeypatch, capsys, rank, launch
     err = capsys.readouterr().err.splitlines()
     assert err == ([] if printed_after_wait is None else [f"error: {error}"])
     assert slept == ([errors.SIBLING_WAIT_S] if printed_after_wait else [])
+
+
+# ----------------------------------------------------------------------------- the process group at the end
+@pytest.mark.parametrize("raises", [False, True])
+def test_a_command_that_returns_ends_the_process_group(tmp_path, monkeypatch, raises):
+    """A launched rank that exits with its Gloo group alive can abort in the group's destructor
+    (SIGABRT after its work is done, seen in CI on `predict --run CV` under 2 processes): a main
+    that returns destroys the group; one that raises leaves it (a collective may still wait)."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("RANK", "0")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        @errors.cli_main
+        def main():
+            dist.barrier()
+            if raises:
+                raise errors.UserError("bad")
+            return 7
+
+        if raises:
+            with pytest.raises(SystemExit):
+                main()
+        else:
+            assert main() == 7
+        assert dist.is_initialized() == raises
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
