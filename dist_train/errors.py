@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
@@ -104,33 +105,50 @@ def _report(e: UserError | RunFailed) -> None:
         print(line, file=sys.stderr, flush=True)  # the main process did not end the run: say it here
 
 
-def end_process_group() -> None:
+# How long a command's end waits for torch.distributed's default group to shut down. Shutting it
+# down is local (no other rank takes part) and takes milliseconds, unless one of its worker threads
+# is still inside a collective that other ranks never joined (an error in the middle of DDP's
+# backward): then the process exits without it, as it would have anyway.
+END_GROUP_WAIT_S = 10.0
+
+
+def end_process_group(wait_s: float = END_GROUP_WAIT_S) -> None:
     """Destroy torch.distributed's default group, if one was set up, while the interpreter is
     still whole. A rank that exits with a Gloo group alive can abort in the group's destructor
-    during interpreter teardown ("terminate called without an active exception", SIGABRT), after
-    its work is done: the launcher then reports the run failed. Local: waits for no other rank."""
+    during interpreter teardown ("terminate called without an active exception", SIGABRT) after
+    its work is done: a finished command then fails, a refused one gives a second line and no
+    exit 2 (pytorch/pytorch#179291). Done in a daemon thread waited on for at most `wait_s`."""
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+
+    def destroy() -> None:
+        with contextlib.suppress(Exception):  # the process is ending; teardown does the rest as before
+            dist.destroy_process_group()
+
+    thread = threading.Thread(target=destroy, name="end-process-group", daemon=True)
+    thread.start()
+    thread.join(wait_s)
 
 
 def cli_main(fn: F) -> F:
-    """Wrap a command's main(): UserError -> `error: ...` + exit 2; RunFailed -> exit 1. A main
-    that returns ends the process group (end_process_group); one that raises leaves it, since its
-    worker threads may still wait in a collective that other ranks never join."""
+    """Wrap a command's main(): UserError -> `error: ...` + exit 2; RunFailed -> exit 1. Either
+    way, and when main returns, the process group is ended first (end_process_group)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             result = fn(*args, **kwargs)
-            end_process_group()
-            return result
         except UserError as e:
             _report(e)
+            end_process_group()
             sys.exit(EXIT_USAGE)
         except RunFailed as e:
             _report(e)
+            end_process_group()
             sys.exit(1)
+        end_process_group()
+        return result
 
     return wrapper  # type: ignore[return-value]
 

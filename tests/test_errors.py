@@ -6,6 +6,8 @@ import contextlib
 import os
 import resource
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -191,11 +193,11 @@ def test_an_error_line_is_printed_once_per_run(monkeypatch, capsys, rank, launch
 
 
 # ----------------------------------------------------------------------------- the process group at the end
-@pytest.mark.parametrize("raises", [False, True])
-def test_a_command_that_returns_ends_the_process_group(tmp_path, monkeypatch, raises):
+@pytest.mark.parametrize("raises", [None, errors.UserError("bad"), errors.RunFailed("failed")])
+def test_a_command_ends_the_process_group_however_it_ends(tmp_path, monkeypatch, capsys, raises):
     """A launched rank that exits with its Gloo group alive can abort in the group's destructor
-    (SIGABRT after its work is done, seen in CI on `predict --run CV` under 2 processes): a main
-    that returns destroys the group; one that raises leaves it (a collective may still wait)."""
+    (SIGABRT after its work is done, seen in CI on `predict --run CV` under 2 processes; a second
+    line and no exit 2 after a refusal): every way out of a command destroys the group first."""
     import torch.distributed as dist
 
     monkeypatch.setenv("RANK", "0")
@@ -204,16 +206,31 @@ def test_a_command_that_returns_ends_the_process_group(tmp_path, monkeypatch, ra
         @errors.cli_main
         def main():
             dist.barrier()
-            if raises:
-                raise errors.UserError("bad")
+            if raises is not None:
+                raise raises
             return 7
 
-        if raises:
-            with pytest.raises(SystemExit):
-                main()
-        else:
+        if raises is None:
             assert main() == 7
-        assert dist.is_initialized() == raises
+        else:
+            with pytest.raises(SystemExit) as e:
+                main()
+            assert e.value.code == (2 if isinstance(raises, errors.UserError) else 1)
+            assert capsys.readouterr().err == f"error: {raises}\n"
+        assert not dist.is_initialized()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_ending_the_process_group_waits_a_bounded_time(monkeypatch):
+    """A shutdown stuck behind a collective no other rank joins does not keep the process alive."""
+    import torch.distributed as dist
+
+    stuck = threading.Event()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: stuck.wait(60))
+    t0 = time.monotonic()
+    errors.end_process_group(wait_s=0.2)
+    assert time.monotonic() - t0 < 5
+    stuck.set()
