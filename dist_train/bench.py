@@ -16,8 +16,9 @@ compared; progress and the trainer's own output go to stderr. Warm-up is never t
 peak memory; `memory` runs it with and without --grad-checkpointing, each in a fresh process
 (dist_train.perf.memory); `loader` times the input pipeline (dist_train.perf.loader); `peers`
 writes and reads the same images with dist_train, LitData, MosaicML Streaming, timm's wds reader
-and a per-file PIL loader, rounds alternating (dist_train.perf.peers); `peers` prints one JSON
-line per system before its summary line.
+and a per-file PIL loader, beside the limit (decode + the loader's transform alone), rounds
+alternating (dist_train.perf.peers); `peers` prints one JSON line per system before its summary
+line.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def _check_cost(src: Path, ms_per_image: float, limit: int = 300) -> dict:
 
 
 def _add_peers(sub: Any) -> None:
-    pe = sub.add_parser("peers", help="write + read images/s against LitData, MosaicML Streaming, timm wds, PIL files")
+    pe = sub.add_parser("peers", help="write + read images/s against LitData, MosaicML Streaming, timm wds, PIL files, "
+                                        "and the limit (decode + transform alone)")
     pe.add_argument("--src", required=True, help="raw image set (as python -m dist_train.shard --src)")
     pe.add_argument("--resize", type=int, default=256, help="shorter side written by every system (default 256)")
     pe.add_argument("--quality", type=int, default=95)

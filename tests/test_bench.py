@@ -25,6 +25,7 @@ from dist_train.errors import UserError
 from dist_train.perf.loader import SeedDataset
 from dist_train.shardset.format import load_info
 from dist_train.system import usable_cpus
+from dist_train.trust.media import tar_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 AUG = AugmentConfig(img_size=24)
@@ -105,7 +106,7 @@ def test_peers_write_and_read_the_same_images(capfd, raw_mask, monkeypatch):
     monkeypatch.setattr(peers, "rate", timed)
     bench.main(["peers", "--src", str(raw_mask / "train"), "--resize", "24", "--img-size", "16", "--batch-size", "8",
                 "--workers", "1", "--seconds", "0.2", "--rounds", "2"])
-    assert alive == [1] * 6
+    assert alive == [1] * 8
     out, err = capfd.readouterr()
     *lines, summary = [json.loads(line) for line in out.strip().splitlines()]
     by = {x["system"]: x for x in lines}
@@ -113,15 +114,43 @@ def test_peers_write_and_read_the_same_images(capfd, raw_mask, monkeypatch):
     for name in ("litdata", "mosaicml_streaming"):
         assert "not installed" in by[name]["skipped"] and f"peers: skipping {name}" in err
     ran = [x for x in lines if "skipped" not in x]
-    assert {x["system"] for x in ran} == {"dist_train", "seed", "timm_wds"}
+    assert {x["system"] for x in ran} == {"dist_train", "limit", "seed", "timm_wds"}
     for x in ran:
         assert x["read_images_per_s"] > 0 and len(x["read_rounds"]) == 2 and x["images"] == 210
         assert x["children_left"] == 0
-        assert (x["write_images_per_s"] is None) == (x["system"] in ("seed", "timm_wds"))
+        assert (x["write_images_per_s"] is None) == (x["system"] in ("limit", "seed", "timm_wds"))
     assert summary["bench"] == "peers" and summary["rounds"] == 2
     assert summary["ratios"]["read_vs_seed"] == pytest.approx(
         by["dist_train"]["read_images_per_s"] / by["seed"]["read_images_per_s"], rel=1e-2)
     assert "read_vs_timm_wds" in summary["ratios"] and "read_vs_timm_wds" in summary["targets"]
+    assert summary["ratios"]["read_vs_limit"] == pytest.approx(
+        by["dist_train"]["read_images_per_s"] / by["limit"]["read_images_per_s"], rel=1e-2)
+    assert summary["targets"]["read_vs_timm_wds"]["limit_ratio"] == pytest.approx(
+        by["limit"]["read_images_per_s"] / by["timm_wds"]["read_images_per_s"], rel=1e-2)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+def test_the_limit_does_the_loaders_work_on_every_image(mask_shards, interpolation):
+    """`bench peers`' limit decodes every sample of the shards and puts each through the
+    loader's own Transform, into a slot of a batch laid out as the loader's batches are: the
+    same work per image as the loader, less its checks and collation."""
+    from dist_train.perf.loader import DecodeOnly
+    from dist_train.shardset.format import shard_urls
+
+    urls = shard_urls(str(mask_shards), load_info(str(mask_shards)), "train")
+    transform = _Transform(AugmentConfig(img_size=24, interpolation=interpolation), train=True)
+    calls = []
+
+    def spy(img, seed, out):
+        calls.append((seed, out.shape, out.stride(0) == 1))  # channels innermost
+        return transform(img, seed=seed, out=out)
+    spy.aug, spy.channels_last = transform.aug, transform.channels_last
+    samples = sum(1 for _ in tar_samples(urls, handler=lambda e: True))
+    stream = iter(DecodeOnly(urls, 5, spy))
+    batches = [next(stream) for _ in range(samples)]  # 5 passes over the shards
+    assert batches == [5] * samples and [c[0] for c in calls] == list(range(5 * samples))
+    assert {c[1:] for c in calls} == {((3, 24, 24), transform.channels_last)}
+    assert transform.channels_last == (interpolation != "nearest")
 
 
 def test_peers_skip_a_package_that_does_not_import(tmp_path, monkeypatch):

@@ -14,8 +14,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from torchvision import transforms as T
 
+from dist_train.data.batches import new_batch
 from dist_train.data.loaders import build_train_loader
-from dist_train.data.transforms import AugmentConfig, decode_rgb
+from dist_train.data.transforms import AugmentConfig, Transform, decode_rgb
 from dist_train.errors import UserError
 from dist_train.shardset.format import image_bytes, load_info, shard_urls
 from dist_train.system import usable_cpus
@@ -26,23 +27,33 @@ from .timing import loader_warmup, rate
 
 class DecodeOnly(IterableDataset):
     """The pipeline's limit: the same shard bytes read (by the loader's own tar reader) and decoded
-    by the same workers, with no checks, augmentation or collation. Yields the image count of
-    every `batch_size` decoded."""
+    by the same workers, with no checks or collation. Yields the image count of every
+    `batch_size` decoded. With `transform` (the loader's own `Transform`) each image is also
+    cropped, flipped and resized into its slot of one batch buffer the worker reuses (made
+    by `new_batch`, as the loader's are): the limit of any loader that hands over these pixels;
+    nothing is sent to the main process."""
 
-    def __init__(self, urls: Sequence[str], batch_size: int):
+    def __init__(self, urls: Sequence[str], batch_size: int, transform: Transform | None = None):
         self.urls = list(urls)
         self.batch_size = batch_size
+        self.transform = transform
 
     def __iter__(self) -> Iterator[int]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         mine = self.urls[worker::workers] or self.urls
-        count = 0
+        out = None
+        if self.transform is not None:
+            size = self.transform.aug.img_size
+            out, _ = new_batch(None, self.batch_size, 3, size, size, self.transform.channels_last)
+        count = done = 0
         for url in itertools.cycle(mine):
             for sample in tar_samples([url], handler=lambda e: True):  # the loader's own tar reader
-                data = image_bytes(sample)
-                decode_rgb(data)
+                img = decode_rgb(image_bytes(sample))
+                if out is not None:
+                    self.transform(img, seed=done, out=out[count])
                 count += 1
+                done += 1
                 if count == self.batch_size:
                     yield count
                     count = 0

@@ -19,6 +19,9 @@ slows each alike; every figure is the median of the rounds.
   dist_train's shards, with `create_loader`'s and train.py's default prefetcher: PIL decode and
   crop in the workers, uint8 batches, normalised on the device (read below its `PrefetchLoader`,
   as dist_train's loader is read below its device prep); it has no writer.
+- limit: what no loader handing over these pixels can beat: dist_train's shards read, decoded and
+  put through the loader's `Transform` by as many workers, nothing else (`perf.loader.DecodeOnly`);
+  each read target reports the limit's ratio to the peer too (`limit_ratio`).
 - seed: the per-file starting point, a `Dataset` opening each raw file with PIL; writes nothing.
 Every loader keeps its workers across epochs (timm's and dist_train's default; set for the
 others), and all run under the platform's start method (litdata's `optimize` leaves "spawn" set:
@@ -31,14 +34,12 @@ streaming's `jpeg` encoder would re-encode at PIL's default quality 75.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib
 import importlib.util
 import io
 import json
 import multiprocessing
-import os
 import shutil
 import statistics
 import sys
@@ -55,17 +56,19 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from dist_train.data.loaders import build_train_loader
-from dist_train.data.transforms import AugmentConfig
+from dist_train.data.transforms import AugmentConfig, Transform
 from dist_train.errors import UserError, scratch_dir
-from dist_train.shardset.format import load_info
+from dist_train.shardset.format import load_info, shard_urls
 from dist_train.shardset.images import encode_image, target_size
 from dist_train.shardset.sources import load_source
 from dist_train.shardset.writer import write_shards
 from dist_train.system import usable_cpus
 
-from .timing import loader_warmup, rate
+from .loader import DecodeOnly
+from .timing import loader_warmup, rate, stdout_to_stderr
 
-SYSTEMS = ("dist_train", "litdata", "mosaicml_streaming", "timm_wds", "seed")
+SYSTEMS = ("dist_train", "limit", "litdata", "mosaicml_streaming", "timm_wds", "seed")
+ON_OUR_SHARDS = ("limit", "timm_wds")  # readers of dist_train's shards, with no writer of their own
 PACKAGES = {"litdata": "litdata", "mosaicml_streaming": "streaming"}  # system -> module
 # mosaicml-streaming pins numpy<2.2 and transformers<5: the bench extra holds what it imports, and
 # the package itself goes in without its pins (README, "Against the peers")
@@ -73,6 +76,7 @@ INSTALL = {"litdata": "pip install 'dist_train[bench]'",
            "mosaicml_streaming": "pip install 'dist_train[bench]' && pip install --no-deps 'mosaicml-streaming>=0.11'"}
 SCALE, RATIO = (0.5, 1.0), (3 / 4, 4 / 3)
 OUTPUTS = {"dist_train": "uint8 batches, normalised on the device",
+           "limit": "nothing: decode, crop, flip and resize into a batch buffer each worker reuses",
            "timm_wds": "uint8 batches (PIL decode, fast_collate), normalised on the device by timm's PrefetchLoader"}
 
 
@@ -187,7 +191,7 @@ def _forever(make_iter: Callable[[int], Any]) -> Iterator[int]:
 
 def read_dist_train(out: Path, a: argparse.Namespace, items: list) -> Iterator[int]:
     info = load_info(str(out))
-    loader = build_train_loader(str(out), info, "train", aug=AugmentConfig(img_size=a.img_size, scale=SCALE),
+    loader = build_train_loader(str(out), info, "train", aug=_augment(a),
                                 batch_size=a.batch_size, workers=a.workers, world_size=1, rank=0, seed=0,
                                 pin_memory=False)
 
@@ -195,6 +199,15 @@ def read_dist_train(out: Path, a: argparse.Namespace, items: list) -> Iterator[i
         loader.set_epoch(e)
         return loader
     return _forever(epoch)
+
+
+def _augment(a: argparse.Namespace) -> AugmentConfig:
+    return AugmentConfig(img_size=a.img_size, scale=SCALE, ratio=RATIO, hflip=0.5)
+
+
+def read_limit(out: Path, a: argparse.Namespace, items: list) -> Iterator[int]:
+    ds = DecodeOnly(shard_urls(str(out), load_info(str(out)), "train"), a.batch_size, Transform(_augment(a), train=True))
+    yield from DataLoader(ds, batch_size=None, num_workers=a.workers, persistent_workers=a.workers > 0)
 
 
 def read_litdata(out: Path, a: argparse.Namespace, items: list) -> Iterator[int]:
@@ -245,27 +258,11 @@ def read_seed(out: Path, a: argparse.Namespace, items: list) -> Iterator[int]:
     return _forever(lambda e: loader)
 
 
-READERS = {"dist_train": read_dist_train, "litdata": read_litdata, "mosaicml_streaming": read_streaming,
+READERS = {"dist_train": read_dist_train, "limit": read_limit, "litdata": read_litdata, "mosaicml_streaming": read_streaming,
            "timm_wds": read_timm_wds, "seed": read_seed}
 
 
 # ---------------------------------------------------------------- the run
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Everything written to stdout meanwhile (by us, the peers, their worker processes) goes to
-    stderr, so stdout holds only the JSON lines."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _unusable(system: str) -> str | None:
@@ -316,7 +313,7 @@ def bench_peers(a: argparse.Namespace) -> dict:
         print(json.dumps(line), flush=True)
     writes: dict[str, list[float]] = {s: [] for s in systems if s in WRITERS}
     reads: dict[str, list[dict]] = {s: [] for s in systems}
-    with tempfile.TemporaryDirectory(prefix="dist_train-peers-", dir=scratch_dir()) as tmp, _stdout_to_stderr():
+    with tempfile.TemporaryDirectory(prefix="dist_train-peers-", dir=scratch_dir()) as tmp, stdout_to_stderr():
         root = Path(tmp)
         method = multiprocessing.get_start_method()
         for r in range(a.rounds):
@@ -328,9 +325,9 @@ def bench_peers(a: argparse.Namespace) -> dict:
                 print(f"peers: round {r + 1} {s} wrote {writes[s][-1]:.1f} images/s", file=sys.stderr)
                 if r:
                     shutil.rmtree(root / f"{s}-{r}")
-        if "dist_train" not in writes:  # timm_wds reads dist_train's shards
+        if "dist_train" not in writes:  # the readers ON_OUR_SHARDS read dist_train's shards
             write_dist_train(src, root / "dist_train-0", a, items)
-        where = {s: root / f"{'dist_train' if s == 'timm_wds' else s}-0" for s in systems}
+        where = {s: root / f"{'dist_train' if s in ON_OUR_SHARDS else s}-0" for s in systems}
         for r in range(a.rounds):
             for s in systems:
                 start = time.perf_counter()
@@ -342,10 +339,8 @@ def bench_peers(a: argparse.Namespace) -> dict:
 
 def _read_round(system: str, where: Path, a: argparse.Namespace, items: list, method: str) -> dict:
     """One timed read from a fresh loader of `system`, whose workers are ended before the next
-    system's round: nothing of the others runs meanwhile. (With every loader kept alive across
-    rounds, the idle peers' workers and threads took CPU from the system being timed and were
-    counted in its CPU time, `cpu_seconds` counting every child: dist_train read 2,188 images/s
-    alone and 1,414 beside them.) `children_left` counts workers still alive 10 s after."""
+    system's round (idle peers' workers beside it took its CPU and counted in its CPU time:
+    dist_train read 2,188 images/s alone, 1,414 beside them); `children_left`: still alive 10 s after."""
     stream = READERS[system](where, a, items)
     multiprocessing.set_start_method(method, force=True)  # litdata leaves "spawn" set
     try:
@@ -380,11 +375,16 @@ def _report(a: argparse.Namespace, images: int, systems: list[str], writes: dict
               for s in systems if s != "dist_train"}
     ratios.update({f"write_vs_{s}": _ratio(ours["write_images_per_s"], med[s]["write_images_per_s"])
                    for s in systems if s in WRITERS and s != "dist_train"})
-    targets = {k: (ratios[k], v, ratios[k] >= v) for k, v in TARGETS.items() if ratios.get(k) is not None}
+    limit = med.get("limit", {}).get("read_images_per_s")
+    targets = {k: {"ratio": ratios[k], "target": v, "met": ratios[k] >= v} for k, v in TARGETS.items()
+               if ratios.get(k) is not None}
+    for k, t in targets.items():
+        if k.startswith("read_vs_") and limit:  # what no loader of these pixels could beat
+            t["limit_ratio"] = _ratio(limit, med[k[len("read_vs_"):]]["read_images_per_s"])
     return {"bench": "peers", "src": str(a.src), "images": images, "resize": a.resize, "quality": a.quality,
             "img_size": a.img_size, "batch_size": a.batch_size, "workers": a.workers, "rounds": a.rounds,
             "seconds": a.seconds, "ratios": ratios,
-            "targets": {k: {"ratio": r, "target": v, "met": ok} for k, (r, v, ok) in targets.items()}}
+            "targets": targets}
 
 
 TARGETS = {"read_vs_litdata": 2.0, "read_vs_mosaicml_streaming": 3.0, "read_vs_timm_wds": 3.0, "write_vs_litdata": 2.0}

@@ -1,7 +1,9 @@
-"""Timing helpers: device sync, CPU seconds of a process tree, images/s of a batch stream, peak memory."""
+"""Timing helpers: device sync, CPU seconds of a process tree, images/s of a batch stream, peak memory,
+and stdout kept for the JSON lines."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
@@ -78,3 +80,19 @@ def peak_memory(device: torch.device) -> dict:
                 "memory_kind": "cuda_max_allocated"}
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
     return {"peak_memory_mb": round(kib / 1024, 1), "memory_kind": "cpu_peak_rss"}
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Everything written to stdout meanwhile (by us, the peers, their worker processes) goes to
+    stderr, so stdout holds only the JSON lines."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
