@@ -19,9 +19,9 @@ slows each alike; every figure is the median of the rounds.
   dist_train's shards, with `create_loader`'s and train.py's default prefetcher: PIL decode and
   crop in the workers, uint8 batches, normalised on the device (read below its `PrefetchLoader`,
   as dist_train's loader is read below its device prep); it has no writer.
-- limit: what no loader handing over these pixels can beat: dist_train's shards read, decoded and
-  put through the loader's `Transform` by as many workers, nothing else (`perf.loader.DecodeOnly`);
-  each read target reports the limit's ratio to the peer too (`limit_ratio`).
+- limit: the loader's limit, its own tar reader, decoder and `Transform` alone: dist_train's shards
+  read, decoded and transformed by as many workers, nothing else (`perf.loader.DecodeOnly`); each
+  read target also gives the limit's ratio to the peer (`limit_ratio`).
 - seed: the per-file starting point, a `Dataset` opening each raw file with PIL; writes nothing.
 Every loader keeps its workers across epochs (timm's and dist_train's default; set for the
 others), and all run under the platform's start method (litdata's `optimize` leaves "spawn" set:
@@ -206,7 +206,8 @@ def _augment(a: argparse.Namespace) -> AugmentConfig:
 
 
 def read_limit(out: Path, a: argparse.Namespace, items: list) -> Iterator[int]:
-    ds = DecodeOnly(shard_urls(str(out), load_info(str(out)), "train"), a.batch_size, Transform(_augment(a), train=True))
+    urls = shard_urls(str(out), load_info(str(out)), "train")
+    ds = DecodeOnly(urls, a.batch_size, Transform(_augment(a), train=True))
     yield from DataLoader(ds, batch_size=None, num_workers=a.workers, persistent_workers=a.workers > 0)
 
 
@@ -258,8 +259,8 @@ def read_seed(out: Path, a: argparse.Namespace, items: list) -> Iterator[int]:
     return _forever(lambda e: loader)
 
 
-READERS = {"dist_train": read_dist_train, "limit": read_limit, "litdata": read_litdata, "mosaicml_streaming": read_streaming,
-           "timm_wds": read_timm_wds, "seed": read_seed}
+READERS = {"dist_train": read_dist_train, "limit": read_limit, "litdata": read_litdata,
+           "mosaicml_streaming": read_streaming, "timm_wds": read_timm_wds, "seed": read_seed}
 
 
 # ---------------------------------------------------------------- the run
@@ -379,7 +380,7 @@ def _report(a: argparse.Namespace, images: int, systems: list[str], writes: dict
     targets = {k: {"ratio": ratios[k], "target": v, "met": ratios[k] >= v} for k, v in TARGETS.items()
                if ratios.get(k) is not None}
     for k, t in targets.items():
-        if k.startswith("read_vs_") and limit:  # what no loader of these pixels could beat
+        if k.startswith("read_vs_") and limit:  # as far as a leaner loader of ours could get
             t["limit_ratio"] = _ratio(limit, med[k[len("read_vs_"):]]["read_images_per_s"])
     return {"bench": "peers", "src": str(a.src), "images": images, "resize": a.resize, "quality": a.quality,
             "img_size": a.img_size, "batch_size": a.batch_size, "workers": a.workers, "rounds": a.rounds,
