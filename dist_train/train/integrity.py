@@ -6,7 +6,8 @@ or planted file is found without loading anything. `check_loadable` runs every p
 file through the same weights-only unpickler Accelerate uses (tensors, numbers, numpy arrays;
 no other global), memory-mapped, so a file that would run code is refused before Accelerate
 sees it: Accelerate itself swallows a failed RNG-state load without a word, and loads
-`custom_checkpoint_*.pkl` with `weights_only=False`.
+`custom_checkpoint_*.pkl` as full pickles (weights-only checking off), which dist_train never
+lets it reach unchecked.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def check_loadable(folder: str | os.PathLike, rank: int) -> str | None:
         try:
             with warnings.catch_warnings():  # torch warns about pickle protocols: not ours to print
                 warnings.simplefilter("ignore")
-                accelerate_load(str(path), map_location="cpu", mmap=zipfile.is_zipfile(path))
+                accelerate_load(str(path), map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
         except pickle.UnpicklingError as e:
             return _refusal(name, e)
         except Exception as e:  # a damaged file: not code, but not loadable either
