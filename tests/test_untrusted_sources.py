@@ -120,6 +120,57 @@ def test_unreadable_csv_is_one_line(tmp_path, capsys, case):
     assert_one_line(code, err, f"{csv}: line ", expected, "expected a UTF-8 csv")
 
 
+def test_csv_line_numbers_count_blank_lines_and_short_rows_are_named(tmp_path, capsys):
+    """Lines as an editor shows them: blank lines and a quoted line break counted; a row with fewer
+    fields than the header is named as such, not as an empty path."""
+    root = make_mask_set(tmp_path / "src", demo_persons(3))
+    csv = root / "train.csv"
+    head, *rows = csv.read_text().splitlines()
+    race = rows[0].split(",")[2]
+    csv.write_text("\n".join([head, "", rows[0].replace(f",{race},", ',"two\nlines",'), "", rows[1],
+                              rows[2].replace("female", "robot").replace(",male,", ",robot,")]) + "\n")
+    code, err = call(shard.main, shard_args(root, tmp_path / "out"), capsys)
+    assert_one_line(code, err, f"{csv}: unparseable values: line 7 ", "gender 'robot'")
+    csv.write_text("\n".join([head, "", *rows, "", "000009,male"]) + "\n")
+    code, err = call(shard.main, shard_args(root, tmp_path / "out"), capsys)
+    assert_one_line(code, err, f"{csv}: line 7: 2 fields, the header has 5")
+    csv.write_bytes(b"\n".join([head.encode(), b"", rows[0].encode(), rows[1].replace("Asian", "Asi\xe1n").encode("latin-1")]))
+    code, err = call(shard.main, shard_args(root, tmp_path / "out"), capsys)
+    assert_one_line(code, err, f"{csv}: line 4: unreadable", "expected a UTF-8 csv")
+    assert not (tmp_path / "out").exists()
+
+
+def test_csv_paths_are_made_canonical(tmp_path):
+    """`person/` and `./person` in train.csv, `./a.jpg` in info.csv: the same keys as the plain
+    names (not `person//mask1` or `_/a`), nothing counted as unlisted; the submission's ImageID
+    stays as info.csv gives it."""
+    root = make_mask_set(tmp_path / "src", demo_persons(2))
+    csv = root / "train.csv"
+    head, first, second = csv.read_text().splitlines()
+    *cols, folder = second.split(",")
+    csv.write_text("\n".join([head, first + "/", ",".join([*cols, "./" + folder])]) + "\n")
+    source = load_source(root)
+    assert {r.key.split("/")[0] for r in source.records} == {first.split(",")[4], folder}
+    assert all("//" not in r.key and not r.key.startswith("_") for r in source.records)
+    assert source.ignored["unlisted"] == 0
+    ev = tmp_path / "eval"
+    (ev / "images" / "sub").mkdir(parents=True)
+    (ev / "images" / "a.jpg").write_bytes(image_bytes(1))
+    (ev / "images" / "sub" / "b.jpg").write_bytes(image_bytes(2))
+    (ev / "info.csv").write_text("ImageID,ans\n./a.jpg,0\nsub//b.jpg,0\n")
+    source = load_source(ev)
+    assert [r.key for r in source.records] == ["a", "sub/b"] and source.ignored["unlisted"] == 0
+    assert [r.meta["image_id"] for r in source.records] == ["./a.jpg", "sub//b.jpg"]
+
+
+def test_file_name_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    src = folder_set(tmp_path / "src")
+    os.rename(src / "a" / "0.png", os.path.join(os.fsencode(src / "a"), b"caf\xe9.png"))
+    code, err = call(shard.main, shard_args(src, tmp_path / "out"), capsys)
+    assert_one_line(code, err, "caf\\xe9.png' is not UTF-8")
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- --out
 def test_out_with_other_files_is_refused_and_they_survive(tmp_path, capsys):
     src = folder_set(tmp_path / "src")

@@ -16,7 +16,6 @@ naming the offenders: they mean the labels cannot be trusted.
 
 from __future__ import annotations
 
-import csv
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -157,25 +156,6 @@ def resolve_dir(src: Path, name: str, sub: str) -> Path:
     if found:
         return found
     return src / sub if (src / sub).is_dir() and not (src / "images").is_dir() else src
-
-
-def read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
-    """Rows as str dicts (ids keep their leading zeros); UserError on a missing file or column."""
-    if not path.is_file():
-        raise UserError(f"{path}: not found; expected a csv with columns {','.join(columns)}")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        try:
-            missing = [c for c in columns if c not in (reader.fieldnames or [])]
-            if missing:
-                raise UserError(f"{path}: missing column(s) {','.join(missing)}; expected {','.join(columns)}")
-            rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-        except (UnicodeDecodeError, csv.Error) as e:  # not UTF-8; a field over csv's 128 KB limit
-            raise UserError(f"{path}: line {reader.line_num + 1}: unreadable ({e}); expected a UTF-8 csv "
-                            f"with columns {','.join(columns)}") from None
-    if not rows:
-        raise UserError(f"{path}: no rows")
-    return rows
 
 
 def count_top_junk(image_root: Path, listed: set[str], ignored: dict[str, int]) -> None:

@@ -24,10 +24,10 @@ from dist_train.shardset.sources import (
     make_key,
     new_ignored,
     offenders,
-    read_csv,
     resolve_dir,
 )
-from dist_train.shardset.tree import SourceTree, inside
+from dist_train.shardset.tree import SourceTree
+from dist_train.trust.tables import index_path, read_table
 
 from .labels import (
     DEFAULT_AGE_BINS,
@@ -100,28 +100,35 @@ def _person_images(folder: Path, rel: str, ignored: dict[str, int], dups: list[s
     return by_stem
 
 
-def _check_paths_inside(index: Path, paths: list[tuple[int, str]], image_root: Path) -> None:
-    """Every path the csv gives names something below images/: relative, no '..', not empty."""
-    bad = [f"line {line}: {p!r}" if p else f"line {line}: (empty)" for line, p in paths if not inside(p)]
+def _index_paths(index: Path, rows: list[tuple[int, dict[str, str]]], column: str,
+                 image_root: Path) -> list[tuple[int, dict[str, str]]]:
+    """The rows with `column` made canonical (`a/`, `./a` -> `a`: one image, one key); every path must
+    name something below images/: relative, no '..', not empty."""
+    out, bad = [], []
+    for line, row in rows:
+        rel = index_path(row[column])
+        if rel is None:
+            bad.append(f"line {line}: {row[column]!r}" if row[column] else f"line {line}: (empty)")
+        out.append((line, {**row, column: rel}))
     if bad:
         raise UserError(f"{index}: paths that do not stay under {image_root}: {offenders(bad)}; expected a "
                         "relative name without '..'")
+    return out
 
 
 def _load_mask(src: Path, options: dict) -> Source:
     bins = tuple(options["age_bins"])
     root = resolve_dir(src, "train.csv", "train")
     index = root / "train.csv"
-    rows = read_csv(index, MASK_COLUMNS)
+    table = read_table(index, MASK_COLUMNS)
     image_root = root / "images"
     if not image_root.is_dir():
         raise UserError(f"{image_root}: not found; the mask layout expects images/<path>/ next to train.csv")
-
-    _check_paths_inside(index, [(line, row["path"]) for line, row in enumerate(rows, start=2)], image_root)
+    rows = _index_paths(index, table, "path", image_root)
     ignored = new_ignored()
     tree = SourceTree(image_root, ignored)
     bad_values, missing, people = [], [], []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         try:
             people.append((row, parse_gender(row["gender"]), parse_age(row["age"])))
         except ValueError as e:
@@ -134,7 +141,7 @@ def _load_mask(src: Path, options: dict) -> Source:
         raise UserError(f"{index}: rows whose folder is missing under {image_root} (or leads out of it, or is "
                         f"listed twice): {offenders(missing)}")
 
-    count_top_junk(image_root, {r["path"] for r in rows}, ignored)
+    count_top_junk(image_root, {r["path"].split("/")[0] for _, r in rows}, ignored)
     records: list[Record] = []
     dups, empty = [], []
     for row, gender, age in people:
@@ -165,26 +172,28 @@ def _load_mask_eval(src: Path, options: dict) -> Source:
     bins = tuple(options["age_bins"])
     root = resolve_dir(src, "info.csv", "eval")
     index = root / "info.csv"
-    rows = read_csv(index, EVAL_COLUMNS)
+    table = read_table(index, EVAL_COLUMNS)
     image_root = root / "images"
     if not image_root.is_dir():
         raise UserError(f"{image_root}: not found; the mask-eval layout expects images/ next to info.csv")
-    _check_paths_inside(index, [(i + 2, r["ImageID"]) for i, r in enumerate(rows)], image_root)
+    lines = _index_paths(index, table, "ImageID", image_root)
+    rows = [r for _, r in lines]
+    given = [r["ImageID"] for _, r in table]  # the submission echoes info.csv's own ImageIDs
     ignored = new_ignored()
     tree = SourceTree(image_root, ignored)
-    missing = [f"line {i + 2}: {r['ImageID']}" for i, r in enumerate(rows)
+    missing = [f"line {line}: {r['ImageID']}" for line, r in lines
                if not (image_root / r["ImageID"]).is_file() or tree.kind(image_root / r["ImageID"]) != "file"]
     if missing:
         raise UserError(f"{index}: images missing under {image_root} (or not regular files in it, or listed "
                         f"twice): {offenders(missing)}")
-    count_top_junk(image_root, {r["ImageID"] for r in rows}, ignored)
+    count_top_junk(image_root, {r["ImageID"].split("/")[0] for r in rows}, ignored)
     records = []
-    for i, row in enumerate(rows):
+    for i, (row, image_id) in enumerate(zip(rows, given)):
         rel = row["ImageID"]
         key = make_key(rel)
         records.append(
             Record(key=key, path=image_root / rel, rel=rel, label=None,
-                   meta={"image_id": rel, "index": i}, group=key, stratum="")
+                   meta={"image_id": image_id, "index": i}, group=key, stratum="")
         )
     return Source("mask-eval", root, image_root, index, records, class_names(bins), ignored, labeled=False)
 
