@@ -163,6 +163,15 @@ def test_csv_paths_are_made_canonical(tmp_path):
     assert [r.meta["image_id"] for r in source.records] == ["./a.jpg", "sub//b.jpg"]
 
 
+def test_key_clash_names_the_folder_and_what_to_do(tmp_path, capsys):
+    """x.jpg beside x.png (or a.b/ beside a_b/) would be one sample key: refused with the pair."""
+    src = folder_set(tmp_path / "src")
+    (src / "a" / "0.jpg").write_bytes(image_bytes(99))
+    code, err = call(shard.main, shard_args(src, tmp_path / "out"), capsys)
+    assert_one_line(code, err, f"{src}: sample keys clash", "a/0.jpg vs a/0.png -> a/0", "rename one of each pair")
+    assert not (tmp_path / "out").exists()
+
+
 def test_file_name_that_is_not_utf8_is_one_line(tmp_path, capsys):
     src = folder_set(tmp_path / "src")
     os.rename(src / "a" / "0.png", os.path.join(os.fsencode(src / "a"), b"caf\xe9.png"))

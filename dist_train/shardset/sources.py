@@ -194,7 +194,7 @@ def load_source(src: str | Path, layout: str | None = None, options: dict | None
     source.options = resolved
     if not source.records:
         raise UserError(f"{source.root}: no images found ({lay.name} layout)")
-    _check_unique_keys(source.records)
+    _check_unique_keys(source.records, source.image_root)
     return source
 
 
@@ -255,7 +255,7 @@ def _load_folder(src: Path, options: dict) -> Source:
 FOLDER = Layout("folder", _detect_folder, _load_folder, "one subfolder per class")
 
 
-def _check_unique_keys(records: Sequence[Record]) -> None:
+def _check_unique_keys(records: Sequence[Record], image_root: Path) -> None:
     seen: dict[str, str] = {}
     clashes = []
     for r in records:
@@ -264,7 +264,8 @@ def _check_unique_keys(records: Sequence[Record]) -> None:
         else:
             seen[r.key] = r.rel
     if clashes:
-        raise UserError(f"sample keys clash (path without extension, '.' -> '_'): {offenders(clashes)}")
+        raise UserError(f"{image_root}: sample keys clash (path without extension, '.' -> '_'): {offenders(clashes)}; "
+                        "expected one image per name once the extension is dropped (rename one of each pair)")
 
 
 # ----------------------------------------------------------------------------- split
