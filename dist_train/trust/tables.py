@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Sequence
 
 from dist_train.errors import UserError
@@ -23,38 +23,41 @@ from .files import read_capped
 MAX_TABLE_BYTES = 64 << 20  # a row per image: far more than any real index (the competition's: 200 KB)
 
 
-def read_table(path: Path, columns: Sequence[str], max_bytes: int = MAX_TABLE_BYTES) -> list[tuple[int, dict[str, str]]]:
-    """(line, row) pairs, values stripped (ids keep their leading zeros); UserError on a missing or
-    unreadable file, a missing column, a row whose field count does not fit the header, or no rows."""
+def read_table(path: str | os.PathLike, columns: Sequence[str],
+               max_bytes: int = MAX_TABLE_BYTES) -> list[tuple[int, dict[str, str]]]:
+    """(line, row) pairs, values stripped (ids keep their leading zeros); UserError on a missing,
+    special (a FIFO is not opened for reading) or unreadable file, a missing column, a row whose
+    field count does not fit the header, or no rows."""
     expected = f"expected a UTF-8 csv with columns {','.join(columns)}"
-    if not Path(path).is_file():
-        raise UserError(f"{path}: not found; {expected}")
+    where = str(path)
+    if not os.path.lexists(path):
+        raise UserError(f"{where}: not found; {expected}")
     data = read_capped(path, max_bytes, hint=expected)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}: line {line}: unreadable ({e}); {expected}") from None
+        raise UserError(f"{where}: line {line}: unreadable ({e}); {expected}") from None
     reader = csv.reader(io.StringIO(text, newline=""))
     rows: list[tuple[int, dict[str, str]]] = []
     try:
         header = next(reader, None)
         if header is None:
-            raise UserError(f"{path}: empty; {expected}")
+            raise UserError(f"{where}: empty; {expected}")
         missing = [c for c in columns if c not in (header or [])]
         if missing:
-            raise UserError(f"{path}: missing column(s) {','.join(missing)}; {expected}")
+            raise UserError(f"{where}: missing column(s) {','.join(missing)}; {expected}")
         for fields in reader:
             if not fields:  # a blank line
                 continue
             if len(fields) < len(header) or any(f.strip() for f in fields[len(header):]):
-                raise UserError(f"{path}: line {reader.line_num}: {len(fields)} fields, the header has "
+                raise UserError(f"{where}: line {reader.line_num}: {len(fields)} fields, the header has "
                                 f"{len(header)} (an unquoted comma, or a value missing?); {expected}")
             rows.append((reader.line_num, {k: v.strip() for k, v in zip(header, fields)}))
     except csv.Error as e:  # a field over csv's 128 KB limit, a NUL byte
-        raise UserError(f"{path}: line {reader.line_num}: unreadable ({e}); {expected}") from None
+        raise UserError(f"{where}: line {reader.line_num}: unreadable ({e}); {expected}") from None
     if not rows:
-        raise UserError(f"{path}: no rows; {expected}")
+        raise UserError(f"{where}: no rows; {expected}")
     return rows
 
 
