@@ -172,6 +172,20 @@ def test_key_clash_names_the_folder_and_what_to_do(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_split_folders_given_as_the_source_are_not_taken_for_classes(tmp_path, capsys):
+    """data/{test,train,val}/<class>/ given as --src data would be a 3-class set labelled by split."""
+    for split in ("test", "train", "val"):
+        folder_set(tmp_path / "data" / split, n=2)
+    code, err = call(shard.main, shard_args(tmp_path / "data", tmp_path / "out"), capsys)
+    assert_one_line(code, err, "(test, train, val) are splits holding class folders, not classes",
+                    f"--src {tmp_path / 'data' / 'train'}")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "plain" / "val").mkdir(parents=True)  # a class that happens to be called val, with images
+    (tmp_path / "plain" / "val" / "0.png").write_bytes(image_bytes(1, "PNG", size=(16, 16)))
+    folder_set(tmp_path / "plain", classes=("train",), n=2)
+    assert load_source(tmp_path / "plain").classes == ["train", "val"]
+
+
 def test_file_name_that_is_not_utf8_is_one_line(tmp_path, capsys):
     src = folder_set(tmp_path / "src")
     os.rename(src / "a" / "0.png", os.path.join(os.fsencode(src / "a"), b"caf\xe9.png"))

@@ -232,6 +232,7 @@ def _load_folder(src: Path, options: dict) -> Source:
             ignored[reason or "unlisted"] += 1
     if not class_dirs:
         raise UserError(f"{src}: no class subfolders; the folder layout expects one subfolder per class")
+    _refuse_split_folders(src, class_dirs)
     classes = [d.name for d in class_dirs]
     records, empty = [], []
     for idx, d in enumerate(class_dirs):
@@ -250,6 +251,24 @@ def _load_folder(src: Path, options: dict) -> Source:
             f"{src}: class folders with no images (expected {'/'.join(FOLDER_EXTENSIONS)}): {offenders(empty)}"
         )
     return Source("folder", src, src, None, records, classes, ignored)
+
+
+# Folder names that mean a split, not a class (data/train/<class>/, data/val/<class>/).
+SPLIT_FOLDER_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "eval", "dev"})
+
+
+def _refuse_split_folders(src: Path, class_dirs: list[Path]) -> None:
+    """SRC/train/<class>/, SRC/val/<class>/ given as SRC would train a 'train'-vs-'val' classifier:
+    refused when every would-be class is named like a split and holds class-like subfolders."""
+    if not all(d.name.lower() in SPLIT_FOLDER_NAMES for d in class_dirs):
+        return
+    if not all(any(c.is_dir() and junk_reason(c) is None for c in d.iterdir()) for d in class_dirs):
+        return
+    names = ", ".join(d.name for d in class_dirs)
+    train = next((d for d in class_dirs if d.name.lower() in ("train", "training")), class_dirs[0])
+    raise UserError(f"{src}: its subfolders ({names}) are splits holding class folders, not classes; expected one "
+                    f"subfolder per class: shard the training split (--src {train}) and each other one as "
+                    "its own set (--as-split NAME), or rename the folders if they really are your classes")
 
 
 FOLDER = Layout("folder", _detect_folder, _load_folder, "one subfolder per class")
