@@ -186,6 +186,14 @@ def test_split_folders_given_as_the_source_are_not_taken_for_classes(tmp_path, c
     assert load_source(tmp_path / "plain").classes == ["train", "val"]
 
 
+def test_macosx_folder_of_an_unzipped_archive_is_junk_not_a_class(tmp_path):
+    src = folder_set(tmp_path / "src")
+    (src / "__MACOSX" / "a").mkdir(parents=True)
+    (src / "__MACOSX" / "a" / "._0.png").write_bytes(b"\0\5\26\7")
+    source = load_source(src)
+    assert source.classes == ["a", "b"] and len(source.records) == 16 and source.ignored["appledouble"] == 1
+
+
 def test_file_name_that_is_not_utf8_is_one_line(tmp_path, capsys):
     src = folder_set(tmp_path / "src")
     os.rename(src / "a" / "0.png", os.path.join(os.fsencode(src / "a"), b"caf\xe9.png"))

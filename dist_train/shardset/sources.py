@@ -6,7 +6,8 @@ name, torchvision's ImageFolder convention) is built in; tasks register their ow
 `register_layout` when `dist_train.plugins` loads them.
 Detection tries the registered layouts first, then `folder`.
 
-Junk that real image sets carry (macOS `._*` AppleDouble files, other dot-files, Jupyter's
+Junk that real image sets carry (macOS `._*` AppleDouble files and the `__MACOSX/` folder a Mac's
+zip unpacks them into, other dot-files, Jupyter's
 `.ipynb_checkpoints`, stray files) is skipped but counted by reason in `Source.ignored`, so the
 user sees it instead of it silently vanishing or failing at decode time. Links out of the
 source, entries reached twice and special files are skipped and counted too (`tree`). Structural problems
@@ -129,7 +130,7 @@ def offenders(items: Sequence[str], limit: int = 5) -> str:
 def junk_reason(p: Path) -> str | None:
     """Why an entry is skipped regardless of layout, or None if it is a candidate."""
     name = p.name
-    if name.startswith("._"):
+    if name.startswith("._") or name == "__MACOSX":  # the folder a zip made on a Mac unpacks them into
         return "appledouble"
     if name == ".ipynb_checkpoints" and p.is_dir():
         return "checkpoints"
