@@ -140,6 +140,17 @@ def test_csv_line_numbers_count_blank_lines_and_short_rows_are_named(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+def test_a_csv_of_another_labeled_set_says_what_works(tmp_path, capsys):
+    """image,label + images/ (a common download) is read as the competition's index: the line says
+    the columns it lacks and that any other labeled set goes in class folders."""
+    (tmp_path / "src" / "images").mkdir(parents=True)
+    (tmp_path / "src" / "images" / "a.jpg").write_bytes(image_bytes(1))
+    (tmp_path / "src" / "train.csv").write_text("image_id,label\na.jpg,cat\n")
+    code, err = call(shard.main, shard_args(tmp_path / "src", tmp_path / "out"), capsys)
+    assert_one_line(code, err, "train.csv: missing column(s) id,gender,race,age,path",
+                    "any other labeled image set: one subfolder per class")
+
+
 def test_csv_paths_are_made_canonical(tmp_path):
     """`person/` and `./person` in train.csv, `./a.jpg` in info.csv: the same keys as the plain
     names (not `person//mask1` or `_/a`), nothing counted as unlisted; the submission's ImageID

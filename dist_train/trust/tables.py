@@ -23,11 +23,12 @@ from .files import read_capped
 MAX_TABLE_BYTES = 64 << 20  # a row per image: far more than any real index (the competition's: 200 KB)
 
 
-def read_table(path: str | os.PathLike, columns: Sequence[str],
+def read_table(path: str | os.PathLike, columns: Sequence[str], layout_hint: str = "",
                max_bytes: int = MAX_TABLE_BYTES) -> list[tuple[int, dict[str, str]]]:
     """(line, row) pairs, values stripped (ids keep their leading zeros); UserError on a missing,
     special (a FIFO is not opened for reading) or unreadable file, a missing column, a row whose
-    field count does not fit the header, or no rows."""
+    field count does not fit the header, or no rows. `layout_hint`: what a csv without the columns
+    may have been meant for instead (added to the missing-column line)."""
     expected = f"expected a UTF-8 csv with columns {','.join(columns)}"
     where = str(path)
     if not os.path.lexists(path):
@@ -46,7 +47,7 @@ def read_table(path: str | os.PathLike, columns: Sequence[str],
             raise UserError(f"{where}: empty; {expected}")
         missing = [c for c in columns if c not in (header or [])]
         if missing:
-            raise UserError(f"{where}: missing column(s) {','.join(missing)}; {expected}")
+            raise UserError(f"{where}: missing column(s) {','.join(missing)}; {expected}{layout_hint}")
         for fields in reader:
             if not fields:  # a blank line
                 continue

@@ -43,6 +43,9 @@ from .labels import (
 
 MASK_COLUMNS = ("id", "gender", "race", "age", "path")
 EVAL_COLUMNS = ("ImageID", "ans")
+# A csv of another labeled set found where the competition's index goes: what that user needs instead.
+OTHER_SETS = (" (the mask competition's index; any other labeled image set: one subfolder per class, "
+              "the folder layout)")
 
 
 def layout_options(raw: dict) -> dict:
@@ -120,7 +123,7 @@ def _load_mask(src: Path, options: dict) -> Source:
     bins = tuple(options["age_bins"])
     root = resolve_dir(src, "train.csv", "train")
     index = root / "train.csv"
-    table = read_table(index, MASK_COLUMNS)
+    table = read_table(index, MASK_COLUMNS, OTHER_SETS)
     image_root = root / "images"
     if not image_root.is_dir():
         raise UserError(f"{image_root}: not found; the mask layout expects images/<path>/ next to train.csv")
@@ -172,7 +175,7 @@ def _load_mask_eval(src: Path, options: dict) -> Source:
     bins = tuple(options["age_bins"])
     root = resolve_dir(src, "info.csv", "eval")
     index = root / "info.csv"
-    table = read_table(index, EVAL_COLUMNS)
+    table = read_table(index, EVAL_COLUMNS, OTHER_SETS)
     image_root = root / "images"
     if not image_root.is_dir():
         raise UserError(f"{image_root}: not found; the mask-eval layout expects images/ next to info.csv")
