@@ -205,6 +205,21 @@ def test_macosx_folder_of_an_unzipped_archive_is_junk_not_a_class(tmp_path):
     assert source.classes == ["a", "b"] and len(source.records) == 16 and source.ignored["appledouble"] == 1
 
 
+def test_out_inside_the_source_is_refused_and_src_dot_is_named_after_its_folder(tmp_path, capsys, monkeypatch):
+    """`shard --src .` in the image folder wrote into ./shards (named after '' : the default folder
+    itself) inside the source, and the next run read it as a class with no images."""
+    src = folder_set(tmp_path / "pets")
+    code, err = call(shard.main, shard_args(src, src / "shards"), capsys)
+    assert_one_line(code, err, f"--out {src / 'shards'}: inside the source's image folder")
+    assert sorted(p.name for p in src.iterdir()) == ["a", "b"]  # nothing written
+    monkeypatch.chdir(tmp_path)
+    shard.main(["--src", "pets", "--workers", "1", "--quiet", "--dup-threshold", "0"])
+    assert (tmp_path / "shards" / "pets" / "_info.json").is_file()
+    monkeypatch.chdir(src)
+    code, err = call(shard.main, ["--src", ".", "--workers", "1", "--quiet"], capsys)
+    assert_one_line(code, err, "--out shards/pets: inside the source's image folder")
+
+
 def test_file_name_that_is_not_utf8_is_one_line(tmp_path, capsys):
     src = folder_set(tmp_path / "src")
     os.rename(src / "a" / "0.png", os.path.join(os.fsencode(src / "a"), b"caf\xe9.png"))
