@@ -142,13 +142,15 @@ def default_out(source: Source) -> Path:
     return DEFAULT_OUT / name  # abspath: `--src .` is named after the folder, not shards/ itself
 
 
-def _check_out_outside(out: Path, source: Source) -> None:
-    """OUT must not lie under the folder the images are read from: the next run would read the
-    shard set as data (a folder of tars named like a class)."""
+def _resolve_out(out: str | Path | None, source: Source) -> Path:
+    """OUT (or its default), writable, and not under the folder the images are read from: the next
+    run would read the shard set as data (a folder of tars named like a class)."""
+    out = Path(out) if out is not None else default_out(source)
     images = os.path.realpath(source.image_root)
     if os.path.commonpath([os.path.realpath(out), images]) == images:
         raise UserError(f"--out {out}: inside the source's image folder {source.image_root}; expected a folder "
                         "outside it (the next run would read the shard set as images)")
+    return check_writable_dir(out, "--out")
 
 
 # ---------------------------------------------------------------- writer
@@ -188,9 +190,7 @@ def write_shards(
     source = load_source(src, layout, options)
     if folds and not source.labeled:
         raise UserError(f"--folds {folds}: {src} is an unlabeled set (nothing to validate on)")
-    out = Path(out) if out is not None else default_out(source)
-    _check_out_outside(out, source)
-    out = check_writable_dir(out, "--out")
+    out = _resolve_out(out, source)
     params = {
         "layout": source.layout, "val_fraction": val_fraction, "seed": seed, "resize": resize,
         "quality": quality, "samples_per_shard": samples_per_shard, "as_split": as_split, **source.options,
