@@ -75,7 +75,7 @@ def test_mask_layout_person_folder_links_and_fifos(tmp_path):
     os.mkfifo(people[0] / "mask1.jpg")
     (people[1] / "mask2.jpg").unlink()
     os.symlink(people[2] / "mask2.jpg", people[1] / "mask2.jpg")  # inside, but packed once only
-    with time_limit(60):
+    with time_limit(60), pytest.warns(UserWarning, match="2 person folder"):  # each now lacks a photo
         source = load_source(root)
     assert len(source.records) == 19 and source.ignored["special"] == 1 and source.ignored["repeated"] == 1
 
@@ -149,6 +149,15 @@ def test_a_csv_of_another_labeled_set_says_what_works(tmp_path, capsys):
     code, err = call(shard.main, shard_args(tmp_path / "src", tmp_path / "out"), capsys)
     assert_one_line(code, err, "train.csv: missing column(s) id,gender,race,age,path",
                     "any other labeled image set: one subfolder per class")
+
+
+def test_person_folder_missing_a_photo_is_warned_about(tmp_path):
+    root = make_mask_set(tmp_path / "src", demo_persons(2))
+    folder = sorted((root / "images").iterdir())[1]
+    (folder / "normal.jpg").unlink()
+    with pytest.warns(UserWarning, match=f"1 person folder\\(s\\) without all 7 photos.*{folder.name} \\(no normal\\)"):
+        source = load_source(root)
+    assert len(source.records) == 13
 
 
 def test_csv_paths_are_made_canonical(tmp_path):

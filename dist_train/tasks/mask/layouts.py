@@ -11,6 +11,7 @@ Both record the age cut (`age_bins`) the labels were computed with.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from dist_train.errors import UserError
@@ -32,6 +33,7 @@ from dist_train.trust.tables import index_path, read_table
 from .labels import (
     DEFAULT_AGE_BINS,
     IMAGE_EXTENSIONS,
+    MASK_STEMS,
     age_group,
     class_names,
     encode,
@@ -147,10 +149,13 @@ def _load_mask(src: Path, options: dict) -> Source:
     count_top_junk(image_root, {r["path"].split("/")[0] for _, r in rows}, ignored)
     records: list[Record] = []
     dups, empty = [], []
+    short = []
     for row, gender, age in people:
         by_stem = _person_images(image_root / row["path"], row["path"], ignored, dups, tree)
         if not by_stem:
             empty.append(row["path"])
+        elif len(by_stem) < len(MASK_STEMS):
+            short.append(f"{row['path']} (no {', '.join(sorted(set(MASK_STEMS) - set(by_stem)))})")
         for p in by_stem.values():
             mask = mask_status(p.stem)
             rel = f"{row['path']}/{p.name}"
@@ -168,6 +173,9 @@ def _load_mask(src: Path, options: dict) -> Source:
             f"{image_root}: folders with no images (expected mask1..mask5, incorrect_mask, normal "
             f"as {'/'.join(IMAGE_EXTENSIONS)}): {offenders(empty)}"
         )
+    if short:  # the competition's persons have all seven: a partial copy, most likely
+        warnings.warn(f"{image_root}: {len(short)} person folder(s) without all 7 photos, sharded as they are: "
+                      f"{offenders(short)}", stacklevel=2)
     return Source("mask", root, image_root, index, records, class_names(bins), ignored)
 
 
