@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
@@ -131,12 +132,27 @@ def end_process_group(wait_s: float = END_GROUP_WAIT_S) -> None:
     thread.join(wait_s)
 
 
+_PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+_python_formatwarning = warnings.formatwarning
+
+
+def _format_warning(message: Any, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    """Our own warnings (a bad sample skipped, an image that cannot be drawn) as one `warning: ...`
+    line, without the source file, line number and code line Python adds (which read like a
+    traceback); warnings of other libraries as Python formats them."""
+    if str(filename).startswith(_PACKAGE_DIR) and issubclass(category, UserWarning):
+        return f"warning: {message}\n"
+    return _python_formatwarning(message, category, filename, lineno, line)
+
+
 def cli_main(fn: F) -> F:
     """Wrap a command's main(): UserError -> `error: ...` + exit 2; RunFailed -> exit 1. Either
-    way, and when main returns, the process group is ended first (end_process_group)."""
+    way, and when main returns, the process group is ended first (end_process_group). Our own
+    warnings print as `warning: ...` lines (`_format_warning`; loader workers inherit it)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        warnings.formatwarning = _format_warning
         try:
             result = fn(*args, **kwargs)
         except UserError as e:

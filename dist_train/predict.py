@@ -41,7 +41,7 @@ from dist_train.infer.load import Loaded, load_model  # noqa: E402
 from dist_train.infer.cv import fold_runs, is_cv  # noqa: E402
 from dist_train.infer.run import default_split, run_models, run_on_images, soft_vote  # noqa: E402
 from dist_train.infer.tta import SPEC_HELP, TTA, parse_tta  # noqa: E402
-from dist_train.shardset.format import load_info  # noqa: E402
+from dist_train.shardset.format import REJECTED_NAME, load_info  # noqa: E402
 from dist_train.tasks import task_for  # noqa: E402
 from dist_train.tasks.base import RowIds  # noqa: E402
 
@@ -142,7 +142,11 @@ def predict_split(args: argparse.Namespace, models: list[Loaded], tta: TTA
     if not acc.is_main_process:
         return acc, None, ""
     rows = task_for(info).row_ids(res["key"], args.data, info, split)
-    return acc, predictions_for(res, rows, models[0].info["label_names"]), f"split {split!r}"
+    note = f"split {split!r}"
+    if info.get("rejected"):  # unreadable when sharded: in no split, so in no prediction file either
+        note += (f"; {info['rejected']} image(s) of the source were rejected when it was sharded and have no row "
+                 f"(see {args.data.rstrip('/')}/{REJECTED_NAME})")
+    return acc, predictions_for(res, rows, models[0].info["label_names"]), note
 
 
 @cli_main

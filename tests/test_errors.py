@@ -234,3 +234,17 @@ def test_ending_the_process_group_waits_a_bounded_time(monkeypatch):
     errors.end_process_group(wait_s=0.2)
     assert time.monotonic() - t0 < 5
     stuck.set()
+
+
+def test_own_warnings_print_as_one_line(monkeypatch):
+    """A skipped bad sample under a command is one `warning: ...` line, not Python's
+    `/path/files.py:137: UserWarning: ...` plus the code line (read as a traceback); other
+    libraries' warnings keep Python's format."""
+    import warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    errors.cli_main(lambda: None)()
+    own = warnings.formatwarning("skipping bad sample: x.jpg", UserWarning, errors.__file__, 10, "self._count_bad()")
+    assert own == "warning: skipping bad sample: x.jpg\n"
+    other = warnings.formatwarning("old", DeprecationWarning, "/usr/lib/x.py", 3, "call()")
+    assert other.startswith("/usr/lib/x.py:3: DeprecationWarning: old")

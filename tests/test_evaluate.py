@@ -15,7 +15,7 @@ from dist_train import evaluate
 from dist_train.shardset.format import load_info
 from dist_train.tasks.mask import labels as L
 from dist_train.report import contact_sheet
-from test_predict import eval_shards, read_rows, run_predict, trained_run  # noqa: F401 (fixtures)
+from test_predict import eval_shards, read_rows, run_predict, three_class_run, trained_run  # noqa: F401 (fixtures)
 
 
 def assert_png(path: Path, min_side: int = 200) -> None:
@@ -77,6 +77,27 @@ def test_evaluate_refuses_unlabeled_split(trained_run, eval_shards, tmp_path, ca
     assert e.value.code == 2
     assert "has no labels" in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()
+
+
+def test_a_set_numbering_its_classes_differently_is_refused(three_class_run, tmp_path, capsys):  # noqa: F811
+    """A hold-out folder sharded with one class folder renamed (or one more and one less) has the
+    model's class count but other indices: evaluated, every label would be silently shifted."""
+    from dist_train import predict
+    from dist_train.shardset.writer import write_shards
+
+    for c, name in enumerate(["aaa", "class0", "class1"]):  # class0 is class 1 here, 0 in the model
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (80 * c, 10 * i, 0)).save(tmp_path / "src" / name / f"{i}.png")
+    write_shards(tmp_path / "src", tmp_path / "set", layout="folder", as_split="holdout", workers=1, progress=False)
+    for main, out in ((evaluate.main, ["--out", str(tmp_path / "ev")]), (predict.main, ["--out", str(tmp_path / "p.csv")])):
+        with pytest.raises(SystemExit) as e:
+            main(["--run", str(three_class_run), "--data", str(tmp_path / "set"), "--split", "holdout", "--workers", "0",
+                  *out])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "numbers its classes differently from the model: 'class0' is class 1 there and 0 in the model" in err
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "p.csv").exists()
 
 
 def test_contact_sheets(mask_shards, eval_shards, tmp_path):  # noqa: F811

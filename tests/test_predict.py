@@ -119,6 +119,23 @@ def test_mask_eval_submission_in_info_csv_order(trained_run, eval_shards, raw_ma
     assert probs.ans.tolist() == [int(r[1]) for r in rows]
 
 
+def test_images_rejected_at_shard_time_are_named_in_the_summary(trained_run, raw_mask, tmp_path, capsys):
+    """An eval image that was unreadable when sharded has no submission row: the summary says so,
+    with the count and the list to look at, instead of a file silently one row short."""
+    import shutil
+
+    src = tmp_path / "eval"
+    shutil.copytree(raw_mask / "eval", src)
+    first = read_rows(src / "info.csv")[1][0][0]
+    (src / "images" / first).write_bytes(b"not an image")
+    write_shards(src, tmp_path / "shards", workers=1, progress=False)
+    capsys.readouterr()
+    out = run_predict("--run", str(trained_run), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "s.csv"))
+    assert len(read_rows(out)[1]) == len(read_rows(src / "info.csv")[1]) - 1
+    assert (f"1 image(s) of the source were rejected when it was sharded and have no row (see "
+            f"{tmp_path / 'shards' / '_rejected.jsonl'})") in capsys.readouterr().out
+
+
 def symmetric_shards(root: Path) -> Path:
     """A folder-layout shard set of 32x32 images that equal their mirror image."""
     rng = np.random.default_rng(0)

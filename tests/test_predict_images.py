@@ -82,6 +82,49 @@ def test_images_equal_the_shard_path(image_folder, run3, tmp_path, capsys):
     assert any(p.endswith(".webp") for p in paths) and any("/deep/" in p for p in paths)
 
 
+def test_folder_is_read_as_shard_reads_it(run3, tmp_path, capsys):
+    """bmp/tiff files are predicted (converted as the shard writer converts them: the same
+    probabilities), and what `shard` skips as junk is not predicted: no `._*` AppleDouble file
+    reported unreadable, no `.ipynb_checkpoints` or dot-folder copy predicted as an extra row."""
+    src = tmp_path / "src"
+    rng = np.random.default_rng(1)
+    for c, cls in enumerate(CLASSES):
+        (src / cls).mkdir(parents=True)
+        for i, ext in enumerate(("bmp", "tif", "png")):
+            Image.fromarray(rng.integers(0, 256, (20 + c, 24, 3), dtype=np.uint8)).save(src / cls / f"p{i}.{ext}")
+    shards = tmp_path / "shards"
+    write_shards(src, shards, layout="folder", val_fraction=0.5, workers=1, progress=False)
+    for junk in ("._p0.jpg", ".hidden/p.jpg", ".ipynb_checkpoints/p0-checkpoint.png"):
+        (src / "class0" / junk).parent.mkdir(exist_ok=True)
+        (src / "class0" / junk).write_bytes((src / "class0" / "p2.png").read_bytes() if "checkpoint" in junk else b"\0\5\26\7")
+    (src / "class0" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    shard_probs = {}
+    for split in ("train", "validation"):
+        out = predict.main(["--run", str(run3), "--data", str(shards), "--split", split, "--out",
+                            str(tmp_path / f"{split}.csv"), "--save-probs", "--workers", "0"])
+        shard_probs.update(probs_by_name(out))
+    capsys.readouterr()
+    out = predict.main(["--run", str(run3), "--images", str(src), "--out", str(tmp_path / "img.csv"), "--save-probs",
+                        "--workers", "0"])
+    assert "9 rows, 9 images, model" in capsys.readouterr().out
+    img = probs_by_name(out)
+    assert sorted(Path(p).suffix for p in img) == [".bmp"] * 3 + [".png"] * 3 + [".tif"] * 3
+    for path, prob in img.items():
+        np.testing.assert_allclose(prob, shard_probs[str(Path(path).relative_to(src).with_suffix(""))], atol=1e-5)
+
+
+def test_file_name_that_is_not_utf8_is_refused_before_predicting(run3, tmp_path, capsys):
+    import os
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    Image.new("RGB", (8, 8)).save(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"))
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--run", str(run3), "--images", str(tmp_path), "--out", str(tmp_path / "p.csv"), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --images ") and len(err.strip().splitlines()) == 1
+    assert "caf\\xe9.png' is not UTF-8" in err and not (tmp_path / "p.csv").exists()
+
+
 def test_files_globs_and_folders(image_folder, tmp_path):
     a = str(image_folder / "class0" / "p00.png")
     pattern = str(image_folder / "class2" / "*.jpg")

@@ -28,6 +28,9 @@ def test_relabel_bad_file(tmp_path):
     bad.write_text("id,gender\n000001,robot\n")
     with pytest.raises(UserError, match="line 2"):
         L.load_relabel(str(bad))
+    bad.write_text("id,gender\n\n000001,male\n\n000002,robot\n")  # blank lines count as lines
+    with pytest.raises(UserError, match="line 5: gender 'robot'"):
+        L.load_relabel(str(bad))
     with pytest.raises(UserError, match="cannot read"):
         L.load_relabel(str(tmp_path / "missing.csv"))
 

@@ -358,7 +358,8 @@ def test_http_shards_train_ddp_secure(http_shards, mask_shards, tmp_path):
 # MASK_SHARDS` ({tmp}: the test's folder, {shards}: MASK_SHARDS), text of the error line)
 EARLY_BAD_INPUT = [
     ("no _info.json", ["--data", "{tmp}/no_info"], "no_info: no _info.json"),
-    ("unknown val split", ["--val-split", "nope"], "split 'nope' is not in the shard set"),
+    ("unknown val split", ["--val-split", "nope"], "split 'nope' is not in the shard set (available: train, "
+     "validation): pass --val-split NAME to validate on another split, or --val-split none to train without validation"),
     ("yaml is a folder", ["--config", "{tmp}/conf.yaml"], "conf.yaml: cannot read"),
     ("yaml missing", ["--config", "{tmp}/missing.yaml"], "missing.yaml: cannot read"),
     ("bad fraction > 1", ["--max-bad-fraction", "2"], "--max-bad-fraction 2"),

@@ -5,7 +5,9 @@ into one list in a fixed order; `build_file_loader` reads it like the shard read
 split: every file exactly once over all ranks and workers (file i goes to reader i mod
 readers), decoded and transformed by the same code (`ShardReader._load`, the eval `Transform`),
 a file that cannot be read or decoded, or whose header gives more than MAX_PIXELS, warned
-about, counted and skipped.
+about, counted and skipped. A folder is searched as `shard` reads one: the same image extensions
+(bmp, tiff, ppm/pgm are converted as the shard writer converts them, so a file's pixels are the
+shard path's), macOS `._*` files, dot-files and folders and `.ipynb_checkpoints` skipped.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from dist_train.errors import UserError
+from dist_train.shardset.sources import FOLDER_EXTENSIONS, junk_reason
 from dist_train.trust.media import DEFAULT_MAX_PIXELS, check_image_bytes
+from dist_train.trust.tables import utf8_name
 
 from .loaders import EvalLoader, _check_loader_args, _data_loader
 from .readers import EvalReader, eval_collate
 from .transforms import AugmentConfig, Transform
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = FOLDER_EXTENSIONS  # what `shard` takes from a class folder
 MAX_PIXELS = DEFAULT_MAX_PIXELS  # PIL's decompression-bomb limit (89,478,485 pixels)
-FILE_FORMATS = ("JPEG", "PNG", "WEBP")  # what --images decodes (`transforms.decode_rgb`)
+FILE_FORMATS = ("JPEG", "PNG", "WEBP")  # what the readers decode (`transforms.decode_rgb`); others become PNG
 MAX_FILE_BYTES = 256 * 2**20  # larger files are refused unread
 
 
@@ -47,21 +51,23 @@ def _under(path: str, root: str) -> bool:
 
 
 def _folder_images(folder: str) -> list[ImageFile]:
-    """The images below `folder`, recursively, sorted; links that lead out of it are left out."""
+    """The images below `folder`, recursively, sorted; links that lead out of it are left out, and
+    so is what `shard` skips as junk (`._*`, dot-files and folders, `.ipynb_checkpoints`)."""
     root = os.path.realpath(folder)
     found = []
-    for here, _dirs, names in os.walk(folder):  # does not descend into linked folders
+    for here, dirs, names in os.walk(folder):  # does not descend into linked folders
+        dirs[:] = [d for d in dirs if junk_reason(Path(here, d)) is None]
         for n in names:
             p = os.path.join(here, n)
-            if _is_image(n) and os.path.isfile(p) and _under(p, root):
+            if _is_image(n) and junk_reason(Path(p)) is None and os.path.isfile(p) and _under(p, root):
                 found.append(ImageFile(p, p))
     return sorted(found, key=lambda f: f.path)
 
 
 def find_images(args: Sequence[str]) -> list[ImageFile]:
-    """Files, folders (recursive) and glob patterns -> images (jpg/jpeg/png/webp), in the order
-    given (a folder's and a pattern's matches sorted), each file once. Anything that names no
-    image is one UserError line."""
+    """Files, folders (recursive) and glob patterns -> images (the extensions `shard` takes), in the
+    order given (a folder's and a pattern's matches sorted), each file once. Anything that names no
+    image, or a name that is not UTF-8 (no prediction file could hold it), is one UserError line."""
     out: list[ImageFile] = []
     for arg in args:
         if os.path.isdir(arg):
@@ -75,6 +81,8 @@ def find_images(args: Sequence[str]) -> list[ImageFile]:
                      if _is_image(p) and os.path.isfile(p)]
         else:
             raise UserError(f"--images {arg}: no such file or folder")
+        for f in found:
+            utf8_name(f.path, f"--images {arg}")
         if not found:
             raise UserError(f"--images {arg}: no images in it (expected files ending in {'/'.join(IMAGE_SUFFIXES)})")
         out.extend(found)
@@ -95,7 +103,11 @@ def read_image_file(path: str) -> bytes:
     if size > MAX_FILE_BYTES:
         raise ValueError(f"file of {size:,} bytes, over the limit of {MAX_FILE_BYTES:,}")
     data = Path(path).read_bytes()
-    check_image_bytes(data, MAX_PIXELS, FILE_FORMATS)  # the header only (ImageRefused is a ValueError)
+    fmt, _, _ = check_image_bytes(data, MAX_PIXELS)  # the header only (ImageRefused is a ValueError)
+    if fmt not in FILE_FORMATS:  # bmp, tiff, ...: the lossless PNG the shard writer stores for them
+        from dist_train.shardset.images import encode_image
+
+        data = encode_image((path, None, 95))[1]
     return data
 
 

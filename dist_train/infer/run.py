@@ -37,6 +37,22 @@ def eval_augment(info: dict) -> AugmentConfig:
     return AugmentConfig(img_size=int(info["input_size"][-1]), crop_pct=float(info["crop_pct"]))
 
 
+def check_class_order(loaded: Loaded, names: list[str], data: str) -> None:
+    """The shard set's classes are the model's: as many, and no class name the two share at another
+    index (a folder set sharded with one class folder more, less or renamed numbers its classes
+    differently; its labels would be silently wrong). Names that differ at the same index (the
+    mask task's age cut) are left alone."""
+    if names and len(names) != loaded.info["num_classes"]:
+        raise UserError(f"the model predicts {loaded.info['num_classes']} classes, the shard set {data} has "
+                        f"{len(names)}")
+    model = list(loaded.info.get("label_names") or [])
+    for i, name in enumerate(names):
+        if name in model and model.index(name) != i:
+            raise UserError(f"the shard set {data} numbers its classes differently from the model: {name!r} is "
+                            f"class {i} there and {model.index(name)} in the model (model: {', '.join(model)}; "
+                            f"set: {', '.join(names)}); expected the same classes in the same order")
+
+
 def run_inference(loaded: Loaded, data: str, info: dict, split: str, *, batch_size: int, workers: int,
                   tta: TTA, mixed_precision: str | None, target_fn: TargetFn | None = None
                   ) -> tuple[Accelerator, dict]:
@@ -47,10 +63,7 @@ def run_inference(loaded: Loaded, data: str, info: dict, split: str, *, batch_si
     missing would be silently wrong.
     """
     s = split_info(info, split)
-    n_classes = len(class_names(info))
-    if n_classes and n_classes != loaded.info["num_classes"]:
-        raise UserError(f"the model predicts {loaded.info['num_classes']} classes, the shard set {data} has "
-                        f"{n_classes}")
+    check_class_order(loaded, class_names(info), data)
     acc = make_accelerator(mixed_precision)
     loader = build_eval_loader(data, info, split, aug=eval_augment(loaded.info), batch_size=batch_size, workers=workers,
                                world_size=acc.num_processes, rank=acc.process_index,

@@ -177,6 +177,10 @@ def cv_splits(info: dict, train: str, val: str | None, fold: str | None) -> tupl
         if k and val is not None and val not in info.get("splits", {}):
             raise UserError(f"split {val!r} is not in the shard set, whose split {train!r} has {k} folds: pass "
                             f"--fold k (0..{k - 1}) to validate on fold k, or --fold all to train on every fold")
+        if val is not None and val not in info.get("splits", {}):  # e.g. every class had one image: all in train
+            raise UserError(f"split {val!r} is not in the shard set (available: {', '.join(sorted(info['splits']))}): "
+                            "pass --val-split NAME to validate on another split, or --val-split none to train "
+                            "without validation")
         return info, train, val
     if not k:
         raise UserError(f"--fold {fold}: split {train!r} has no folds (shard it with python -m dist_train.shard --folds K)")

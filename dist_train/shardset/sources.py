@@ -6,7 +6,8 @@ name, torchvision's ImageFolder convention) is built in; tasks register their ow
 `register_layout` when `dist_train.plugins` loads them.
 Detection tries the registered layouts first, then `folder`.
 
-Junk that real image sets carry (macOS `._*` AppleDouble files, other dot-files, Jupyter's
+Junk that real image sets carry (macOS `._*` AppleDouble files and the `__MACOSX/` folder a Mac's
+zip unpacks them into, other dot-files, Jupyter's
 `.ipynb_checkpoints`, stray files) is skipped but counted by reason in `Source.ignored`, so the
 user sees it instead of it silently vanishing or failing at decode time. Links out of the
 source, entries reached twice and special files are skipped and counted too (`tree`). Structural problems
@@ -16,7 +17,6 @@ naming the offenders: they mean the labels cannot be trusted.
 
 from __future__ import annotations
 
-import csv
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -130,7 +130,7 @@ def offenders(items: Sequence[str], limit: int = 5) -> str:
 def junk_reason(p: Path) -> str | None:
     """Why an entry is skipped regardless of layout, or None if it is a candidate."""
     name = p.name
-    if name.startswith("._"):
+    if name.startswith("._") or name == "__MACOSX":  # the folder a zip made on a Mac unpacks them into
         return "appledouble"
     if name == ".ipynb_checkpoints" and p.is_dir():
         return "checkpoints"
@@ -157,25 +157,6 @@ def resolve_dir(src: Path, name: str, sub: str) -> Path:
     if found:
         return found
     return src / sub if (src / sub).is_dir() and not (src / "images").is_dir() else src
-
-
-def read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
-    """Rows as str dicts (ids keep their leading zeros); UserError on a missing file or column."""
-    if not path.is_file():
-        raise UserError(f"{path}: not found; expected a csv with columns {','.join(columns)}")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        try:
-            missing = [c for c in columns if c not in (reader.fieldnames or [])]
-            if missing:
-                raise UserError(f"{path}: missing column(s) {','.join(missing)}; expected {','.join(columns)}")
-            rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-        except (UnicodeDecodeError, csv.Error) as e:  # not UTF-8; a field over csv's 128 KB limit
-            raise UserError(f"{path}: line {reader.line_num + 1}: unreadable ({e}); expected a UTF-8 csv "
-                            f"with columns {','.join(columns)}") from None
-    if not rows:
-        raise UserError(f"{path}: no rows")
-    return rows
 
 
 def count_top_junk(image_root: Path, listed: set[str], ignored: dict[str, int]) -> None:
@@ -214,7 +195,7 @@ def load_source(src: str | Path, layout: str | None = None, options: dict | None
     source.options = resolved
     if not source.records:
         raise UserError(f"{source.root}: no images found ({lay.name} layout)")
-    _check_unique_keys(source.records)
+    _check_unique_keys(source.records, source.image_root)
     return source
 
 
@@ -252,6 +233,7 @@ def _load_folder(src: Path, options: dict) -> Source:
             ignored[reason or "unlisted"] += 1
     if not class_dirs:
         raise UserError(f"{src}: no class subfolders; the folder layout expects one subfolder per class")
+    _refuse_split_folders(src, class_dirs)
     classes = [d.name for d in class_dirs]
     records, empty = [], []
     for idx, d in enumerate(class_dirs):
@@ -272,10 +254,28 @@ def _load_folder(src: Path, options: dict) -> Source:
     return Source("folder", src, src, None, records, classes, ignored)
 
 
+# Folder names that mean a split, not a class (data/train/<class>/, data/val/<class>/).
+SPLIT_FOLDER_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "eval", "dev"})
+
+
+def _refuse_split_folders(src: Path, class_dirs: list[Path]) -> None:
+    """SRC/train/<class>/, SRC/val/<class>/ given as SRC would train a 'train'-vs-'val' classifier:
+    refused when every would-be class is named like a split and holds class-like subfolders."""
+    if not all(d.name.lower() in SPLIT_FOLDER_NAMES for d in class_dirs):
+        return
+    if not all(any(c.is_dir() and junk_reason(c) is None for c in d.iterdir()) for d in class_dirs):
+        return
+    names = ", ".join(d.name for d in class_dirs)
+    train = next((d for d in class_dirs if d.name.lower() in ("train", "training")), class_dirs[0])
+    raise UserError(f"{src}: its subfolders ({names}) are splits holding class folders, not classes; expected one "
+                    f"subfolder per class: shard the training split (--src {train}) and each other one as "
+                    "its own set (--as-split NAME), or rename the folders if they really are your classes")
+
+
 FOLDER = Layout("folder", _detect_folder, _load_folder, "one subfolder per class")
 
 
-def _check_unique_keys(records: Sequence[Record]) -> None:
+def _check_unique_keys(records: Sequence[Record], image_root: Path) -> None:
     seen: dict[str, str] = {}
     clashes = []
     for r in records:
@@ -284,7 +284,8 @@ def _check_unique_keys(records: Sequence[Record]) -> None:
         else:
             seen[r.key] = r.rel
     if clashes:
-        raise UserError(f"sample keys clash (path without extension, '.' -> '_'): {offenders(clashes)}")
+        raise UserError(f"{image_root}: sample keys clash (path without extension, '.' -> '_'): {offenders(clashes)}; "
+                        "expected one image per name once the extension is dropped (rename one of each pair)")
 
 
 # ----------------------------------------------------------------------------- split

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
+
+from dist_train.trust.tables import utf8_name
 
 # The reasons this module counts (sources.IGNORE_REASONS lists them with the others).
 TREE_REASONS = ("outside_source", "repeated", "special")
@@ -28,7 +30,8 @@ class SourceTree:
 
     def kind(self, p: Path) -> str | None:
         """"dir" or "file" for an entry that may be used (now marked as used), None for one that
-        is skipped (and counted)."""
+        is skipped (and counted). A name that is not UTF-8 is one UserError line."""
+        utf8_name(p, str(self.root))
         real = os.path.realpath(p)  # strings, not Paths: this runs for every file of the source
         if real != str(self.root) and not real.startswith(self._below):
             return self._skip("outside_source")
@@ -47,11 +50,3 @@ class SourceTree:
         self.ignored[reason] += 1
         return None
 
-
-def inside(rel: str) -> bool:
-    """Whether a path read from an index file (a csv's path column, an image name) names something below
-    its folder: relative, no `..`, no drive, not empty."""
-    if not rel or rel.startswith(("/", "\\")):
-        return False
-    posix, windows = PurePosixPath(rel), PureWindowsPath(rel)
-    return not (windows.drive or windows.root or ".." in posix.parts or ".." in windows.parts)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from collections import Counter, defaultdict
@@ -137,8 +138,19 @@ def _validate(val_fraction: float, resize: int | None, quality: int, samples_per
 def default_out(source: Source) -> Path:
     """shards/<layout> for layouts named so (the competition's train and eval side by side), else
     shards/<folder name>."""
-    name = source.layout if get_layout(source.layout).named_by_layout else source.root.name
-    return DEFAULT_OUT / name
+    name = source.layout if get_layout(source.layout).named_by_layout else Path(os.path.abspath(source.root)).name
+    return DEFAULT_OUT / name  # abspath: `--src .` is named after the folder, not shards/ itself
+
+
+def _resolve_out(out: str | Path | None, source: Source) -> Path:
+    """OUT (or its default), writable, and not under the folder the images are read from: the next
+    run would read the shard set as data (a folder of tars named like a class)."""
+    out = Path(out) if out is not None else default_out(source)
+    images = os.path.realpath(source.image_root)
+    if os.path.commonpath([os.path.realpath(out), images]) == images:
+        raise UserError(f"--out {out}: inside the source's image folder {source.image_root}; expected a folder "
+                        "outside it (the next run would read the shard set as images)")
+    return check_writable_dir(out, "--out")
 
 
 # ---------------------------------------------------------------- writer
@@ -178,7 +190,7 @@ def write_shards(
     source = load_source(src, layout, options)
     if folds and not source.labeled:
         raise UserError(f"--folds {folds}: {src} is an unlabeled set (nothing to validate on)")
-    out = check_writable_dir(out if out is not None else default_out(source), "--out")
+    out = _resolve_out(out, source)
     params = {
         "layout": source.layout, "val_fraction": val_fraction, "seed": seed, "resize": resize,
         "quality": quality, "samples_per_shard": samples_per_shard, "as_split": as_split, **source.options,

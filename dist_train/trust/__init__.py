@@ -10,6 +10,8 @@ executing code, never following a path out of the folder it was given. Every vio
 - `shardinfo`: `_info.json` (bounds, cross-checked counts). `runs`: run folders (config.yaml,
   run.json, progress.json, summary.json, best/config.json, metrics.json). `weights`:
   safetensors headers checked before mapping. `arrays`: npz shapes checked before inflating.
+- `tables`: the index csvs of raw image sets (rows with their line numbers), the paths they give
+  (canonical, inside their folder) and UTF-8 file names.
 - `media`: images (dimensions from the header before decoding) and tar members; `tarheader`: its
   fast path for plain tar headers (anything else is left to `tarfile`).
 """

@@ -125,13 +125,14 @@ def load_relabel(path: str) -> dict[str, dict]:
 
     data = read_capped(path, MAX_RELABEL_BYTES, hint="expected a --relabel CSV (id,gender,age,swap_mask)")
     try:
-        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline="")))
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig"), newline=""))
+        rows = [(reader.line_num, row) for row in reader]  # the line as an editor counts it (blank lines too)
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"--relabel {path}: not a readable UTF-8 CSV ({e})") from None
-    if not rows or "id" not in rows[0]:
+    if not rows or "id" not in rows[0][1]:
         raise UserError(f"--relabel {path}: expected a CSV with an 'id' column and gender/age/swap_mask columns")
     fixes: dict[str, dict] = {}
-    for i, row in enumerate(rows, start=2):
+    for i, row in rows:
         fix: dict = {}
         try:
             if (row.get("gender") or "").strip():

@@ -11,6 +11,7 @@ Both record the age cut (`age_bins`) the labels were computed with.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from dist_train.errors import UserError
@@ -24,14 +25,15 @@ from dist_train.shardset.sources import (
     make_key,
     new_ignored,
     offenders,
-    read_csv,
     resolve_dir,
 )
-from dist_train.shardset.tree import SourceTree, inside
+from dist_train.shardset.tree import SourceTree
+from dist_train.trust.tables import index_path, read_table
 
 from .labels import (
     DEFAULT_AGE_BINS,
     IMAGE_EXTENSIONS,
+    MASK_STEMS,
     age_group,
     class_names,
     encode,
@@ -43,6 +45,9 @@ from .labels import (
 
 MASK_COLUMNS = ("id", "gender", "race", "age", "path")
 EVAL_COLUMNS = ("ImageID", "ans")
+# A csv of another labeled set found where the competition's index goes: what that user needs instead.
+OTHER_SETS = (" (the mask competition's index; any other labeled image set: one subfolder per class, "
+              "the folder layout)")
 
 
 def layout_options(raw: dict) -> dict:
@@ -100,28 +105,35 @@ def _person_images(folder: Path, rel: str, ignored: dict[str, int], dups: list[s
     return by_stem
 
 
-def _check_paths_inside(index: Path, paths: list[tuple[int, str]], image_root: Path) -> None:
-    """Every path the csv gives names something below images/: relative, no '..', not empty."""
-    bad = [f"line {line}: {p!r}" if p else f"line {line}: (empty)" for line, p in paths if not inside(p)]
+def _index_paths(index: Path, rows: list[tuple[int, dict[str, str]]], column: str,
+                 image_root: Path) -> list[tuple[int, dict[str, str]]]:
+    """The rows with `column` made canonical (`a/`, `./a` -> `a`: one image, one key); every path must
+    name something below images/: relative, no '..', not empty."""
+    out, bad = [], []
+    for line, row in rows:
+        rel = index_path(row[column])
+        if rel is None:
+            bad.append(f"line {line}: {row[column]!r}" if row[column] else f"line {line}: (empty)")
+        out.append((line, {**row, column: rel}))
     if bad:
         raise UserError(f"{index}: paths that do not stay under {image_root}: {offenders(bad)}; expected a "
                         "relative name without '..'")
+    return out
 
 
 def _load_mask(src: Path, options: dict) -> Source:
     bins = tuple(options["age_bins"])
     root = resolve_dir(src, "train.csv", "train")
     index = root / "train.csv"
-    rows = read_csv(index, MASK_COLUMNS)
+    table = read_table(index, MASK_COLUMNS, OTHER_SETS)
     image_root = root / "images"
     if not image_root.is_dir():
         raise UserError(f"{image_root}: not found; the mask layout expects images/<path>/ next to train.csv")
-
-    _check_paths_inside(index, [(line, row["path"]) for line, row in enumerate(rows, start=2)], image_root)
+    rows = _index_paths(index, table, "path", image_root)
     ignored = new_ignored()
     tree = SourceTree(image_root, ignored)
     bad_values, missing, people = [], [], []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         try:
             people.append((row, parse_gender(row["gender"]), parse_age(row["age"])))
         except ValueError as e:
@@ -134,13 +146,16 @@ def _load_mask(src: Path, options: dict) -> Source:
         raise UserError(f"{index}: rows whose folder is missing under {image_root} (or leads out of it, or is "
                         f"listed twice): {offenders(missing)}")
 
-    count_top_junk(image_root, {r["path"] for r in rows}, ignored)
+    count_top_junk(image_root, {r["path"].split("/")[0] for _, r in rows}, ignored)
     records: list[Record] = []
     dups, empty = [], []
+    short = []
     for row, gender, age in people:
         by_stem = _person_images(image_root / row["path"], row["path"], ignored, dups, tree)
         if not by_stem:
             empty.append(row["path"])
+        elif len(by_stem) < len(MASK_STEMS):
+            short.append(f"{row['path']} (no {', '.join(sorted(set(MASK_STEMS) - set(by_stem)))})")
         for p in by_stem.values():
             mask = mask_status(p.stem)
             rel = f"{row['path']}/{p.name}"
@@ -158,6 +173,9 @@ def _load_mask(src: Path, options: dict) -> Source:
             f"{image_root}: folders with no images (expected mask1..mask5, incorrect_mask, normal "
             f"as {'/'.join(IMAGE_EXTENSIONS)}): {offenders(empty)}"
         )
+    if short:  # the competition's persons have all seven: a partial copy, most likely
+        warnings.warn(f"{image_root}: {len(short)} person folder(s) without all 7 photos, sharded as they are: "
+                      f"{offenders(short)}", stacklevel=2)
     return Source("mask", root, image_root, index, records, class_names(bins), ignored)
 
 
@@ -165,26 +183,28 @@ def _load_mask_eval(src: Path, options: dict) -> Source:
     bins = tuple(options["age_bins"])
     root = resolve_dir(src, "info.csv", "eval")
     index = root / "info.csv"
-    rows = read_csv(index, EVAL_COLUMNS)
+    table = read_table(index, EVAL_COLUMNS, OTHER_SETS)
     image_root = root / "images"
     if not image_root.is_dir():
         raise UserError(f"{image_root}: not found; the mask-eval layout expects images/ next to info.csv")
-    _check_paths_inside(index, [(i + 2, r["ImageID"]) for i, r in enumerate(rows)], image_root)
+    lines = _index_paths(index, table, "ImageID", image_root)
+    rows = [r for _, r in lines]
+    given = [r["ImageID"] for _, r in table]  # the submission echoes info.csv's own ImageIDs
     ignored = new_ignored()
     tree = SourceTree(image_root, ignored)
-    missing = [f"line {i + 2}: {r['ImageID']}" for i, r in enumerate(rows)
+    missing = [f"line {line}: {r['ImageID']}" for line, r in lines
                if not (image_root / r["ImageID"]).is_file() or tree.kind(image_root / r["ImageID"]) != "file"]
     if missing:
         raise UserError(f"{index}: images missing under {image_root} (or not regular files in it, or listed "
                         f"twice): {offenders(missing)}")
-    count_top_junk(image_root, {r["ImageID"] for r in rows}, ignored)
+    count_top_junk(image_root, {r["ImageID"].split("/")[0] for r in rows}, ignored)
     records = []
-    for i, row in enumerate(rows):
+    for i, (row, image_id) in enumerate(zip(rows, given)):
         rel = row["ImageID"]
         key = make_key(rel)
         records.append(
             Record(key=key, path=image_root / rel, rel=rel, label=None,
-                   meta={"image_id": rel, "index": i}, group=key, stratum="")
+                   meta={"image_id": image_id, "index": i}, group=key, stratum="")
         )
     return Source("mask-eval", root, image_root, index, records, class_names(bins), ignored, labeled=False)
 
