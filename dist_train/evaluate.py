@@ -5,7 +5,11 @@ TTA keeps its own folder, e.g. `eval-validation-tta-hflip+five-crop`):
 - `metrics.json`: loss, accuracy, macro F1 and the task's own metrics (the competition's: per-task
   accuracy of mask, gender, age) — always against the stored labels (for the competition the
   true 30/60 age groups, whatever `--age-bins` the model was trained with);
-- `per_class.csv`: precision, recall, F1 and support per class (also printed);
+- `per_class.csv`: precision, recall, F1 and support per class (also printed); every class of the
+  model, one the split has no sample of (a hold-out set sharded with `--classes-from` without it)
+  with support 0 and recall 0 (undefined, scikit-learn's zero_division=0); macro F1 (scikit-learn's)
+  averages the classes present in the labels or the predictions, so such a class counts (with F1
+  0) only if the model predicts it;
 - `confusion.csv` / `confusion.png`;
 - `errors.csv`: every misclassified sample, worst first (lowest probability on the true class);
 - `report.png`: loss and F1 curves from `RUN/metrics.jsonl`, the confusion matrix and the worst
@@ -49,11 +53,19 @@ def per_class_csv(stats: dict) -> str:
 
 
 def per_class_table(stats: dict) -> str:
-    """The per-class table as aligned text, with the overall numbers underneath."""
+    """The per-class table as aligned text, with the overall numbers underneath. A class with no
+    sample in the split (support 0) says so: its recall is undefined (0 in the numbers, as
+    scikit-learn's zero_division=0), and macro F1 leaves it out unless the model predicts it."""
     width = max(len("class"), *(len(r["name"]) for r in stats["per_class"]))
     lines = [f"{'class':<{width}}  precision  recall      f1  support"]
+    predicted = np.asarray(stats["confusion"]).sum(axis=0)
     for r in stats["per_class"]:
-        lines.append(f"{r['name']:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:6.4f}  {r['support']:7d}")
+        line = f"{r['name']:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:6.4f}  {r['support']:7d}"
+        if r["support"] == 0:
+            n = int(predicted[r["class"]])
+            line += (f"  not in this split: predicted {n} time{'s' * (n != 1)}, F1 0 in macro F1" if n
+                     else "  not in this split: left out of macro F1")
+        lines.append(line)
     lines.append(f"{'accuracy':<{width}}  {stats['acc']:9.4f}  ({stats['num_samples']} samples)")
     lines.append(f"{'macro F1':<{width}}  {stats['macro_f1']:9.4f}")
     for name, value in stats.get("extra", {}).items():

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="rebuild OUT even if it holds a set made from another source or arguments, or an up-to-date one")
     p.add_argument("--strict", action="store_true", help="fail on any unreadable image instead of skipping it")
     p.add_argument("--as-split", metavar="NAME", help="put every image into one split NAME (no train/validation split; labels kept)")
+    p.add_argument("--classes-from", metavar="SHARDS", help="folder layout: number the classes as shard set SHARDS "
+                   "does (its class names and order; e.g. the training set, for a hold-out set to evaluate on) "
+                   "instead of by the sorted folder names; every class folder must be one of them, a class "
+                   "without a folder gets 0 images")
     p.add_argument("--inspect", type=Path, metavar="OUT", help="print the summary of an existing shard set and verify its checksums")
     p.add_argument("--grid", type=Path, metavar="PNG", help="with --inspect: draw a contact sheet of a few samples per class")
     p.add_argument("--grid-split", metavar="SPLIT", help="split drawn by --grid (default: train, else the first labeled one)")
@@ -52,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def classes_from(shards: str) -> list[str]:
+    """The class names, in order, of the shard set SHARDS (`--classes-from`)."""
+    from dist_train.shardset.format import class_names, load_info
+
+    try:
+        names = class_names(load_info(shards))
+    except UserError as e:
+        raise UserError(f"--classes-from {e}") from None
+    if not names:
+        raise UserError(f"--classes-from {shards}: the shard set has no class names; expected a labeled shard set "
+                        "(e.g. the training set the model was trained on)")
+    return names
+
+
 @cli_main
 def main(argv: Sequence[str] | None = None) -> None:
     from dist_train import tasks
@@ -60,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = _parser().parse_args(argv)
     if args.inspect is not None:
-        if args.src is not None:
-            raise UserError("--inspect OUT reads an existing shard set; it takes no --src")
+        if args.src is not None or args.classes_from is not None:
+            raise UserError("--inspect OUT reads an existing shard set; it takes no --src or --classes-from")
         info, ok = inspect(args.inspect)
         if args.grid is not None:
             from dist_train.report import contact_sheet  # drawing needs matplotlib; only this flag does
@@ -74,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError("--grid PNG draws an existing shard set: use it with --inspect OUT")
     if args.src is None:
         raise UserError("--src SRC is required (or --inspect OUT)")
+    options = {k: v for t in tasks.all_tasks() for k, v in t.shard_options(args).items()}
+    if args.classes_from is not None:
+        options["classes"] = classes_from(args.classes_from)
     write_shards(
         args.src, args.out, layout=args.layout, seed=args.seed, folds=args.folds,
         val_fraction=args.val_fraction if args.val_fraction is not None else 0.0 if args.folds else 0.2,
@@ -81,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         workers=args.workers, overwrite=args.overwrite, strict=args.strict, as_split=args.as_split,
         max_image_pixels=args.max_image_pixels,
         dup_threshold=args.dup_threshold, draw_pairs=draw_pairs,
-        options={k: v for t in tasks.all_tasks() for k, v in t.shard_options(args).items()}, progress=not args.quiet,
+        options=options, progress=not args.quiet,
     )
 
 

@@ -159,3 +159,54 @@ def test_picture_labels_keep_the_start_of_keys_and_confusion_says_what_it_is_of(
     draw_confusion(ax, np.eye(3, dtype=int) * 5, ["a", "b", "c"], title="validation, epoch 2, step 40")
     assert ax.get_title() == "confusion matrix: validation, epoch 2, step 40\n(15 samples, rows normalised)"
     assert cell_fontsize(3) == 12 and 9 <= cell_fontsize(18) <= 10 and cell_fontsize(30) == 6
+
+
+def test_a_holdout_set_without_one_class_sharded_with_classes_from(three_class_run, folder_shards, tmp_path,  # noqa: F811
+                                                                   capsys):
+    """The model's classes are class0..2 (folder_shards'); the hold-out set has folders class0 and
+    class2 only. Sharded with --classes-from the training set, its class2 images are class 2 (not
+    1), so evaluate and predict --data take it; class1 has support 0 and stays out of macro F1
+    unless predicted; --inspect --grid draw its empty row."""
+    from dist_train import predict, shard
+
+    for c, name in ((0, "class0"), (2, "class2")):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (100 * c, 30 * i, 50)).save(tmp_path / "src" / name / f"{i}.png")
+    data = tmp_path / "set"
+    shard.main(["--src", str(tmp_path / "src"), "--out", str(data), "--classes-from", str(folder_shards),
+                "--as-split", "holdout", "--workers", "1", "--quiet"])
+    shard.main(["--inspect", str(data), "--grid", str(tmp_path / "grid.png")])
+    assert_png(tmp_path / "grid.png", 200)
+    capsys.readouterr()
+
+    metrics = evaluate.main(["--run", str(three_class_run), "--data", str(data), "--split", "holdout",
+                             "--workers", "0", "--out", str(tmp_path / "ev"), "--worst", "2"])
+    out = capsys.readouterr().out
+    p = predict.main(["--run", str(three_class_run), "--data", str(data), "--split", "holdout", "--workers", "0",
+                      "--out", str(tmp_path / "p.csv")])
+    header, rows = read_rows(p)
+    assert header == ["key", "ans", "class", "label"]
+    assert sorted((r[0], r[3]) for r in rows) == [("class0/0", "0"), ("class0/1", "0"), ("class2/0", "2"),
+                                                  ("class2/1", "2")]
+    y_true, y_pred = np.array([int(r[3]) for r in rows]), np.array([int(r[1]) for r in rows])
+    assert metrics["num_samples"] == 4
+    assert metrics["macro_f1"] == pytest.approx(skm.f1_score(y_true, y_pred, average="macro", zero_division=0))
+    with (tmp_path / "ev" / "per_class.csv").open(newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [(r["name"], int(r["support"])) for r in table] == [("class0", 2), ("class1", 0), ("class2", 2)]
+    line = next(x for x in out.splitlines() if x.startswith("class1 "))
+    n1 = int((y_pred == 1).sum())
+    assert line.endswith(f"not in this split: predicted {n1} time{'s' * (n1 != 1)}, F1 0 in macro F1" if n1
+                         else "not in this split: left out of macro F1"), line
+
+
+def test_per_class_table_says_which_classes_the_split_lacks():
+    from dist_train.infer.metrics import summarize
+
+    stats = summarize([0, 1, 0, 0], [0, 0, 0, 3], 4, ["a", "b", "c", "d"])  # b, c: no sample; b predicted once
+    lines = {x.split()[0]: x for x in evaluate.per_class_table(stats).splitlines()}
+    assert lines["b"].endswith("not in this split: predicted 1 time, F1 0 in macro F1")
+    assert lines["c"].endswith("not in this split: left out of macro F1")
+    assert "not in this split" not in lines["a"] + lines["d"]
+    assert stats["macro_f1"] == pytest.approx(skm.f1_score([0, 0, 0, 3], [0, 1, 0, 0], average="macro", zero_division=0))

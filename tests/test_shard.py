@@ -413,3 +413,86 @@ def test_rerun_with_any_other_recorded_argument_is_refused(small_raw, tmp_path, 
         run(small_raw, out, **{**REFUSAL_BASE, **change})
     assert str(e.value) == f"{out}: holds a shard set made differently ({named}); pass --overwrite to replace it"
     assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- --classes-from
+def class_folders(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
+    """One folder per class holding N distinct 16 px noise images."""
+    rng = np.random.default_rng(seed)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def shard(*args: object) -> None:
+    main([*map(str, args), "--workers", "1", "--quiet"])
+
+
+def test_classes_from_numbers_a_holdout_set_like_the_training_set(tmp_path, capsys):
+    """The hold-out set lacks `dog`: its classes are still cat, dog, eel (dog with 0 images), the
+    class list is a recorded param (rerun: up to date; another list: refused), and a set sharded
+    without the flag records no such param."""
+    train, out = tmp_path / "train_set", tmp_path / "hold_set"
+    shard("--src", class_folders(tmp_path / "train", {"cat": 2, "dog": 2, "eel": 2}), "--out", train,
+          "--val-fraction", "0")
+    assert "classes" not in json.loads((train / "_info.json").read_text())["params"]
+    hold = class_folders(tmp_path / "hold", {"eel": 2, "cat": 1}, seed=1)
+    shard("--src", hold, "--out", out, "--classes-from", train, "--as-split", "test")
+    info = json.loads((out / "_info.json").read_text())
+    assert info["classes"] == ["cat", "dog", "eel"] and info["params"]["classes"] == ["cat", "dog", "eel"]
+    assert info["label_counts"] == {"test": {"0": 1, "1": 0, "2": 2}}
+    files = {k: v for f in members(out).values() for k, v in f.items()}
+    assert files["eel/0.cls"] == files["eel/1.cls"] == b"2" and files["cat/0.cls"] == b"0"
+    capsys.readouterr()
+    main(["--inspect", str(out)])  # no SystemExit: the checksums verify
+    assert any(line.split() == ["dog", "0"] for line in capsys.readouterr().out.splitlines())
+
+    before = snapshot(out)
+    shard("--src", hold, "--out", out, "--classes-from", train, "--as-split", "test")
+    assert "up to date" in capsys.readouterr().out and snapshot(out) == before
+    other = tmp_path / "other_set"
+    shard("--src", class_folders(tmp_path / "other", {"cat": 1, "eel": 1, "fox": 1}), "--out", other,
+          "--as-split", "train")
+    for flags, change in ((["--classes-from", other], "classes ['cat', 'dog', 'eel'] -> ['cat', 'eel', 'fox']"),
+                          ([], "classes ['cat', 'dog', 'eel'] -> None")):
+        with pytest.raises(SystemExit) as e:
+            shard("--src", hold, "--out", out, "--as-split", "test", *flags)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and change in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+        assert snapshot(out) == before
+    shard("--src", hold, "--out", out, "--as-split", "test", "--overwrite")
+    info = json.loads((out / "_info.json").read_text())
+    assert info["classes"] == ["cat", "eel"] and "classes" not in info["params"]
+
+
+@pytest.mark.parametrize("case", ["unknown_folder", "mask_layout", "not_a_shard_set", "no_class_names"])
+def test_classes_from_refusals_are_one_line(tmp_path, capsys, case):
+    train = tmp_path / "train_set"
+    shard("--src", class_folders(tmp_path / "train", {"cat": 1, "dog": 1, "eel": 1}), "--out", train,
+          "--val-fraction", "0")
+    src = tmp_path / "src"
+    if case == "unknown_folder":
+        class_folders(src, {"cat": 1, "cow": 1, "eel": 1})
+        expected = f"{src}: class folder(s) cow not among the 3 classes of --classes-from (cat, dog, eel)"
+    elif case == "mask_layout":
+        make_mask_set(src, demo_persons(2))
+        expected = f"--classes-from: {src} is a mask-layout set"
+    elif case == "not_a_shard_set":
+        class_folders(src, {"cat": 1})
+        train = tmp_path / "train"  # the raw folders, not their shards
+        expected = f"--classes-from {train}: no _info.json"
+    else:
+        class_folders(src, {"cat": 1})
+        train = tmp_path / "unlabeled"
+        train.mkdir()
+        (train / "_info.json").write_text(json.dumps({"classes": [], "splits": {}}))
+        expected = f"--classes-from {train}: the shard set has no class names"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        shard("--src", src, "--out", tmp_path / "out", "--classes-from", train)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert expected in err, err
+    assert not (tmp_path / "out").exists()

@@ -466,3 +466,34 @@ def test_sampler_under_ddp_keeps_equal_steps(skewed_shards, tmp_path):
     assert s["steps_per_rank"] == [14, 14] and len(set(s["param_hash_per_rank"])) == 1
     counts = rows(out)[-1]["train_class_counts"]
     assert sum(counts) == 140 and max(counts) < 2 * min(counts)
+
+
+def test_a_class_without_training_samples_trains_with_finite_weights(skewed_shards, tmp_path, capsys):
+    """A set sharded with --classes-from that lacks class c1: --sampler balanced never draws it
+    (weight 0, no division by zero), --class-weights auto gives it an average weight, the start
+    says the model has no sample of it, and the loss stays finite."""
+    from PIL import Image
+
+    from dist_train.shardset.format import class_names
+    from dist_train.shardset.writer import write_shards
+
+    rng = np.random.default_rng(1)
+    for name, n in (("c0", 10), ("c2", 30)):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "src" / name / f"{i}.png")
+    data = tmp_path / "shards"
+    info = write_shards(tmp_path / "src", data, options={"classes": class_names(load_info(str(skewed_shards)))},
+                        val_fraction=0.0, samples_per_shard=10, workers=1, progress=False)
+    assert info["label_counts"]["train"] == {"0": 10, "1": 0, "2": 30}
+    t = Trainer(make_cfg(data, tmp_path / "run", val_split="none", batch_size=8, epochs=2, img_size=16,
+                         sampler="balanced", class_weights="auto"))
+    capsys.readouterr()
+    t.train()
+    assert "no training sample of class c1: the model only learns not to predict it" in capsys.readouterr().out
+    logits, y = torch.randn(6, 3), torch.tensor([0, 2, 2, 0, 2, 2])
+    want = F.cross_entropy(logits, y, weight=torch.tensor([1.5, 1.0, 0.5]), label_smoothing=0.1)
+    torch.testing.assert_close(t.criterion(logits, y), want)
+    counts = np.sum([r["train_class_counts"] for r in rows(tmp_path / "run")], axis=0)
+    assert counts[1] == 0 and counts.sum() == 2 * 5 * 8 and counts.max() < 2 * counts[counts > 0].min()
+    assert all(math.isfinite(r["train_loss"]) for r in rows(tmp_path / "run"))

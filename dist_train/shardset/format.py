@@ -213,6 +213,12 @@ def label_counts(info: dict, split: str) -> dict[str, int] | None:
     return info.get("label_counts", {}).get(split)
 
 
+def empty_classes(info: dict, split: str) -> list[str]:
+    """Names of the classes a labeled split has no sample of (none for an unlabeled split)."""
+    counts = label_counts(info, split) or {}
+    return [name for i, name in enumerate(class_names(info)) if counts and not int(counts.get(str(i), 0))]
+
+
 def is_labeled(info: dict, split: str) -> bool:
     return split in info.get("label_counts", {})
 

@@ -3,7 +3,9 @@
 A layout is a `Layout`: how to recognise it in a folder, how to read it into `Record`s, and
 which options it records in the shard set. `folder` (one subfolder per class, classes sorted by
 name, torchvision's ImageFolder convention) is built in; tasks register their own layouts with
-`register_layout` when `dist_train.plugins` loads them.
+`register_layout` when `dist_train.plugins` loads them. The folder layout's one option, `classes`
+(`--classes-from SHARDS`), gives the class list instead: a hold-out set numbered like the
+training set, a class without a folder (or with an empty one) counted with 0 images.
 Detection tries the registered layouts first, then `folder`.
 
 Junk that real image sets carry (macOS `._*` AppleDouble files and the `__MACOSX/` folder a Mac's
@@ -190,6 +192,9 @@ def load_source(src: str | Path, layout: str | None = None, options: dict | None
     if not src.is_dir():
         raise UserError(f"{src}: not a folder; expected a raw image set")
     lay = lay or get_layout(detect_layout(src))
+    if (options or {}).get("classes") is not None and lay is not FOLDER:
+        raise UserError(f"--classes-from: {src} is a {lay.name}-layout set; a class list from another shard set "
+                        "applies to the folder layout (one subfolder per class) only")
     resolved = lay.options(options or {})
     source = lay.load(src, resolved)
     source.options = resolved
@@ -220,9 +225,7 @@ def _detect_folder(src: Path) -> bool:
     return any(p.is_dir() and junk_reason(p) is None for p in src.iterdir())
 
 
-def _load_folder(src: Path, options: dict) -> Source:
-    ignored = new_ignored()
-    tree = SourceTree(src, ignored)
+def _class_dirs(src: Path, ignored: dict[str, int], tree: SourceTree) -> list[Path]:
     class_dirs = []
     for p in sorted(src.iterdir()):
         reason = junk_reason(p)
@@ -233,10 +236,43 @@ def _load_folder(src: Path, options: dict) -> Source:
             ignored[reason or "unlisted"] += 1
     if not class_dirs:
         raise UserError(f"{src}: no class subfolders; the folder layout expects one subfolder per class")
-    _refuse_split_folders(src, class_dirs)
-    classes = [d.name for d in class_dirs]
+    return class_dirs
+
+
+def _folder_options(raw: dict) -> dict:
+    """`classes`: the class list to number the folders by (`--classes-from`), recorded only when given
+    (a set sharded without it keeps the params it always had)."""
+    given = raw.get("classes")
+    if given is None:
+        return {}
+    if not given or not all(isinstance(c, str) and c for c in given) or len(set(given)) != len(given):
+        raise UserError(f"--classes-from: expected a list of distinct class names, not {given!r}")
+    return {"classes": list(given)}
+
+
+def _given_classes(src: Path, class_dirs: list[Path], given: list[str]) -> list[str]:
+    """The class list of --classes-from, every class folder of SRC one of its names."""
+    unknown = [d.name for d in class_dirs if d.name not in set(given)]
+    if unknown:
+        raise UserError(f"{src}: class folder(s) {offenders(unknown)} not among the {len(given)} classes of "
+                        f"--classes-from ({offenders(given, 20)}); expected folders named after those classes "
+                        "(a class without a folder is fine: it gets 0 images)")
+    return list(given)
+
+
+def _load_folder(src: Path, options: dict) -> Source:
+    ignored = new_ignored()
+    tree = SourceTree(src, ignored)
+    class_dirs = _class_dirs(src, ignored, tree)
+    given = options.get("classes")
+    if given is None:
+        _refuse_split_folders(src, class_dirs)
+        classes = [d.name for d in class_dirs]
+    else:
+        classes = _given_classes(src, class_dirs, given)
+    index = {name: i for i, name in enumerate(classes)}
     records, empty = [], []
-    for idx, d in enumerate(class_dirs):
+    for d in class_dirs:
         files = list(_walk_images(d, ignored, tree))
         if not files:
             empty.append(d.name)
@@ -244,10 +280,10 @@ def _load_folder(src: Path, options: dict) -> Source:
             rel = p.relative_to(src).as_posix()
             key = make_key(rel)
             records.append(
-                Record(key=key, path=p, rel=rel, label=idx,
+                Record(key=key, path=p, rel=rel, label=index[d.name],
                        meta={"path": rel, "class_name": d.name}, group=key, stratum=d.name)
             )
-    if empty:
+    if empty and given is None:  # with a given class list an empty folder is a class with 0 images
         raise UserError(
             f"{src}: class folders with no images (expected {'/'.join(FOLDER_EXTENSIONS)}): {offenders(empty)}"
         )
@@ -272,7 +308,7 @@ def _refuse_split_folders(src: Path, class_dirs: list[Path]) -> None:
                     "its own set (--as-split NAME), or rename the folders if they really are your classes")
 
 
-FOLDER = Layout("folder", _detect_folder, _load_folder, "one subfolder per class")
+FOLDER = Layout("folder", _detect_folder, _load_folder, "one subfolder per class", _folder_options)
 
 
 def _check_unique_keys(records: Sequence[Record], image_root: Path) -> None:

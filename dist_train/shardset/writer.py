@@ -61,6 +61,8 @@ DEFAULT_OUT = Path("shards")
 DEFAULT_SHARDS = 64
 MAX_DEFAULT_SHARD = 1000
 MIN_DEFAULT_SHARD = 16  # samples: below 64 x 16 a split gets fewer shards, never near-empty ones
+# Params recorded only when used (older sets, and sets made without them, stay up to date).
+OPTIONAL_PARAMS = ("folds", "classes")
 
 
 # ---------------------------------------------------------------- layout of the shard set
@@ -94,14 +96,22 @@ def source_fingerprint(source: Source) -> str:
 
 def _differences(old: dict, params: dict, fingerprint: str, out: Path) -> list[str]:
     old_params = old.get("params", {})
-    keys = [*params, *(["folds"] if "folds" not in params else [])]  # a fold count dropped is a change too
-    diffs = [f"{k} {old_params.get(k)!r} -> {params.get(k)!r}" for k in keys if old_params.get(k) != params.get(k)]
+    keys = [*params, *(k for k in OPTIONAL_PARAMS if k not in params)]  # one dropped is a change too
+    diffs = [f"{k} {_short(old_params.get(k))} -> {_short(params.get(k))}" for k in keys
+             if old_params.get(k) != params.get(k)]
     if old.get("source_fingerprint") != fingerprint:
         diffs.append("source files changed")
     missing = [f for f in old.get("sha256", {}) if not (out / f).is_file()]
     if missing:
         diffs.append(f"shards missing: {', '.join(missing[:3])}")
     return diffs
+
+
+def _short(value: object) -> str:
+    """A param for the 'made differently' line: a long list (a class list) by its start and length."""
+    if isinstance(value, list) and len(value) > 6:
+        return repr(value[:5])[:-1] + f", ... ({len(value)} in all)]"
+    return repr(value)
 
 
 def _up_to_date(out: Path, params: dict, fingerprint: str) -> dict | None:

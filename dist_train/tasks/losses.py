@@ -84,9 +84,12 @@ def make_loss(name: str, num_classes: int, weight: torch.Tensor | None = None, s
 
 
 def class_weights_from_counts(counts: Mapping[str | int, int] | Sequence[int], num_classes: int) -> torch.Tensor:
-    """Inverse-frequency class weights normalised to mean 1 (`_info.json` label_counts has string keys).
+    """Inverse-frequency class weights, those of the classes with samples normalised to mean 1
+    (`_info.json` label_counts has string keys).
 
-    A class with no samples is weighted as if it had one, so its weight stays finite.
+    A class with no samples (e.g. a set sharded with `--classes-from` that lacks one) gets weight
+    1, an average class's: nothing to divide by, and a large weight would let its share of the
+    label smoothing / Mixup targets outweigh the true classes'.
     """
     n = np.zeros(num_classes, dtype=np.float64)
     items = counts.items() if isinstance(counts, Mapping) else enumerate(counts)
@@ -95,5 +98,9 @@ def class_weights_from_counts(counts: Mapping[str | int, int] | Sequence[int], n
         if not 0 <= c < num_classes:
             raise ValueError(f"label count for class {k} outside 0..{num_classes - 1}")
         n[c] = float(v)
-    inv = 1.0 / np.maximum(n, 1.0)
-    return torch.tensor(inv / inv.mean(), dtype=torch.float32)
+    seen = n > 0
+    inv = np.ones(num_classes, dtype=np.float64)
+    if seen.any():
+        inv[seen] = 1.0 / n[seen]
+        inv[seen] /= inv[seen].mean()
+    return torch.tensor(inv, dtype=torch.float32)

@@ -164,6 +164,12 @@ def start_lines(acc: Accelerator, facts: dict[str, Any]) -> str:
     if world * max(1, f["workers"]) > 1:  # readers read contiguous pieces; neighbours share their edge shards
         text += f"; rank 0's readers read from {f['shards_per_rank']} of the {f['shards']} shards"
     text += f"\n  output {f['output']}"
+    if f.get("empty_classes"):  # e.g. a set sharded with --classes-from that lacks them
+        names = f["empty_classes"]
+        one = len(names) == 1
+        text += (f"\n  no training sample of {'class' if one else f'{len(names)} classes'} "
+                 f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''}: the model only learns not to "
+                 f"predict {'it' if one else 'them'}")
     if f.get("validation"):
         text += f"\n  validation: split {f['validation']}"
     else:

@@ -38,7 +38,7 @@ from dist_train.infer.tta import parse_tta
 from dist_train.model.build import data_config, describe_weights
 from dist_train.model.recompute import KeepRunningStats
 from dist_train.model.stages import count_params
-from dist_train.shardset.format import class_names, cv_splits, label_counts, load_info, split_info
+from dist_train.shardset.format import class_names, cv_splits, empty_classes, label_counts, load_info, split_info
 from dist_train.tasks import Criterion, Task, task_for
 
 from .checkpoint import Checkpointer, Progress, check_resume_compatible, read_progress
@@ -223,7 +223,7 @@ class Trainer:
             global_batch=self.global_batch, batches=self.batches, steps_per_epoch=self.steps_per_epoch,
             train_samples=self.n_train, shards=len(split_info(self.info, self.train_split).filenames),
             shards_per_rank=self.train_loader.shards_per_rank, workers=self.cfg.data.workers,
-            output=self.out, resumed_from=self.resume_from,
+            output=self.out, resumed_from=self.resume_from, empty_classes=empty_classes(self.info, self.train_split),
             validation=self.val_split and f"{self.val_split} ({split_info(self.info, self.val_split).num_samples} samples)")))
         print("\n".join(st.summary(self.model)), flush=True)
 
