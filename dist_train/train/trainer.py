@@ -223,7 +223,8 @@ class Trainer:
             global_batch=self.global_batch, batches=self.batches, steps_per_epoch=self.steps_per_epoch,
             train_samples=self.n_train, shards=len(split_info(self.info, self.train_split).filenames),
             shards_per_rank=self.train_loader.shards_per_rank, workers=self.cfg.data.workers,
-            output=self.out, resumed_from=self.resume_from, empty_classes=empty_classes(self.info, self.train_split),
+            output=self.out, resumed_from=self.resume_from,  # stored labels: relabelled ones are counted by the task
+            empty_classes=[] if self.task.target_fn(self.cfg.task, self.info) else empty_classes(self.info, self.train_split),
             validation=self.val_split and f"{self.val_split} ({split_info(self.info, self.val_split).num_samples} samples)")))
         print("\n".join(st.summary(self.model)), flush=True)
 
