@@ -4,6 +4,7 @@ same probabilities as the shard path for the same images; bad files counted and 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +115,6 @@ def test_folder_is_read_as_shard_reads_it(run3, tmp_path, capsys):
 
 
 def test_file_name_that_is_not_utf8_is_refused_before_predicting(run3, tmp_path, capsys):
-    import os
-
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     Image.new("RGB", (8, 8)).save(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"))
     with pytest.raises(SystemExit) as e:
@@ -194,3 +193,24 @@ def test_files_are_split_exactly_once_over_ranks_and_workers(image_folder):
     assert sorted(seen) == [i for i, f in enumerate(images) if not f.name.endswith("broken.jpg")]
     assert bad == 1 and len(images) == 13
     assert [reader.reader_samples(r, 4) for r in range(4)] == [4, 3, 3, 3]  # the loader's batch count
+
+
+def test_a_folder_is_walked_as_shard_walks_it_links_inside_followed_once(tmp_path):
+    given = tmp_path / "given"
+    (given / "real").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(given / "real" / name)
+    (given / "alias").symlink_to(given / "real")  # a linked folder inside: its images are the same files
+    (given / "real" / "loop").symlink_to(given)  # a link back up: no endless walk
+    (given / "c.png").symlink_to(given / "real" / "a.png")  # a linked file beside its target
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "x.png")
+    (given / "out").symlink_to(tmp_path / "elsewhere")  # a linked folder out of the given one
+    names = [f.name for f in find_images([str(given) + "/"])]
+    assert len(names) == 2 and all(n.startswith(str(given) + "/") for n in names)
+    assert sorted(os.path.realpath(n) for n in names) == [str(given / "real" / "a.png"), str(given / "real" / "b.png")]
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "sub").symlink_to(given / "real")  # the folder of a link inside: read through the link
+    with pytest.raises(UserError, match="no images in it"):  # its target is outside `linked`
+        find_images([str(linked)])

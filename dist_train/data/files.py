@@ -21,7 +21,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from dist_train.errors import UserError
-from dist_train.shardset.sources import FOLDER_EXTENSIONS, junk_reason
+from dist_train.shardset.sources import FOLDER_EXTENSIONS, new_ignored, walk_images
+from dist_train.shardset.tree import SourceTree
 from dist_train.trust.media import DEFAULT_MAX_PIXELS, check_image_bytes
 from dist_train.trust.tables import utf8_name
 
@@ -45,23 +46,15 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
-def _under(path: str, root: str) -> bool:
-    """Whether `path` (symlinks resolved) stays inside the folder `root` (resolved)."""
-    return os.path.commonpath([os.path.realpath(path), root]) == root
-
-
 def _folder_images(folder: str) -> list[ImageFile]:
-    """The images below `folder`, recursively, sorted; links that lead out of it are left out, and
-    so is what `shard` skips as junk (`._*`, dot-files and folders, `.ipynb_checkpoints`)."""
-    root = os.path.realpath(folder)
-    found = []
-    for here, dirs, names in os.walk(folder):  # does not descend into linked folders
-        dirs[:] = [d for d in dirs if junk_reason(Path(here, d)) is None]
-        for n in names:
-            p = os.path.join(here, n)
-            if _is_image(n) and junk_reason(Path(p)) is None and os.path.isfile(p) and _under(p, root):
-                found.append(ImageFile(p, p))
-    return sorted(found, key=lambda f: f.path)
+    """The images below `folder`, recursively, sorted, walked as `shard` walks a class folder:
+    symlinks followed only when they stay inside `folder`, each file and folder once (a link loop
+    or a link beside its target adds nothing), junk (`._*`, dot-files and folders,
+    `.ipynb_checkpoints`), FIFOs and devices skipped."""
+    root, ignored = Path(folder), new_ignored()
+    tree = SourceTree(root, ignored, where=f"--images {folder}")
+    found = [os.path.join(folder, p.relative_to(root)) for p in walk_images(root, ignored, tree)]
+    return [ImageFile(p, p) for p in sorted(found)]
 
 
 def find_images(args: Sequence[str]) -> list[ImageFile]:

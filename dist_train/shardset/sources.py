@@ -205,8 +205,9 @@ def load_source(src: str | Path, layout: str | None = None, options: dict | None
 
 
 # ----------------------------------------------------------------------------- folder
-def _walk_images(folder: Path, ignored: dict[str, int], tree: SourceTree) -> Iterable[Path]:
-    """Image files below `folder` in sorted order, junk, links out and repeats counted and skipped."""
+def walk_images(folder: Path, ignored: dict[str, int], tree: SourceTree) -> Iterable[Path]:
+    """Image files below `folder` in sorted order, junk, links out and repeats counted and skipped
+    (also how `predict --images` reads a folder)."""
     for p in sorted(folder.iterdir()):
         reason = junk_reason(p)
         if reason is None and not p.is_dir() and p.suffix.lower() not in FOLDER_EXTENSIONS:
@@ -216,7 +217,7 @@ def _walk_images(folder: Path, ignored: dict[str, int], tree: SourceTree) -> Ite
             continue
         kind = tree.kind(p)
         if kind == "dir":
-            yield from _walk_images(p, ignored, tree)
+            yield from walk_images(p, ignored, tree)
         elif kind == "file":
             yield p
 
@@ -273,7 +274,7 @@ def _load_folder(src: Path, options: dict) -> Source:
     index = {name: i for i, name in enumerate(classes)}
     records, empty = [], []
     for d in class_dirs:
-        files = list(_walk_images(d, ignored, tree))
+        files = list(walk_images(d, ignored, tree))
         if not files:
             empty.append(d.name)
         for p in files:

@@ -22,8 +22,9 @@ TREE_REASONS = ("outside_source", "repeated", "special")
 class SourceTree:
     """The entries below `root` that may be read, each at most once (first in walk order wins)."""
 
-    def __init__(self, root: Path, ignored: dict[str, int]):
+    def __init__(self, root: Path, ignored: dict[str, int], where: str | None = None):
         self.root = Path(os.path.realpath(root))
+        self.where = where or str(self.root)  # what an error line names (default: the root)
         self.ignored = ignored
         self.seen: set[str] = {str(self.root)}
         self._below = os.path.join(str(self.root), "")  # the root and a separator: what entries below start with
@@ -31,7 +32,7 @@ class SourceTree:
     def kind(self, p: Path) -> str | None:
         """"dir" or "file" for an entry that may be used (now marked as used), None for one that
         is skipped (and counted). A name that is not UTF-8 is one UserError line."""
-        utf8_name(p, str(self.root))
+        utf8_name(p, self.where)
         real = os.path.realpath(p)  # strings, not Paths: this runs for every file of the source
         if real != str(self.root) and not real.startswith(self._below):
             return self._skip("outside_source")
