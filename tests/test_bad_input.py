@@ -139,6 +139,17 @@ def test_image_size_that_cannot_be_allocated_names_the_setting(mask_shards, tmp_
     assert "bad sample" not in p.stderr and "broken" not in line
 
 
+def test_image_size_the_model_cannot_take_is_refused_before_anything_is_written(mask_shards, tmp_path):
+    """A ConvNeXt at 8 px failed in its first training step (a traceback, exit 1, after config.yaml
+    and run.json were written); now: one line naming the sizes it takes, exit 2, no run folder."""
+    out = tmp_path / "o"
+    p = run_main(["--data", str(mask_shards), "--output", str(out), *BASE, "--model", "test_convnext",
+                  "--img-size", "8"])
+    assert_one_line(p.returncode, p.stderr, "--img-size 8: test_convnext cannot take 8x8 images",
+                    "pass --img-size 32")
+    assert not out.exists()
+
+
 def test_batch_that_cannot_be_allocated_names_the_setting():
     """One image may fit where the batch does not (an expanded view: 3 x 10^14 elements, no memory)."""
     image = torch.zeros(3, 1, 1, dtype=torch.uint8).expand(3, 10**7, 10**7)

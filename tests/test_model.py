@@ -45,6 +45,49 @@ def test_vit_gets_img_size_any_size() -> None:
     assert model.patch_embed.img_size == (48, 48)
 
 
+@pytest.mark.parametrize("name,size,head,message", [
+    ("test_vit", 40, "single", "--img-size 40: test_vit cuts the image into 16x16 patches and 40 is not a multiple of 16 "
+                               "(the last 8 rows and columns would never be seen); pass --img-size 32 or 48"),
+    ("test_vit", 8, "multi", "8 is not a multiple of 16 (the last 8 rows and columns would never be seen); pass "
+                             "--img-size 16"),
+    ("test_convnext", 8, "single", "--img-size 8: test_convnext cannot take 8x8 images (RuntimeError: Calculated "
+                                   "padded input size"),
+    ("test_convnext", 8, "multi", "; pass --img-size 32"),
+    # fixes its input size at build time (sizes are probed on models built again), a distillation head
+    ("levit_128s", 40, "single", "levit_128s cannot take 40x40 images (RuntimeError: The size of tensor a (9) must "
+                                 "match the size of tensor b (4) at non-singleton dimension 3); pass --img-size 32 or 48"),
+])
+def test_img_size_the_model_cannot_take_is_one_line_naming_sizes_it_can(name, size, head, message) -> None:
+    with pytest.raises(UserError) as e:
+        create_model(name, 18 if head == "multi" else 3, head=head, img_size=size)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    for ok in (32, 48):  # the sizes suggested build and run
+        create_model(name, 3, img_size=ok).eval()(torch.randn(1, 3, ok, ok))
+
+
+def test_img_size_probe_is_shape_only_and_leaves_the_model_as_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check runs on meta tensors: the model's weights, buffers and training mode are untouched,
+    and a model whose layers have no meta kernel is confirmed on a real forward before any refusal."""
+    from dist_train.model import sizes
+
+    torch.manual_seed(0)
+    model = create_model("test_efficientnet", 3, img_size=32)
+    torch.manual_seed(0)
+    plain = timm.create_model("test_efficientnet", num_classes=3)
+    assert model.training and _same_state(model, plain)
+    assert sizes._forward_error(model, 32, meta=True) is None and model.training
+    calls = []
+    real = sizes._forward_error
+
+    def no_meta(m, size, *, meta):
+        calls.append(meta)
+        return "NotImplementedError: no meta kernel" if meta else real(m, size, meta=False)
+
+    monkeypatch.setattr(sizes, "_forward_error", no_meta)
+    sizes.check_img_size(model, "test_efficientnet", 32, num_classes=3, takes_size=False)  # no refusal
+    assert calls == [True, False]
+
+
 @pytest.mark.parametrize("name", ["resnet_18", "not_a_model", "local-dir:/tmp/x", "resnet18:foo"])
 def test_unknown_model_is_user_error(name: str) -> None:
     with pytest.raises(UserError, match="unknown timm model"):

@@ -20,6 +20,8 @@ from timm.models import get_pretrained_cfg, load_state_dict, split_model_name_ta
 from dist_train.errors import UserError
 from dist_train.trust.weights import check_safetensors
 
+from .sizes import check_img_size
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 
 
@@ -159,7 +161,8 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = False, pretr
     """A timm model with `num_classes` outputs (0: headless, pooled features out).
 
     `img_size` is passed to models that fix their input size (ViT-style) and recorded in the
-    model's pretrained_cfg for all, so data config and export describe the size trained on.
+    model's pretrained_cfg for all, so data config and export describe the size trained on; a size
+    the model cannot take is a UserError naming sizes it can (`sizes.check_img_size`).
     """
     base = check_model_name(name)
     if pretrained and pretrained_path:
@@ -183,6 +186,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = False, pretr
     else:
         model = _timm(name, pretrained=False, num_classes=num_classes, **kwargs)
     if img_size is not None:
+        check_img_size(model, name, img_size, num_classes=num_classes, takes_size="img_size" in kwargs)
         model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, img_size, img_size)}
         model.default_cfg = model.pretrained_cfg
     return model
