@@ -27,7 +27,7 @@ from dist_train.tasks import build_model as create_model  # timm models, and the
 FAMILIES = {
     "resnet18": ("conv1.weight", {"fc.weight", "fc.bias"}),
     "efficientnet_b0": ("conv_stem.weight", {"classifier.weight", "classifier.bias"}),
-    "convnext_atto": ("stem.0.weight", {"head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias"}),
+    "convnext_atto": ("stem.0.weight", {"head.fc.weight", "head.fc.bias"}),  # head.norm: with stages.3
     "vit_tiny_patch16_224": ("cls_token", {"head.weight", "head.bias"}),
 }
 
@@ -99,6 +99,37 @@ def test_layer_groups_multi_head_delegates_to_backbone(name: str) -> None:
     assert [[f"backbone.{n}" for n in g] for g in backbone] == groups[:-1]
     assert trainable_names(model, "head") == heads
     assert count_params(model, heads) == (3 + 2 + 3) * (model.num_features + 1)
+
+
+# Layers timm's matchers leave unnamed between the last block and the classifier (they come with
+# the pretrained weights): ConvNeXt's head norm, a ViT's fc_norm, MobileNetV3's conv_head,
+# MobileNetV4's conv_head + BatchNorm.
+PRE_LOGITS = {
+    "test_convnext": ({"head.norm.weight", "head.norm.bias"}, "stages.3"),
+    "test_vit2": ({"fc_norm.weight", "fc_norm.bias"}, "blocks.7"),
+    "mobilenetv3_small_050": ({"conv_head.weight", "conv_head.bias"}, "blocks.5"),
+    "mobilenetv4_conv_small_035": ({"conv_head.weight", "norm_head.weight", "norm_head.bias"}, "blocks.4"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRE_LOGITS))
+def test_head_is_the_classifier_alone(name: str) -> None:
+    """`--unfreeze head` trains the new classifier only: the pre-logits layers join the last block
+    group (they stayed in the head group, up to 69% of a MobileNetV4's parameters, its BatchNorm
+    statistics moving), stay bit-identical in the head stage, and the multi-head model groups its
+    backbone the same way."""
+    pre, last_block = PRE_LOGITS[name]
+    model = _model(name)
+    clf = {f"{n}.{p}" for n, m in model.named_modules() if m is model.get_classifier() for p in ("weight", "bias")}
+    groups = layer_groups(model)
+    assert trainable_names(model, "head") == set(groups[-1]) == clf
+    assert pre <= set(groups[-2]) and any(n.startswith(last_block + ".") for n in groups[-2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_steps(model, clf)
+    after = model.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == clf
+    multi = _model(name, head="multi")
+    assert layer_groups(multi)[:-1] == [[f"backbone.{n}" for n in g] for g in groups[:-1]]
 
 
 def test_resnet_last_groups_are_layers() -> None:

@@ -1,6 +1,7 @@
 """Staged unfreezing, model side: the schedule, layer groups, trainable sets, param groups.
 
-Layer groups are timm's coarse `group_matcher` groups (stem, blocks or stages, head), so one
+Layer groups are timm's coarse `group_matcher` groups (stem, blocks or stages, head; the head
+being the classifier alone, see `layer_groups`), so one
 schedule such as `head:1,last2:2,all` means the same thing for any timm model. Nothing here
 knows about DDP or Accelerate: the trainer sets `requires_grad` with `apply_trainable`,
 rebuilds its DDP wrapper, and feeds `param_groups` to the optimizer.
@@ -116,12 +117,49 @@ def stage_start_epoch(stages: list[Stage], index: int, total_epochs: int) -> int
 
 # ----------------------------------------------------------------------------- groups
 def layer_groups(model: torch.nn.Module) -> list[list[str]]:
-    """Parameter names by timm's coarse layer groups, stem first, the classifier's group last."""
+    """Parameter names by timm's coarse layer groups, stem first, the classifier alone last.
+
+    timm leaves what its matcher names in no group (the layers between the last block and the
+    classifier: MobileNetV3's conv_head, ConvNeXt's head norm, Swin's final norm, FastViT's
+    final_conv) in one last group with the classifier. Those layers come with the pretrained
+    weights, so they join the last block group and `head` is the classifier (`get_classifier()`,
+    the one part a new class count replaces) alone: what `--unfreeze head` promises.
+    """
     matcher = getattr(model, "group_matcher", None)
     if matcher is None:
         raise UserError(f"{type(model).__name__} has no timm group_matcher; staged unfreezing needs a timm model")
-    grouped = group_parameters(model, matcher(coarse=True))
-    return [list(grouped[k]) for k in sorted(grouped)]
+    spec = matcher(coarse=True)
+    grouped = group_parameters(model, spec)
+    groups = [list(grouped[k]) for k in sorted(grouped)]
+    clf = classifier_names(model)
+    if not clf and getattr(model, "num_classes", None) != 0:
+        return groups  # no classifier to tell apart from the rest of the head
+    pre = _unmatched(spec, {n for g in groups for n in g}) - clf
+    body = [kept for g in groups if (kept := [n for n in g if n not in pre and n not in clf])]
+    if not body:
+        return groups
+    body[-1] += [n for g in groups for n in g if n in pre]
+    return body + ([[n for g in groups for n in g if n in clf]] if clf else [])
+
+
+def classifier_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters of timm's `get_classifier()` (a module, or a tuple of them for
+    distilled models such as DeiT and LeViT); empty for a headless model."""
+    get = getattr(model, "get_classifier", None)
+    clf = get() if get is not None else None
+    mods = clf if isinstance(clf, (tuple, list, torch.nn.ModuleList)) else (clf,)
+    ids = {id(p) for m in mods if isinstance(m, torch.nn.Module) for p in m.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def _unmatched(spec: Any, names: set[str]) -> set[str]:
+    """The names none of a timm dict matcher's patterns match (timm's `group_with_matcher` puts them
+    last); none for a callable matcher."""
+    if not isinstance(spec, dict):
+        return set()
+    pats = [re.compile(m if isinstance(m, str) else m[0]) for v in spec.values() if v is not None
+            for m in ((v,) if isinstance(v, str) else v)]
+    return {n for n in names if not any(p.match(n) for p in pats)}
 
 
 def _resolve(groups: list[list[str]], spec: str) -> set[str]:

@@ -55,10 +55,14 @@ class MultiHeadModel(torch.nn.Module):
         return combine_heads(*self.forward_heads(x))
 
     def group_matcher(self, coarse: bool = False):
-        """timm-style matcher: the backbone's groups, then the three heads as the last group."""
+        """timm-style matcher: the backbone's groups (coarse: as `layer_groups` makes them, with the
+        layers before its removed classifier in the last block group), then the three heads."""
         import timm  # not at import: `shard` loads this task without making models
 
-        rev = timm.models.group_parameters(self.backbone, self.backbone.group_matcher(coarse=coarse), reverse=True)
+        from dist_train.model.stages import layer_groups
+
+        rev = ({n: i for i, g in enumerate(layer_groups(self.backbone)) for n in g} if coarse else
+               timm.models.group_parameters(self.backbone, self.backbone.group_matcher(coarse=False), reverse=True))
         head_id = max(rev.values(), default=-1) + 1
 
         def match(name: str) -> int:
