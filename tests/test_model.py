@@ -158,6 +158,31 @@ def test_pretrained_path_vit_resamples_to_img_size(tmp_path: Path) -> None:
     assert torch.equal(model.blocks[3].attn.qkv.weight, src.blocks[3].attn.qkv.weight)
 
 
+def test_weights_timm_cannot_resize_to_img_size_say_which_size_they_fit(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """LeViT's attention biases are sized for the input, and timm has no filter to resample them:
+    the line used to name only shape mismatches (and, from the hub, said to fetch the weights again)."""
+    from dist_train.model import build
+
+    safetensors.torch.save_file(timm.create_model("levit_128s").state_dict(), str(tmp_path / "levit.safetensors"))
+    with pytest.raises(UserError, match=r"attention_biases \[4, 196\] vs model \[4, 4\].*; they fit levit_128s "
+                                        r"built for its own 224 px input: timm cannot resize them to --img-size 32, "
+                                        r"pass --img-size 224$"):
+        create_model("levit_128s", 3, img_size=32, pretrained_path=str(tmp_path / "levit.safetensors"))
+
+    def hub(name: str, **kw):  # timm's hub loader, as it fails on those shapes
+        if "img_size" in kw:
+            raise RuntimeError("Error(s) in loading state_dict for Levit:\n\tsize mismatch for x: copying a param "
+                               "with shape torch.Size([4, 196]) from checkpoint, the shape in current model is "
+                               "torch.Size([4, 4]).")
+        return torch.nn.Identity()
+
+    monkeypatch.setattr(build, "_timm", hub)
+    with pytest.raises(UserError, match=r"^--pretrained: timm's weights do not fit levit_128s at --img-size 32: shape "
+                                        r"mismatch x \[4, 196\] vs model \[4, 4\]; they fit .* pass --img-size 224$"):
+        build.create_model("levit_128s", 3, img_size=32, pretrained=True)
+
+
 @pytest.mark.parametrize("num_classes", [10, 4])
 def test_mismatched_weights_are_user_error(tmp_path: Path, resnet_src, num_classes: int) -> None:
     sd = resnet_src.state_dict()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
@@ -128,6 +128,21 @@ def describe_weights(name: str, num_classes: int, *, pretrained: bool, pretraine
     return f"{source}; classifier replaced: a new {num_classes}-class one, random init (the weights {had})"
 
 
+def _size_hint(name: str, kwargs: dict, load: Callable[[dict], Any]) -> str:
+    """Weights that do not load into a model built for --img-size (LeViT's attention biases, which
+    timm cannot resample): if they load at the model's own size, say so and what to pass."""
+    if "img_size" not in kwargs:
+        return ""
+    try:
+        load({k: v for k, v in kwargs.items() if k != "img_size"})
+    except Exception:
+        return ""
+    cfg = get_pretrained_cfg(split_model_name_tag(name)[0])
+    default = cfg.input_size[-1] if cfg is not None else "its default size"
+    return (f"; they fit {name} built for its own {default} px input: timm cannot resize them to --img-size "
+            f"{kwargs['img_size']}, pass --img-size {default}")
+
+
 def _load_local(name: str, num_classes: int, file: Path, kwargs: dict) -> torch.nn.Module:
     """Build `name` with weights from `file` through timm's loader (so its checkpoint filters,
     e.g. ViT position-embedding resampling, apply), strictly: every non-classifier key must fit.
@@ -143,13 +158,17 @@ def _load_local(name: str, num_classes: int, file: Path, kwargs: dict) -> torch.
         raise UserError(f"--pretrained-path {file}: cannot read weights ({type(e).__name__}: {e})") from None
     ckpt_classes = _classifier_classes({k: tuple(v.shape) for k, v in sd.items()}, name)
     del sd
+    def load(kw: dict) -> torch.nn.Module:
+        return _timm(name, pretrained=True, num_classes=ckpt_classes,
+                     pretrained_cfg_overlay=dict(file=str(file), num_classes=ckpt_classes), **kw)
+
     try:
-        model = _timm(name, pretrained=True, num_classes=ckpt_classes,
-                      pretrained_cfg_overlay=dict(file=str(file), num_classes=ckpt_classes), **kwargs)
+        model = load(kwargs)
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"--pretrained-path {file}: weights do not fit {name}: {describe_load_error(e)}") from None
+        raise UserError(f"--pretrained-path {file}: weights do not fit {name}: {describe_load_error(e)}"
+                        f"{_size_hint(name, kwargs, load)}") from None
     if ckpt_classes != num_classes:
         model.reset_classifier(num_classes)
     return model
@@ -180,6 +199,9 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = False, pretr
         except UserError:
             raise
         except Exception as e:
+            if hint := _size_hint(name, kwargs, lambda kw: _timm(name, pretrained=True, num_classes=num_classes, **kw)):
+                raise UserError(f"--pretrained: timm's weights do not fit {name} at --img-size {img_size}: "
+                                f"{describe_load_error(e)}{hint}") from None
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise UserError(f"could not load pretrained weights for {name} ({type(e).__name__}: {first}); fetch "
                             f"them on a machine with internet and pass --pretrained-path FILE") from None
