@@ -66,7 +66,7 @@ def test_lr_find_under_accelerate_launch_agrees_and_prints_once(mask_shards, tmp
 
 @pytest.mark.parametrize("args, words", [
     (["--start-lr", "1", "--end-lr", "0.1"], "--start-lr 1.0 >= --end-lr 0.1"),
-    (["--num-steps", "5"], "--num-steps 5: expected at least 13"),
+    (["--num-steps", "15"], "--num-steps 15: expected at least 16"),
     (["--early-stop-threshold", "0.5"], "--early-stop-threshold 0.5"),
     (["--start-lr", "abc"], "--start-lr"),
 ])

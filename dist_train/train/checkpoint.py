@@ -91,6 +91,15 @@ def attempt(fn: Callable[[], object] | None) -> str | None:
     return None
 
 
+def _groups_hint(problem: str) -> str:
+    """Why an optimizer state may not fit this run's optimizer (torch names only the symptom)."""
+    if "parameter group" not in problem:
+        return ""
+    return ("; the checkpoint's optimizer holds other parameter groups than this run's: it was saved with other "
+            "stages or --layer-decay, or by a dist_train before 443eb97 (whose `head` stage held the layers "
+            "next to the classifier too); start a new run from its best/ weights (--pretrained-path)")
+
+
 def agree(acc: Accelerator | None, problem: str | None) -> str | None:
     """Every rank learns whether any rank failed, and the first failure's words. A collective,
     so it is also the barrier between the steps of a save; costs one all-reduce when all is well."""
@@ -206,7 +215,7 @@ class Checkpointer:
             problem = attempt(lambda: acc.load_state(str(ckpt)))
         problem = agree(acc, problem)
         if problem:
-            raise UserError(f"--resume {ckpt}: {problem}", all_ranks=acc.num_processes > 1)
+            raise UserError(f"--resume {ckpt}: {problem}{_groups_hint(problem)}", all_ranks=acc.num_processes > 1)
 
     # ------------------------------------------------------------------ saving
     def save(self, acc: Accelerator, progress: Progress, force: bool = False) -> Path | None:

@@ -40,6 +40,7 @@ from .trainer import Trainer
 
 BETA = 0.98  # Lightning's smoothing of the loss
 SKIP_BEGIN, SKIP_END = 10, 1  # points the suggestion leaves out (Lightning's defaults)
+MIN_WINDOW = 5  # points left to choose from: with 2 the steepest is always the first, whatever the loss
 PLOT_NAME = "lr_find.png"
 
 
@@ -57,9 +58,10 @@ class Sweep:
             raise UserError(f"--start-lr {self.start_lr}: expected a positive number")
         if not self.start_lr < self.end_lr:
             raise UserError(f"--start-lr {self.start_lr} >= --end-lr {self.end_lr}: expected --start-lr < --end-lr")
-        if self.num_steps < SKIP_BEGIN + SKIP_END + 2:
-            raise UserError(f"--num-steps {self.num_steps}: expected at least {SKIP_BEGIN + SKIP_END + 2} "
-                            f"(the suggestion leaves out the first {SKIP_BEGIN} steps and the last)")
+        if self.num_steps < SKIP_BEGIN + SKIP_END + MIN_WINDOW:
+            raise UserError(f"--num-steps {self.num_steps}: expected at least {SKIP_BEGIN + SKIP_END + MIN_WINDOW} "
+                            f"(the suggestion leaves out the first {SKIP_BEGIN} steps and the last, and picks "
+                            f"from at least {MIN_WINDOW} others)")
         if not self.early_stop_threshold > 1:
             raise UserError(f"--early-stop-threshold {self.early_stop_threshold}: expected a number above 1")
         return self
