@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from dist_train.errors import UserError
+from dist_train.shardset.images import encode_image
 from dist_train.shardset.sources import FOLDER_EXTENSIONS, new_ignored, walk_images
 from dist_train.shardset.tree import SourceTree
 from dist_train.trust.media import DEFAULT_MAX_PIXELS, check_image_bytes
@@ -98,8 +99,6 @@ def read_image_file(path: str) -> bytes:
     data = Path(path).read_bytes()
     fmt, _, _ = check_image_bytes(data, MAX_PIXELS)  # the header only (ImageRefused is a ValueError)
     if fmt not in FILE_FORMATS:  # bmp, tiff, ...: the lossless PNG the shard writer stores for them
-        from dist_train.shardset.images import encode_image
-
         data = encode_image((path, None, 95))[1]
     return data
 
