@@ -150,6 +150,19 @@ def test_pretrained_path_other_classes_reinits_classifier(tmp_path: Path, resnet
     assert _same_state(multi.backbone, resnet_src, skip=("fc.",))
 
 
+def test_pretrained_path_other_classes_keeps_what_reset_classifier_remakes_beside_it(tmp_path: Path) -> None:
+    """EfficientViT-MSRA's reset_classifier re-makes its head BatchNorm with the Linear: the file's
+    BatchNorm comes back, only get_classifier() is new (as timm's hub weights give it)."""
+    src = timm.create_model("efficientvit_m0", num_classes=10)
+    with torch.no_grad():
+        for t in (src.head.bn.weight, src.head.bn.bias, src.head.bn.running_mean):
+            t.uniform_(0.5, 1.5)
+    safetensors.torch.save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    model = create_model("efficientvit_m0", 3, pretrained_path=str(tmp_path / "w.safetensors"))
+    assert model.head.linear.weight.shape[0] == 3
+    assert _same_state(model, src, skip=("head.linear.",))
+
+
 def test_pretrained_path_vit_resamples_to_img_size(tmp_path: Path) -> None:
     src = timm.create_model("vit_tiny_patch16_224", num_classes=10)
     torch.save(src.state_dict(), tmp_path / "vit.pth")

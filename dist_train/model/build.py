@@ -21,6 +21,7 @@ from dist_train.errors import UserError
 from dist_train.trust.weights import check_safetensors
 
 from .sizes import check_img_size
+from .stages import classifier_names
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 
@@ -170,8 +171,23 @@ def _load_local(name: str, num_classes: int, file: Path, kwargs: dict) -> torch.
         raise UserError(f"--pretrained-path {file}: weights do not fit {name}: {describe_load_error(e)}"
                         f"{_size_hint(name, kwargs, load)}") from None
     if ckpt_classes != num_classes:
-        model.reset_classifier(num_classes)
+        _reset_classifier(model, num_classes)
     return model
+
+
+def _reset_classifier(model: torch.nn.Module, num_classes: int) -> None:
+    """timm's `reset_classifier`, after which what it re-made beside the classifier (EfficientViT-MSRA
+    rebuilds its head's BatchNorm too) gets its loaded weights back where name and shape still fit:
+    only `get_classifier()` is new, as with timm's hub weights, and `--unfreeze head` trains all that
+    is new."""
+    before = model.state_dict()
+    model.reset_classifier(num_classes)
+    clf = classifier_names(model)
+    after = model.state_dict()
+    keep = {k: v for k, v in before.items()
+            if k in after and k not in clf and after[k].data_ptr() != v.data_ptr() and after[k].shape == v.shape}
+    if keep:
+        model.load_state_dict(keep, strict=False)
 
 
 def create_model(name: str, num_classes: int, *, pretrained: bool = False, pretrained_path: str | None = None,
