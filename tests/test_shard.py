@@ -360,6 +360,27 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     assert all(100 < grey(d) < 155 for d in resized.values())
 
 
+def test_float_images_in_zero_one_are_scaled_others_clipped(tmp_path):
+    """A [0, 1] float TIFF (mode F) is scaled by 255, which PIL's convert would make black; a
+    0-255 float TIFF is taken as it is."""
+    ramp = np.linspace(0.0, 1.0, 32 * 32, dtype=np.float32).reshape(32, 32)
+    root = tmp_path / "f"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(ramp).save(root / cls / "unit.tif")
+        Image.fromarray(ramp * 255.0).save(root / cls / "bytes.tif")
+    out = tmp_path / "out"
+    run(root, out, as_split="test")
+    greys = {}
+    for n, d in (kv for f in members(out).values() for kv in f.items()):
+        if n.startswith("a/") and n.endswith(".png"):
+            with Image.open(io.BytesIO(d)) as im:
+                greys[n] = np.asarray(im.convert("L"), dtype=np.float64)
+    assert set(greys) == {"a/unit.png", "a/bytes.png"}
+    assert np.array_equal(greys["a/unit.png"], greys["a/bytes.png"])
+    assert greys["a/unit.png"].min() == 0 and greys["a/unit.png"].max() == 255
+
+
 # Every argument recorded in _info.json "params" (layout aside: it is also part of the source
 # fingerprint), with a base that sets --resize so that --quality matters.
 REFUSAL_BASE = dict(resize=16, quality=80, samples_per_shard=10, seed=0, val_fraction=0.2, age_bins="30,60")

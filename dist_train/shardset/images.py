@@ -119,10 +119,17 @@ WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 def _to_rgb(im: Image.Image, alpha: bool = False) -> Image.Image:
     """RGB (RGBA with `alpha`) copy of `im`. 16-bit images (PIL modes I;16*, and I as PIL opens
     16-bit PNGs) are scaled to 8 bits first: PIL's own convert clips them at 255, which turns
-    most of a 16-bit image white."""
+    most of a 16-bit image white. Float images (mode F, e.g. 32-bit float TIFFs) whose values all
+    lie in [0, 1] (torchvision's and scikit-image's float convention) are scaled by 255, which
+    PIL's convert would make black; others are clipped to 0-255 as PIL does, NaN as 0."""
     if im.mode in WIDE_INT_MODES:
         wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
         im = Image.fromarray((wide >> 8).astype(np.uint8))
+    elif im.mode == "F":
+        values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+            values = values * 255.0
+        im = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
     return im.convert("RGBA" if alpha else "RGB")
 
 
