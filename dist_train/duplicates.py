@@ -13,7 +13,6 @@ with numba or in numpy, whichever is estimated fastest).
 
 from __future__ import annotations
 
-import io
 import json
 import resource
 import time
@@ -23,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import ArgParser, UserError, atomic_write_bytes, atomic_write_text, check_writable_file, cli_main
+from .errors import ArgParser, UserError, atomic_write_text, check_writable_file, cli_main
 from .shardset.hamming import HASH_BITS, brute_pairs, compiled_kernels, estimate, have_compiled, near_pairs
 from .shardset.duplicates import (
     DEFAULT_THRESHOLD,
@@ -37,6 +36,7 @@ from .shardset.duplicates import (
     pairs_csv,
     read_fingerprints,
 )
+from .infer.metrics import write_png
 from .shardset.format import class_names, is_url, load_info
 from .system import usable_cpus
 
@@ -104,11 +104,7 @@ def draw_pairs(png: str | Path, pairs: Sequence[tuple], title: str, cols: int = 
             ax.set_yticks([])
             if side == 0:
                 ax.set_title(caption, fontsize=5.5, loc="left", color="red" if "[" in caption and _cross(caption) else "black")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(png, buf.getvalue())
-    return Path(png)
+    return write_png(fig, png, dpi=110, tight=True)
 
 
 def _cross(caption: str) -> bool:

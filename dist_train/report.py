@@ -12,7 +12,6 @@ work too); only the samples that are drawn are decoded.
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 from pathlib import Path
@@ -24,8 +23,8 @@ from matplotlib.figure import Figure
 from torchvision.transforms.v2 import functional as TF
 
 from .data.transforms import decode_rgb
-from .errors import UserError, atomic_write_bytes
-from .infer.metrics import draw_confusion
+from .errors import UserError
+from .infer.metrics import draw_confusion, write_png
 from .shardset.format import class_names, image_bytes, is_labeled, iter_samples, label_counts, split_info
 from .trust.media import DEFAULT_MAX_PIXELS, check_image_bytes
 from .trust.files import MAX_JSON_BYTES, parse_json, read_capped
@@ -89,13 +88,6 @@ def load_thumbnails(root: str, info: dict, split: str, keys: Iterable[str], side
 
 
 # ----------------------------------------------------------------------------- drawing helpers
-def _save(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
-
-
 def _show(ax, image: np.ndarray | None, title: str, fontsize: float = 7, color: str = "black") -> None:
     ax.set_xticks([])
     ax.set_yticks([])
@@ -169,7 +161,7 @@ def draw_report(out_png: str | Path, *, history: list[dict], confusion: np.ndarr
             ax.set_axis_off()
     else:
         bottom.text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=12)
-    return _save(fig, out_png)
+    return write_png(fig, out_png)
 
 
 def _default_split(info: dict) -> str:
@@ -230,7 +222,7 @@ def contact_sheet(root: str | Path, info: dict, out_png: str | Path, per_class: 
                 ax.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=7, transform=ax.transAxes)
         if labeled:
             axes[r, 0].set_ylabel(names[r], fontsize=9, rotation=0, ha="right", va="center")
-    return _save(fig, out_png)
+    return write_png(fig, out_png)
 
 
 def draw_suspects(out_png: str | Path, items: Sequence[dict], title: str, cols: int = 8) -> Path:
@@ -248,7 +240,7 @@ def draw_suspects(out_png: str | Path, items: Sequence[dict], title: str, cols: 
             ax.text(0.5, 0.5, "image not found", ha="center", va="center", fontsize=7, transform=ax.transAxes)
     for ax in axes[len(items):]:
         ax.set_axis_off()
-    return _save(fig, out_png)
+    return write_png(fig, out_png)
 
 
 def draw_training_report(run: str | Path, data: str, info: dict, split: str, shown: dict,

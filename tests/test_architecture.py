@@ -4,6 +4,7 @@ generic packages, no private Accelerate attributes, no test doubles in productio
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,21 +91,21 @@ def test_generic_packages_know_nothing_of_the_competition():
     assert not bad, "\n".join(bad)
 
 
-def test_the_rule_checks_would_catch_a_violation(tmp_path):
-    """The checks above are not vacuous: a planted import and word are found."""
-    planted = PKG / "train" / "_planted_for_test.py"
+def test_the_rule_checks_would_catch_a_violation(tmp_path, monkeypatch):
+    """The checks above are not vacuous: a planted import and word are found (in a copy of the
+    package's layout, never in the source tree another test may be reading)."""
+    planted = tmp_path / "dist_train" / "train" / "_planted_for_test.py"
+    planted.parent.mkdir(parents=True)
     planted.write_text('from dist_train.tasks.mask import labels as L\nfrom dist_train.report import draw_report\n'
                        'X = "gender"\n')
-    try:
-        assert {"tasks.mask.labels", "report.draw_report"} <= imported(planted)
-        with pytest.raises(AssertionError, match="imports dist_train.tasks.mask"):
-            test_generic_packages_do_not_import_the_mask_task()
-        with pytest.raises(AssertionError, match="imports dist_train.report"):
-            test_imports_follow_the_data_flow("train")
-        with pytest.raises(AssertionError, match="_planted_for_test.py: 'gender'"):
-            test_generic_packages_know_nothing_of_the_competition()
-    finally:
-        planted.unlink()
+    monkeypatch.setattr(sys.modules[__name__], "PKG", planted.parent.parent)
+    assert {"tasks.mask.labels", "report.draw_report"} <= imported(planted)
+    with pytest.raises(AssertionError, match="imports dist_train.tasks.mask"):
+        test_generic_packages_do_not_import_the_mask_task()
+    with pytest.raises(AssertionError, match="imports dist_train.report"):
+        test_imports_follow_the_data_flow("train")
+    with pytest.raises(AssertionError, match="_planted_for_test.py: 'gender'"):
+        test_generic_packages_know_nothing_of_the_competition()
 
 
 def test_no_private_accelerate_attributes_and_no_mocks_in_production_code():

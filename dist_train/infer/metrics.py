@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -116,7 +118,34 @@ def save_confusion(cm: np.ndarray, class_names: Sequence[str], csv_path: str | P
     ax = fig.add_subplot()
     fig.colorbar(draw_confusion(ax, cm, class_names, fontsize=8, title=title), ax=ax, fraction=0.046, pad=0.04,
                  label="fraction of true class")
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    atomic_write_bytes(png_path, png.getvalue())
+    write_png(fig, png_path, tight=True)
+
+
+_MISSING_GLYPH = re.compile(r"Glyph (\d+) \(.*\) missing from font\(s\) (.+)\.$")
+
+
+def write_png(fig, path: str | Path, dpi: int = 100, tight: bool = False) -> Path:
+    """`fig` (laid out by `tight_layout` with `tight`) written to `path` as PNG, atomically.
+
+    matplotlib warns once per character its fonts lack (Korean or Chinese class names, say), a
+    line each; those become one line naming the characters and how to have them drawn."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if tight:
+            fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi)
+    missing: dict[str, str] = {}
+    for w in caught:
+        if m := _MISSING_GLYPH.match(str(w.message)):
+            missing.setdefault(chr(int(m.group(1))), m.group(2))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if missing:
+        chars, fonts = "".join(sorted(missing)), ", ".join(sorted(set(missing.values())))
+        warnings.warn(f"labels in the pictures hold {len(chars)} character(s) matplotlib's font ({fonts}) lacks, "
+                      f"drawn as boxes: {chars[:20]!r}{'...' if len(chars) > 20 else ''}; to draw them, name a "
+                      f"font you have that covers them after it, e.g. `font.family: {fonts}, Noto Sans CJK KR` "
+                      "in a matplotlibrc file (MATPLOTLIBRC=its folder)", UserWarning, stacklevel=2)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
