@@ -221,15 +221,19 @@ def test_multi_head_soft_targets_hand_values(loss: str, plain: float, weighted: 
         assert crit(out18, q).item() == pytest.approx(want, rel=1e-5), (loss, weights)
 
 
-def test_characters_the_font_lacks_are_one_warning_naming_them(tmp_path: Path) -> None:
+def test_characters_the_font_lacks_are_one_warning_naming_them(tmp_path: Path, monkeypatch) -> None:
     """matplotlib warns once per missing glyph (Korean class names: a line each); the pictures
-    say it once, with the characters and how to have them drawn."""
+    say it once a process, with the characters and how to have them drawn."""
     import warnings
 
     import matplotlib
 
+    from dist_train.infer import metrics
+
+    monkeypatch.setattr(metrics, "_GLYPHS_SAID", set())
     with matplotlib.rc_context({"font.family": ["DejaVu Sans"]}), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        save_confusion(np.array([[3, 1], [0, 2]]), ["마스크", "노마스크"], tmp_path / "c.csv", tmp_path / "c.png")
         save_confusion(np.array([[3, 1], [0, 2]]), ["마스크", "노마스크"], tmp_path / "c.csv", tmp_path / "c.png")
     lines = [str(w.message) for w in caught]
     assert len(lines) == 1 and "'노마스크'" in lines[0] and "font.family" in lines[0], lines

@@ -121,6 +121,8 @@ def save_confusion(cm: np.ndarray, class_names: Sequence[str], csv_path: str | P
     write_png(fig, png_path, tight=True)
 
 
+_GLYPHS_SAID: set[str] = set()
+_OTHERS_SAID: set[tuple[type, str]] = set()
 _MISSING_GLYPH = re.compile(r"Glyph (\d+) \(.*\) missing from font\(s\) (.+)\.$")
 
 
@@ -139,9 +141,11 @@ def write_png(fig, path: str | Path, dpi: int = 100, tight: bool = False) -> Pat
     for w in caught:
         if m := _MISSING_GLYPH.match(str(w.message)):
             missing.setdefault(chr(int(m.group(1))), m.group(2))
-        else:
+        elif (key := (w.category, str(w.message))) not in _OTHERS_SAID:  # each once, as warnings would
+            _OTHERS_SAID.add(key)
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if missing:
+    if missing.keys() - _GLYPHS_SAID:  # once a process (catch_warnings resets warnings' own once-only registry)
+        _GLYPHS_SAID.update(missing)
         chars, fonts = "".join(sorted(missing)), ", ".join(sorted(set(missing.values())))
         warnings.warn(f"labels in the pictures hold {len(chars)} character(s) matplotlib's font ({fonts}) lacks, "
                       f"drawn as boxes: {chars[:20]!r}{'...' if len(chars) > 20 else ''}; to draw them, name a "
