@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -379,6 +380,21 @@ def test_float_images_in_zero_one_are_scaled_others_clipped(tmp_path):
     assert set(greys) == {"a/unit.png", "a/bytes.png"}
     assert np.array_equal(greys["a/unit.png"], greys["a/bytes.png"])
     assert greys["a/unit.png"].min() == 0 and greys["a/unit.png"].max() == 255
+
+
+def test_a_full_size_set_of_large_images_says_to_resize(tmp_path):
+    """Stored as they are, 1,200-px images are decoded whole every epoch: the writer says so and
+    what to pass; with --resize, or with small images, it says nothing."""
+    root = tmp_path / "f"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (1600, 1200), (60 * i, 90, 120)).save(root / cls / f"{i}.jpg")
+    with pytest.warns(UserWarning, match=r"median shorter side 1200 px.*22x the pixels of a --resize 256 set"):
+        run(root, tmp_path / "full", as_split="test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(root, tmp_path / "small", as_split="test", resize=64)
 
 
 # Every argument recorded in _info.json "params" (layout aside: it is also part of the source

@@ -178,3 +178,25 @@ def _png_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     _to_rgb(im, alpha="A" in im.getbands() or "transparency" in im.info).save(buf, format="PNG")
     return buf.getvalue()
+
+
+LARGE_SIDE = 1024  # a median shorter side from which a full-size set gets `large_images_hint`
+
+
+def large_images_hint(paths: list[str], sample: int = 200) -> str | None:
+    """A line for a set stored at full size (no --resize) whose images are large: median shorter
+    side >= LARGE_SIDE px, read from the headers of up to `sample` of them, evenly spaced.
+    Training decodes every image whole, every epoch, whatever --img-size it crops to."""
+    sides = []
+    for path in paths[:: max(1, len(paths) // sample)][:sample]:
+        try:
+            with Image.open(path) as im:
+                sides.append(min(im.size))
+        except Exception:  # noqa: BLE001 - read and refused by the pass before; a hint only
+            continue
+    median = int(np.median(sides)) if sides else 0
+    if median < LARGE_SIDE:
+        return None
+    return (f"the images are stored as they are, median shorter side {median} px: training decodes each one "
+            f"whole every epoch, {(median / 256) ** 2:.0f}x the pixels of a --resize 256 set; shard with --resize "
+            "(about 1.15x the largest --img-size you will train at: 256 for 224) unless you need the full size")

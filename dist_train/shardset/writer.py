@@ -37,6 +37,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from dist_train.trust.media import DEFAULT_MAX_PIXELS
 from . import duplicates as dups
 from . import resample
 from .format import REJECTED_NAME, SPLIT_RE, num_images, read_local_info, summary
-from .images import check_and_encode, fingerprint_of
+from .images import check_and_encode, fingerprint_of, large_images_hint
 from .outdir import begin_replacing, check_out_dir, inspect, publish  # noqa: F401 (inspect: the API)
 from .pool import pool_map as _pool_map
 from .pool import reuse_workers
@@ -222,6 +223,8 @@ def write_shards(
     info = _make_info(out, source, splits, plan, sha, params, fingerprint, len(rejected), fold_of, folds)
     info["duplicates"] = dups.store(out, fp, pairs, source, splits, dup_threshold, draw_pairs)
     publish(out, info)
+    if resize is None and (hint := large_images_hint([str(r.path) for r in records])):
+        warnings.warn(f"{out}: {hint}", stacklevel=2)
     elapsed = time.perf_counter() - start
     print(summary(out, info))
     images = sum(len(r) for r in splits.values()) + len(rejected)
