@@ -40,6 +40,10 @@ def error_of(argv: list[str]) -> str:
     (["--img-size", "-32"], "--img-size -32: expected an integer in 1..8192"),
     (["--ratio", "1", "inf"], "--ratio 1.0 inf: expected finite numbers 0 < MIN <= MAX"),
     (["--scale", "nan", "1"], "--scale nan 1.0: expected 0 < MIN <= MAX <= 1"),
+    (["--vflip", "1.5"], "--vflip 1.5: expected a finite number >= 0 and <= 1"),
+    (["--color-jitter", "-0.1"], "--color-jitter -0.1: expected a finite number >= 0 and <= 1"),
+    (["--color-jitter", "0.4", "--aa", "rand-m9-mstd0.5"], "--color-jitter 0.4 with --aa rand-m9-mstd0.5: timm "
+     "applies one or the other (its auto-augment policies vary colour themselves); pass one of them"),
 ])
 def test_flag_out_of_range_is_one_line(argv, line):
     assert error_of(argv) == line

@@ -549,6 +549,39 @@ def test_train_transform_equals_torchvision_crop_resize_flip(interpolation):
     assert 5 < flips < 35
 
 
+def test_train_transform_vflip_and_color_jitter_follow_torchvision():
+    """--vflip flips the crop's rows; --color-jitter is ColorJitter(cj, cj, cj): torchvision's
+    brightness, contrast and saturation steps in a random order, factors from the sample's seed
+    (rounded once, where v2's uint8 steps truncate after each: within a few levels)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    aug = AugmentConfig(img_size=24, scale=(0.3, 1.0), hflip=0.5, vflip=0.5, color_jitter=0.4)
+    transform = data.Transform(aug, train=True)
+    steps = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    vflips, worst = 0, 0
+    for seed in range(40):
+        img = _decoded(37 + seed % 5, 51 - seed % 7, seed)
+        rng = random.Random(seed)
+        top, left, h, w = data.crop_params(rng, img.shape[1], img.shape[2], aug.scale, aug.ratio)
+        hflip, vflip = rng.random() < 0.5, rng.random() < 0.5
+        factors = [rng.uniform(0.6, 1.4) for _ in range(3)]
+        ref = TF.resize(TF.crop(img.contiguous(), top, left, h, w), [24, 24], antialias=True)
+        ref = TF.vertical_flip(ref) if vflip else ref
+        ref = TF.horizontal_flip(ref) if hflip else ref
+        for i in rng.sample(range(3), 3):
+            ref = steps[i](ref, factors[i])
+        out = transform(img, seed)
+        worst = max(worst, int((out.int() - ref.int()).abs().max()))
+        slot = torch.zeros(2, 3, 24, 24, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+        view = slot[1]
+        assert transform(img, seed, out=view) is view and torch.equal(slot[1], out), seed  # the loader's path
+        vflips += vflip
+    assert worst <= 3 and 5 < vflips < 35, (worst, vflips)
+    plain = data.Transform(AugmentConfig(img_size=24, scale=(0.3, 1.0)), train=True)
+    assert not torch.equal(plain(_decoded(40, 40, 0), 0), data.Transform(
+        AugmentConfig(img_size=24, scale=(0.3, 1.0), color_jitter=0.4), train=True)(_decoded(40, 40, 0), 0))
+
+
 def test_eval_transform_equals_torchvision_resize_center_crop():
     from torchvision.transforms import v2
 

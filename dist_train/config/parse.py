@@ -121,6 +121,9 @@ def _check_augment(v: dict) -> None:
     lo, hi = v["ratio"]
     if not 0 < lo <= hi < math.inf:
         raise UserError(f"--ratio {lo} {hi}: expected finite numbers 0 < MIN <= MAX")
+    if v["color_jitter"] and v["aa"]:
+        raise UserError(f"--color-jitter {v['color_jitter']} with --aa {v['aa']}: timm applies one or the other "
+                        "(its auto-augment policies vary colour themselves); pass one of them")
 
 
 def validate(cfg: Config) -> Config:

@@ -79,7 +79,7 @@ RANGES: dict[str, Range] = {
     # task
     "smoothing": FRACTION_BELOW_1,
     # augment
-    "hflip": PROBABILITY, "reprob": PROBABILITY, "crop_pct": Range(0, 1, lo_open=True),
+    "hflip": PROBABILITY, "vflip": PROBABILITY, "color_jitter": Range(0, 1), "reprob": PROBABILITY, "crop_pct": Range(0, 1, lo_open=True),
     "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE,
     # optim
     "epochs": POSITIVE_INT, "batch_size": Range(1, 2**20, integer=True), "lr": POSITIVE,

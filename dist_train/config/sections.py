@@ -70,6 +70,9 @@ class AugmentSection:
     scale: list = _f([0.5, 1.0], "RandomResizedCrop scale range", nargs=2, type=float)
     ratio: list = _f([0.75, 1.3333333333333333], "RandomResizedCrop aspect range", nargs=2, type=float)
     hflip: float = _f(0.5, "horizontal flip probability")
+    vflip: float = _f(0.0, "vertical flip probability")
+    color_jitter: float = _f(0.0, "colour jitter: brightness, contrast and saturation factors from [1-x, 1+x] "
+                             "(timm's; 0.4 is its default), not with --aa")
     aa: str | None = _f(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
     reprob: float = _f(0.0, "RandomErasing probability (on the device)")
     crop_pct: float | None = _f(None, "eval crop fraction (default: the model's)")

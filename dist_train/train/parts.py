@@ -55,7 +55,7 @@ def augment_config(cfg: Config, dcfg: dict) -> AugmentConfig:
     """The loaders' transforms from the flags, with the model's crop_pct and mean as defaults."""
     a = cfg.augment
     return AugmentConfig(img_size=cfg.model.img_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
-                         aa=a.aa, crop_pct=a.crop_pct or dcfg["crop_pct"], train_crop=a.crop, mean=tuple(dcfg["mean"]))
+                         vflip=a.vflip, color_jitter=a.color_jitter, aa=a.aa, crop_pct=a.crop_pct or dcfg["crop_pct"], train_crop=a.crop, mean=tuple(dcfg["mean"]))
 
 
 def create_run_model(task: Task, cfg: Config, num_classes: int) -> torch.nn.Module:
