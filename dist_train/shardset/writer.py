@@ -208,8 +208,7 @@ def write_shards(
         **({"folds": folds} if folds else {}), "dup_threshold": dups.check_threshold(dup_threshold),
     }  # "folds" only with folds: older sets stay up to date
     fingerprint = source_fingerprint(source)
-    old = None if overwrite else _up_to_date(out, params, fingerprint)
-    if old is not None:
+    if (old := None if overwrite else _up_to_date(out, params, fingerprint)) is not None:
         return old
     workers = workers or usable_cpus()
     with Spool(out) as spool:
@@ -223,13 +222,18 @@ def write_shards(
     info = _make_info(out, source, splits, plan, sha, params, fingerprint, len(rejected), fold_of, folds)
     info["duplicates"] = dups.store(out, fp, pairs, source, splits, dup_threshold, draw_pairs)
     publish(out, info)
-    if resize is None and (hint := large_images_hint([str(r.path) for r in records])):
-        warnings.warn(f"{out}: {hint}", stacklevel=2)
+    _warn_if_large(out, records, resize)
     elapsed = time.perf_counter() - start
     print(summary(out, info))
     images = sum(len(r) for r in splits.values()) + len(rejected)
     print(f"{nbytes / 1e6:.1f} MB written in {elapsed:.1f}s, {images / max(elapsed, 1e-9):.0f} images/s")
     return info
+
+
+def _warn_if_large(out: Path, records: list[Record], resize: int | None) -> None:
+    """`large_images_hint`'s line, for a set stored at full size (no --resize)."""
+    if resize is None and (hint := large_images_hint([str(r.path) for r in records])):
+        warnings.warn(f"{out}: {hint}", stacklevel=3)
 
 
 def _split(source: Source, as_split: str | None, val_fraction: float, seed: int,
