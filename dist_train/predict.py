@@ -79,7 +79,7 @@ def check_loader_args(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = ArgParser(prog="dist_train/predict.py", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="python -m dist_train.predict", description=__doc__.split("\n\n")[0])
     add_model_args(p, data_required=False)
     p.add_argument("--images", nargs="+", metavar="PATH",
                    help="predict these image files instead of a shard set: files, folders (recursive), glob "
