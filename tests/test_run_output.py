@@ -166,6 +166,7 @@ def test_compact_line_and_table_formats():
     line = compact_line(m, "CE, smoothing 0.1", best)
     assert line == ("epoch 2 step 60 | train loss (CE, smoothing 0.1) 2.0770 | val CE 2.0990 F1 0.1422 acc 0.4048 "
                     "*best | lr 5.60e-06 | 121 img/s | 3s")
+    assert "| 121 img/s (data wait 37%) | 3s" in compact_line({**m, "data_wait": 0.372}, "CE", best)
     rows = [{**m, "step": s} for s in range(1, 41)]  # 40 evaluations, the best the third
     table = epoch_table(rows, "CE", {**best, "step": 3}).splitlines()
     assert len(table) == 32 and table[1].startswith("*") and "10 earlier evaluations in results.csv" in table[-1]
@@ -226,3 +227,24 @@ def test_trackers_get_train_loss_and_lr_every_log_every_steps(mask_shards, tmp_p
     losses, lrs = acc.Scalars("train_loss_step"), acc.Scalars("lr_step")
     assert [e.step for e in losses] == [2, 4, 6] and [e.step for e in lrs] == [2, 4, 6]
     assert all(0 < e.value < 10 for e in losses) and all(e.value > 0 for e in lrs)
+
+
+def test_data_wait_is_the_share_of_time_spent_waiting_for_batches():
+    """Meter.timed counts the wall time of each `next` on the loader, none of the loop's own."""
+    import time
+
+    from accelerate import Accelerator
+
+    from dist_train.train.logging import Meter
+
+    def slow_loader():
+        for i in range(5):
+            time.sleep(0.03)  # the loader's time per batch
+            yield i
+
+    meter = Meter(torch.device("cpu"), 2)
+    for _ in meter.timed(slow_loader()):
+        time.sleep(0.01)  # the training step's
+    assert 0.5 < meter.data_wait(Accelerator(cpu=True)) < 0.9  # 30 of 40 ms
+    meter.reset()
+    assert meter.wait_s == 0.0

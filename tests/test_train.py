@@ -59,6 +59,7 @@ def test_ddp_two_ranks_uneven_shards(mask_shards, tmp_path):
     for key in ("step", "lr", "train_loss", "val_loss", "val_acc", "val_macro_f1", "images_per_s",
                 "trainable_params", "stage", "val_mask_acc"):
         assert key in rows[0]
+    assert all(0 < r["data_wait"] <= 1 for r in rows)  # the slower rank's share of time waiting for batches
     assert (out / "config.yaml").is_file() and (out / "best" / "model.safetensors").is_file()
     assert (out / "best" / "config.json").is_file() and (out / "confusion.png").is_file()
     ckpts = sorted((out / "checkpoints").iterdir())

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -29,7 +29,7 @@ class Meter:
 
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
-        self.n, self.images, self.t0 = 0, 0, time.time()
+        self.n, self.images, self.t0, self.wait_s = 0, 0, time.time(), 0.0
         self.classes = torch.zeros(self.num_classes, dtype=torch.int64)
 
     def count(self, targets: torch.Tensor) -> None:
@@ -47,6 +47,25 @@ class Meter:
 
     def images_per_s(self, world: int) -> float:
         return self.images * world / max(time.time() - self.t0, 1e-9)
+
+    def timed(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """`batches` (any loader), the wall time of each `next` counted as waiting for data."""
+        it = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.wait_s += time.perf_counter() - start
+            yield batch
+
+    def data_wait(self, acc: Accelerator) -> float:
+        """The share of the time since the last reset that the slowest rank's training loop spent
+        waiting for its loader (`timed`; timm's data time): near 0 when the model sets the pace."""
+        share = torch.tensor(self.wait_s / max(time.time() - self.t0, 1e-9), device=acc.device)
+        return min(1.0, float(acc.reduce(share, reduction="max").item()))
 
     def train_loss(self, acc: Accelerator) -> float:
         return acc.reduce(self.loss_sum, reduction="mean").item() / max(self.n, 1)

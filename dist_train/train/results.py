@@ -35,7 +35,7 @@ COLUMNS = [("epoch", "epoch"), ("step", "step"), ("interval_s", "interval_s"), (
            ("train_loss_configured", "train_loss"), ("val_loss_ce", "val_loss"), ("val_acc", "val_acc"),
            ("val_macro_f1", "val_macro_f1"), ("val_loss_ce_ema", "val_loss_ema"), ("val_acc_ema", "val_acc_ema"),
            ("val_macro_f1_ema", "val_macro_f1_ema")]
-TAIL = [("images_per_s", "images_per_s"), ("bad_samples", "bad_samples"), ("stage", "stage")]
+TAIL = [("images_per_s", "images_per_s"), ("data_wait", "data_wait"), ("bad_samples", "bad_samples"), ("stage", "stage")]
 STOP_LINES = {
     "signal": "dist_train: stopped by signal at step {step}; checkpoint saved, continue with --resume auto",
     "time-limit": "dist_train: stopped at step {step} to stay within --time-limit {limit}; checkpoint saved, "
@@ -75,7 +75,8 @@ def compact_line(m: dict, label: str, best: dict | None) -> str:
         if best is not None and best.get("step") == m["step"] and "val_macro_f1" in best:
             val += " *best"
         parts.append(val)
-    parts += [f"lr {m['lr']:.2e}", f"{m['images_per_s']:.0f} img/s", f"{m.get('interval_s', 0.0):.0f}s"]
+    parts += [f"lr {m['lr']:.2e}", f"{m['images_per_s']:.0f} img/s"
+              + (f" (data wait {m['data_wait']:.0%})" if "data_wait" in m else ""), f"{m.get('interval_s', 0.0):.0f}s"]
     return " | ".join(parts)
 
 

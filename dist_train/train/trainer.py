@@ -285,7 +285,7 @@ class Trainer:
         """The epoch's remaining batches, grouped per optimizer step (--grad-accum-steps; the
         epoch's last group may be shorter)."""
         p, group = self.progress, []
-        for batch in self.train_loader:
+        for batch in self.meter.timed(self.train_loader):
             group.append(batch)
             if len(group) == min(self.cfg.optim.grad_accum_steps, self.batches - p.batch):
                 yield group  # train_step advances p.batch past it
@@ -360,6 +360,7 @@ class Trainer:
         bad = int(acc.reduce(torch.tensor(self.train_loader.bad_samples, device=acc.device), "sum").item())
         m = {"epoch": p.epoch, "step": p.step, "lr": self.optimizer.param_groups[-1]["lr"],
              "train_loss": self.meter.train_loss(acc), "images_per_s": self.meter.images_per_s(world),
+             "data_wait": self.meter.data_wait(acc),
              "trainable_params": count_params(self.model, self.stager.trainable), "stage": self.stager.current,
              "bad_samples": bad, "train_class_counts": self.meter.class_counts(acc)}
         self.guard.check_bad_samples(bad, p.batch * self.cfg.optim.batch_size * world, p.epoch)
