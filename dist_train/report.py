@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .data.transforms import decode_rgb
 from .errors import UserError
-from .infer.metrics import draw_confusion, write_png
+from .infer.metrics import MAX_SIDE_IN, draw_confusion, write_png
 from .shardset.format import class_names, image_bytes, is_labeled, iter_samples, label_counts, split_info
 from .trust.media import DEFAULT_MAX_PIXELS, check_image_bytes
 from .trust.files import MAX_JSON_BYTES, parse_json, read_capped
@@ -140,7 +140,7 @@ def draw_report(out_png: str | Path, *, history: list[dict], confusion: np.ndarr
     `image` (HWC uint8 thumbnail or None), worst first.
     """
     k = len(class_names)
-    top_h = max(6.0, 0.3 * k + 3.0)
+    top_h = min(max(6.0, 0.3 * k + 3.0), MAX_SIDE_IN)
     rows = math.ceil(len(mistakes) / cols) if mistakes else 1
     fig = Figure(figsize=(16, top_h + 2.7 * rows), layout="constrained")
     FigureCanvasAgg(fig)
@@ -173,44 +173,52 @@ def _default_split(info: dict) -> str:
     return "train" if "train" in labeled else (labeled or splits)[0]
 
 
+MAX_GRID_CLASSES = 48  # rows a contact sheet draws: 1,000 classes made a 200,000-px-tall picture
+
+
+def _grid_classes(info: dict, labeled: bool) -> list[int]:
+    """The classes a contact sheet draws, a row each: all, or MAX_GRID_CLASSES spread evenly over
+    the class list; [] for an unlabeled split."""
+    k = len(class_names(info)) if labeled else 0
+    if k <= MAX_GRID_CLASSES:
+        return list(range(k))
+    return sorted({int(round(i * (k - 1) / (MAX_GRID_CLASSES - 1))) for i in range(MAX_GRID_CLASSES)})
+
+
 def contact_sheet(root: str | Path, info: dict, out_png: str | Path, per_class: int = 4,
                   split: str | None = None) -> Path:
-    """A grid with one row per class and up to `per_class` samples each, labelled with the class
-    name; an unlabeled split gives a few rows of its first samples. Stops reading once full."""
+    """A grid with one row per class (at most MAX_GRID_CLASSES, spread over the list) and up to
+    `per_class` samples each, labelled with the class name; an unlabeled split gives a few rows
+    of its first samples. Stops reading once full."""
     if per_class < 1:
         raise UserError(f"per class {per_class}: expected a positive integer")
     split = split or _default_split(info)
     split_info(info, split)
     names = class_names(info)
     labeled = is_labeled(info, split)
-    n_rows = len(names) if labeled else 4
+    classes = _grid_classes(info, labeled)
+    row_of = {c: r for r, c in enumerate(classes)}
+    n_rows = len(classes) if labeled else 4
     cells: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(n_rows)]
-    needed = n_rows * per_class
     counts = label_counts(info, split) or {}
-    if labeled:  # classes without samples can never be filled; don't read the whole split for them
-        needed = sum(min(per_class, int(counts.get(str(c), per_class))) for c in range(n_rows))
+    # classes without samples can never be filled; don't read the whole split for them
+    needed = sum(min(per_class, int(counts.get(str(c), per_class))) for c in classes) if labeled else 4 * per_class
     filled = 0
     for s in iter_samples(str(root), info, split):
         if filled >= needed:
             break
         data = image_bytes(s)
-        if data is None:
+        if data is None or (labeled and "cls" not in s):
             continue
-        if labeled:
-            if "cls" not in s:
-                continue
-            row = int(s["cls"])
-            if not 0 <= row < n_rows:
-                continue
-        else:
-            row = filled // per_class
-        if len(cells[row]) < per_class and (thumb := _thumbnail_or_none(data)) is not None:
+        row = row_of.get(int(s["cls"])) if labeled else filled // per_class
+        if row is not None and len(cells[row]) < per_class and (thumb := _thumbnail_or_none(data)) is not None:
             cells[row].append((s["__key__"], thumb))
             filled += 1
 
     fig = Figure(figsize=(1.7 * per_class + 2.2, 2.0 * n_rows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
-    fig.suptitle(f"{Path(str(root)).name} / {split}: {per_class} per class" if labeled
+    some = f" ({len(classes)} of {len(names)} classes, spread over the list)" if len(classes) < len(names) else ""
+    fig.suptitle(f"{Path(str(root)).name} / {split}: {per_class} per class{some}" if labeled
                  else f"{Path(str(root)).name} / {split} (unlabeled): first samples")
     axes = fig.subplots(n_rows, per_class, squeeze=False)
     for r in range(n_rows):
@@ -221,7 +229,7 @@ def contact_sheet(root: str | Path, info: dict, out_png: str | Path, per_class: 
             if img is None and c == 0:
                 ax.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=7, transform=ax.transAxes)
         if labeled:
-            axes[r, 0].set_ylabel(names[r], fontsize=9, rotation=0, ha="right", va="center")
+            axes[r, 0].set_ylabel(names[classes[r]], fontsize=9, rotation=0, ha="right", va="center")
     return write_png(fig, out_png)
 
 

@@ -110,6 +110,19 @@ def test_contact_sheets(mask_shards, eval_shards, tmp_path):  # noqa: F811
     assert_png(unlabeled)
 
 
+def test_contact_sheet_of_many_classes_draws_a_spread_of_them(mask_shards, tmp_path, monkeypatch):  # noqa: F811
+    """One row per class made 1,000 classes a 200,000-px-tall picture: past MAX_GRID_CLASSES the
+    rows are that many classes spread evenly over the list, first and last included."""
+    from dist_train import report
+
+    info = load_info(str(mask_shards))
+    assert report._grid_classes(info, True) == list(range(18))  # 18 <= 48: every class
+    monkeypatch.setattr(report, "MAX_GRID_CLASSES", 6)
+    assert report._grid_classes(info, True) == [0, 3, 7, 10, 14, 17]
+    with Image.open(contact_sheet(mask_shards, info, tmp_path / "sheet.png", per_class=2)) as im:
+        assert 6 * 150 < im.size[1] < 7 * 200 + 100
+
+
 def test_each_tta_gets_its_own_folder(tmp_path, mask_shards):
     from test_cv_outputs import fake_cv
 

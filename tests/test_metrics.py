@@ -80,6 +80,24 @@ def test_save_confusion_files(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.csv", "cm.png"]  # no temp files left
 
 
+def test_confusion_picture_of_many_classes_stays_small(tmp_path: Path) -> None:
+    """1,000 classes (an ImageNet fine-tune) were drawn 452 inches wide: tens of GB, then killed.
+    The picture is capped at 2,400 px and names classes only up to 60 (the CSV names them all)."""
+    from PIL import Image
+
+    from dist_train.report import draw_report
+
+    k = 1000
+    cm = np.diag(np.arange(1, k + 1))
+    names = [f"n{i:08d}" for i in range(k)]
+    save_confusion(cm, names, tmp_path / "cm.csv", tmp_path / "cm.png")
+    with Image.open(tmp_path / "cm.png") as im:
+        assert max(im.size) <= 2400
+    draw_report(tmp_path / "report.png", history=[], confusion=cm, class_names=names, mistakes=[], title="t")
+    with Image.open(tmp_path / "report.png") as im:
+        assert max(im.size) <= 2400 + 270
+
+
 # ----------------------------------------------------------------------------- losses
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])

@@ -64,6 +64,10 @@ def summarize(preds: Sequence[int], targets: Sequence[int], num_classes: int,
     return out
 
 
+NAMED_MAX = 60  # classes up to which a confusion matrix names each row and column
+MAX_SIDE_IN = 24.0  # inches (2,400 px at 100 dpi): 1,000 classes drawn 452 in wide took tens of GB
+
+
 def cell_fontsize(k: int) -> float:
     """Points for the counts in a k x k matrix: as large as a cell holds three digits (12 for a
     few classes, 9.4 for 18), never under 6."""
@@ -78,10 +82,12 @@ def draw_confusion(ax, cm: np.ndarray, class_names: Sequence[str], fontsize: flo
     k = len(class_names)
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
-    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(k), labels=class_names, rotation=90, fontsize=fontsize)
-    ax.set_yticks(range(k), labels=class_names, fontsize=fontsize)
-    ax.set_xlabel("predicted")
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    if k <= NAMED_MAX:
+        ax.set_xticks(range(k), labels=class_names, rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(k), labels=class_names, fontsize=fontsize)
+    named = "" if k <= NAMED_MAX else f" (class index; {k} classes, their names in confusion.csv)"
+    ax.set_xlabel("predicted" + named)
     ax.set_ylabel("true")
     if k <= 30:
         for i in range(k):
@@ -112,7 +118,7 @@ def save_confusion(cm: np.ndarray, class_names: Sequence[str], csv_path: str | P
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    side = max(4.0, 0.45 * k + 2.5)
+    side = min(max(4.0, 0.45 * k + 2.5), MAX_SIDE_IN)
     fig = Figure(figsize=(side, side))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
