@@ -39,7 +39,7 @@ from .infer.run import run_inference
 from .infer.tta import parse_tta
 from .predict import add_model_args, check_loader_args
 from .report import draw_report, load_thumbnails, read_history
-from .shardset.format import class_names, is_labeled, load_info, split_info
+from .shardset.format import TABLE_CLASSES, class_names, is_labeled, load_info, split_info
 from .tasks import task_for
 
 
@@ -52,14 +52,22 @@ def per_class_csv(stats: dict) -> str:
     return buf.getvalue()
 
 
+WORST_CLASSES = 20  # classes the printed table shows past TABLE_CLASSES
+
+
 def per_class_table(stats: dict) -> str:
     """The per-class table as aligned text, with the overall numbers underneath. A class with no
     sample in the split (support 0) says so: its recall is undefined (0 in the numbers, as
     scikit-learn's zero_division=0), and macro F1 leaves it out unless the model predicts it."""
-    width = max(len("class"), *(len(r["name"]) for r in stats["per_class"]))
+    rows = stats["per_class"]
+    if len(rows) > TABLE_CLASSES:  # the lowest F1 first; per_class.csv has them all
+        rows = sorted(rows, key=lambda r: (r["f1"], -r["support"], r["class"]))[:WORST_CLASSES]
+    width = max(len("class"), *(len(r["name"]) for r in rows))
     lines = [f"{'class':<{width}}  precision  recall      f1  support"]
+    if len(rows) < len(stats["per_class"]):
+        lines[0] += f"   ({len(rows)} of {len(stats['per_class'])} classes: the lowest F1; all in per_class.csv)"
     predicted = np.asarray(stats["confusion"]).sum(axis=0)
-    for r in stats["per_class"]:
+    for r in rows:
         line = f"{r['name']:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:6.4f}  {r['support']:7d}"
         if r["support"] == 0:
             n = int(predicted[r["class"]])

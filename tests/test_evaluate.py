@@ -223,3 +223,24 @@ def test_per_class_table_says_which_classes_the_split_lacks():
     assert lines["c"].endswith("not in this split: left out of macro F1")
     assert "not in this split" not in lines["a"] + lines["d"]
     assert stats["macro_f1"] == pytest.approx(skm.f1_score([0, 0, 0, 3], [0, 1, 0, 0], average="macro", zero_division=0))
+
+
+def test_many_classes_print_the_lowest_f1_and_a_count_summary():
+    """Past 60 classes the printed table is the 20 lowest-F1 classes (per_class.csv holds all) and
+    the shard summary gives min/median/max per split and the 10 smallest classes, not 1,000 lines."""
+    from dist_train.infer.metrics import summarize
+    from dist_train.shardset.format import summary
+
+    k = 61
+    names = [f"c{i:02d}" for i in range(k)]
+    y_true = list(range(k)) * 2
+    y_pred = [(t + 1) % k if t % 3 == 0 else t for t in y_true]  # every third class always wrong
+    lines = evaluate.per_class_table(summarize(y_pred, y_true, k, names)).splitlines()
+    assert "(20 of 61 classes: the lowest F1; all in per_class.csv)" in lines[0]
+    assert [x.split()[0] for x in lines[1:21]] == [f"c{i:02d}" for i in range(0, 60, 3)]  # F1 0 first
+    assert lines[21].startswith("accuracy")
+    info = {"layout": "folder", "classes": names, "splits": {"train": {"num_samples": 10, "filenames": ["a.tar"]}},
+            "label_counts": {"train": {str(i): 3 + i for i in range(k)}}}
+    text = summary("s", info)
+    assert "61 classes" in text and "train: min 3, median 33, max 63" in text and "fewest in train: c00 3, c01 4," in text
+    assert len(text.splitlines()) < 12

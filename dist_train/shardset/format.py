@@ -256,6 +256,22 @@ def image_bytes(sample: dict) -> bytes | None:
     return next((sample[k] for k in IMAGE_KEYS if k in sample), None)
 
 
+TABLE_CLASSES = 60  # classes up to which the summary lists each one's count per split
+
+
+def _many_classes(classes: list[str], counts: dict) -> list[str]:
+    """Past TABLE_CLASSES: per split the smallest, median and largest class, and the 10 classes
+    with the fewest images in the first split (`label_counts` in _info.json has every count)."""
+    lines = [f"  {len(classes)} classes (every count in _info.json's label_counts); images per class:"]
+    for split, per in counts.items():
+        n = sorted(per.get(str(i), 0) for i in range(len(classes)))
+        lines.append(f"    {split}: min {n[0]}, median {n[len(n) // 2]}, max {n[-1]}")
+    first = next(iter(counts))
+    fewest = sorted(range(len(classes)), key=lambda i: (counts[first].get(str(i), 0), i))[:10]
+    lines.append(f"    fewest in {first}: " + ", ".join(f"{classes[i]} {counts[first].get(str(i), 0)}" for i in fewest))
+    return lines
+
+
 def summary(out: Path | str, info: dict) -> str:
     """Human summary of a shard set: images per split and class, shards, rejected, ignored."""
     splits = info["splits"]
@@ -268,12 +284,14 @@ def summary(out: Path | str, info: dict) -> str:
             sizes = [sum(sum(sh.get(str(f), {}).values()) for sh in s.get("fold_counts", [])) for f in range(s["folds"])]
             lines.append(f"  {'':<{width}}  {s['folds']} folds of {', '.join(map(str, sizes))} images")
     counts = info.get("label_counts", {})
-    if counts:
+    if counts and len(info["classes"]) <= TABLE_CLASSES:
         names = list(counts)
         cw = max(len(c) for c in info["classes"])
         lines.append("  " + " " * cw + "".join(f"  {n:>10}" for n in names))
         for i, cls in enumerate(info["classes"]):
             lines.append(f"  {cls:<{cw}}" + "".join(f"  {counts[n].get(str(i), 0):>10}" for n in names))
+    elif counts:
+        lines += _many_classes(info["classes"], counts)
     rej = info.get("rejected", 0)
     lines.append(f"  rejected: {rej}" + (f" (see {Path(out) / REJECTED_NAME})" if rej else ""))
     ignored = info.get("ignored", {})
