@@ -84,3 +84,23 @@ def test_predict_images_with_a_cv_folder_averages_the_folds(hflip_cv, tmp_path):
     p = files.load_probs(files.probs_path(out))
     assert p.ids == [str(tmp_path / f"{i}.png") for i in range(3)] and p.id_column == "path"
     np.testing.assert_allclose(p.prob, np.mean(probs, axis=0), atol=1e-6)
+
+
+def test_evaluate_a_fold_run_scores_its_held_out_fold(hflip_cv, fold_shards, tmp_path):
+    """`evaluate --run CV/fold-k --data SHARDS` (what the CV refusal tells a user to run) scores the
+    fold that model never trained on, as oof does, into RUN/eval-fold-k/; the set has no
+    validation split, so the old default refused it."""
+    from dist_train import evaluate
+
+    s = oof.main([str(hflip_cv), "--workers", "0", "--tta", "none"])
+    run = hflip_cv / "fold-1"
+    m = evaluate.main(["--run", str(run), "--data", str(fold_shards), "--workers", "0"])
+    fold1 = s["per_fold"][1]
+    assert m["split"] == "train[fold=1]" and m["num_samples"] == fold1["num_samples"]
+    assert m["macro_f1"] == pytest.approx(fold1["macro_f1"]) and m["acc"] == pytest.approx(fold1["acc"])
+    assert json.loads((run / "eval-fold-1" / "metrics.json").read_text())["num_samples"] == fold1["num_samples"]
+    m = evaluate.main(["--run", str(run), "--data", str(fold_shards), "--workers", "0", "--tta", "hflip"])
+    assert (run / "eval-fold-1-tta-hflip" / "metrics.json").is_file() and m["tta"] == "hflip"
+    # an explicit --split is taken as given: the whole training split, folds the model trained on included
+    m = evaluate.main(["--run", str(run), "--data", str(fold_shards), "--workers", "0", "--split", "train"])
+    assert m["split"] == "train" and m["num_samples"] == s["num_samples"]
