@@ -134,6 +134,24 @@ def held_out_split(run: Path, data: str, info: dict) -> tuple[dict, str, str] | 
     return fold_info, val, f"fold-{fold}"
 
 
+def pick_split(split: str | None, run: Path, data: str, info: dict) -> tuple[dict, str, str]:
+    """(info, split, its folder name) to evaluate: --split as given; without it a --fold k run's
+    held-out fold, else `validation`, whose absence from a set of folds says what to pass."""
+    if split is not None:
+        return info, split, split
+    fold = held_out_split(run, data, info)
+    if fold is not None:
+        return fold
+    splits = info.get("splits", {})
+    if "validation" not in splits:
+        folds = [f"{name} has {s['folds']} folds" for name, s in splits.items() if s.get("folds")]
+        hint = (f" ({', '.join(folds)}: a run trained with --fold k on this set, the path its config.yaml "
+                "records, is scored on fold k)") if folds else ""
+        raise UserError(f"{data} has no 'validation' split, only {', '.join(sorted(splits))}{hint}; pass "
+                        "--split NAME")
+    return info, "validation", "validation"
+
+
 def parser() -> argparse.ArgumentParser:
     p = ArgParser(prog="python -m dist_train.evaluate", description=__doc__.split("\n\n")[0])
     add_model_args(p)
@@ -154,12 +172,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     out = check_writable_dir(args.out, "--out") if args.out is not None else None  # before the model loads
     loaded = load_model(args.run, args.checkpoint)
     info = load_info(args.data)
-    fold = held_out_split(loaded.run, args.data, info) if args.split is None else None
-    if fold is not None:
-        info, args.split, folder = fold
-    else:
-        args.split = args.split or "validation"
-        folder = args.split
+    info, args.split, folder = pick_split(args.split, loaded.run, args.data, info)
     out = out or check_writable_dir(loaded.run / eval_folder(folder, args.tta), "--out")
     split_info(info, args.split)
     if not is_labeled(info, args.split):

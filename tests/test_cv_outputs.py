@@ -104,3 +104,23 @@ def test_evaluate_a_fold_run_scores_its_held_out_fold(hflip_cv, fold_shards, tmp
     # an explicit --split is taken as given: the whole training split, folds the model trained on included
     m = evaluate.main(["--run", str(run), "--data", str(fold_shards), "--workers", "0", "--split", "train"])
     assert m["split"] == "train" and m["num_samples"] == s["num_samples"]
+
+
+def test_evaluate_a_run_on_a_set_of_folds_without_validation_says_what_to_pass(hflip_cv, fold_shards, tmp_path,
+                                                                              capsys):
+    """A run that did not train with --fold k on this set (here: its config.yaml names another path)
+    has no default split there: one line naming the folds and --split."""
+    import shutil
+
+    from dist_train import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(hflip_cv / "fold-0", run)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": str(tmp_path / "elsewhere"), "fold": "0"}))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--run", str(run), "--data", str(fold_shards), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{fold_shards} has no 'validation' split, only train (train has 3 folds: a run trained with " \
+           "--fold k on this set" in err and "pass --split NAME" in err
+    assert not (run / "eval-validation").exists()
