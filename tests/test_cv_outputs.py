@@ -124,3 +124,25 @@ def test_evaluate_a_run_on_a_set_of_folds_without_validation_says_what_to_pass(h
     assert f"{fold_shards} has no 'validation' split, only train (train has 3 folds: a run trained with " \
            "--fold k on this set" in err and "pass --split NAME" in err
     assert not (run / "eval-validation").exists()
+
+
+def test_a_missing_fold_is_told_the_settings_of_the_others(hflip_cv, tmp_path, capsys):
+    """The command oof gives for a missing fold trains it as fold 0 was trained (its config.yaml:
+    model, size, recipe), not with run.py's defaults beside folds of another model."""
+    import shutil
+
+    cv = tmp_path / "cv"
+    shutil.copytree(hflip_cv, cv)
+    shutil.rmtree(cv / "fold-2")
+    with pytest.raises(SystemExit) as e:
+        oof.main([str(cv), "--workers", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert (f"{cv}: fold 2 of 3 is missing (train it with fold 0's settings: dist_train/run.py --config "
+            f"{cv}/fold-0/config.yaml --fold 2 --output {cv}/fold-2)") in err
+    (cv / "fold-1" / "summary.json").write_text(json.dumps({"finished": False}))
+    shutil.copytree(cv / "fold-0", cv / "fold-2")
+    (cv / "fold-2" / "config.yaml").write_text((cv / "fold-0" / "config.yaml").read_text().replace("'0'", "'2'"))
+    with pytest.raises(SystemExit):
+        oof.main([str(cv), "--workers", "0"])
+    assert f"continue it with dist_train/run.py --config {cv}/fold-1/config.yaml --output {cv}/fold-1 --resume auto" in capsys.readouterr().err
