@@ -24,7 +24,8 @@ import numpy as np
 
 from .errors import ArgParser, UserError, atomic_write_text, check_writable_file, cli_main
 from .infer.calibration import apply_offsets, check_classes, load_calibration
-from .infer.files import ID_RE, Predictions, load_oof, load_probs, probs_path, read_folds, save_oof, save_probs, write_csv
+from .infer.files import (ID_RE, Predictions, load_oof, load_probs, probs_path, read_folds, save_oof, save_probs,
+                          write_csv)
 
 
 def _same_rows(first: Path, other: Path, a: Sequence[str], b: Sequence[str], what: str) -> None:

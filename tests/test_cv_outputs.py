@@ -145,4 +145,5 @@ def test_a_missing_fold_is_told_the_settings_of_the_others(hflip_cv, tmp_path, c
     (cv / "fold-2" / "config.yaml").write_text((cv / "fold-0" / "config.yaml").read_text().replace("'0'", "'2'"))
     with pytest.raises(SystemExit):
         oof.main([str(cv), "--workers", "0"])
-    assert f"continue it with dist_train/run.py --config {cv}/fold-1/config.yaml --output {cv}/fold-1 --resume auto" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"continue it with dist_train/run.py --config {cv}/fold-1/config.yaml --output {cv}/fold-1 --resume auto" in err

@@ -244,7 +244,8 @@ def test_a_missing_or_unfinished_fold_is_one_line(cv, tmp_path, capsys):
     assert f"{copy}/fold-1: fold 1 is unfinished" in err and "--resume auto" in err
     summary.write_text((cv / "fold-1" / "summary.json").read_text())
     shutil.rmtree(copy / "fold-2")
-    assert f"{copy}: fold 2 of 3 is missing (train it with fold 0's settings: dist_train/run.py --config" in oof_error(copy, capsys)
+    missing = f"{copy}: fold 2 of 3 is missing (train it with fold 0's settings: dist_train/run.py --config"
+    assert missing in oof_error(copy, capsys)
     assert (copy / "oof.csv").read_bytes() == (cv / "oof.csv").read_bytes()  # the earlier files untouched
 
 
