@@ -22,6 +22,7 @@ from dist_train.model.build import data_config
 from dist_train.model.export import save_for_timm
 from dist_train.tasks import build_model
 from dist_train.tasks.mask import labels as L
+from test_launch import project  # noqa: F401 (fixture: a scratch project root whose venv is installed)
 
 
 def fake_cv(root: Path, shards: Path, val_tta: list[str]) -> Path:
@@ -147,3 +148,25 @@ def test_a_missing_fold_is_told_the_settings_of_the_others(hflip_cv, tmp_path, c
         oof.main([str(cv), "--workers", "0"])
     err = capsys.readouterr().err
     assert f"continue it with dist_train/run.py --config {cv}/fold-1/config.yaml --output {cv}/fold-1 --resume auto" in err
+
+
+def test_kfold_sh_scores_the_oof_on_the_address_it_was_given(hflip_cv, fold_shards, project, tmp_path):  # noqa: F811
+    """launch/kfold.sh's last step, `oof CV`, read the shard set back from fold-0/config.yaml, where a
+    `pipe:` address is refused (a command read from a file never runs): after every fold trained,
+    the OOF step failed. The address typed to kfold.sh is passed on with --data."""
+    import shutil
+    import subprocess
+
+    from test_launch import ENV
+
+    cv = tmp_path / "cv"
+    shutil.copytree(hflip_cv, cv)  # every fold finished: kfold.sh goes straight to the OOF step
+    address = f"pipe:cat {fold_shards}/{{}}"
+    for k in range(3):
+        cfg = yaml.safe_load((cv / f"fold-{k}" / "config.yaml").read_text())
+        (cv / f"fold-{k}" / "config.yaml").write_text(yaml.safe_dump({**cfg, "data": address}))
+    proc = subprocess.run(["bash", "launch/kfold.sh", "launch/cpu_ddp.yaml", "--data", address, "--output", str(cv),
+                           "--workers", "0"], cwd=project, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("already finished") == 3 and "OOF (210 samples)" in proc.stdout
+    assert json.loads((cv / "oof.json").read_text())["data"] == address
