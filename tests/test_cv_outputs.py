@@ -170,3 +170,15 @@ def test_kfold_sh_scores_the_oof_on_the_address_it_was_given(hflip_cv, fold_shar
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("already finished") == 3 and "OOF (210 samples)" in proc.stdout
     assert json.loads((cv / "oof.json").read_text())["data"] == address
+
+
+def test_predict_on_a_labeled_split_prints_macro_f1(hflip_cv, fold_shards, tmp_path, capsys):
+    """The competition's score beside the accuracy, as evaluate computes it (after --calibration)."""
+    from dist_train import evaluate
+
+    out = predict.main(["--run", str(hflip_cv / "fold-0"), "--data", str(fold_shards), "--split", "train", "--out",
+                        str(tmp_path / "p.csv"), "--workers", "0"])
+    line = capsys.readouterr().out
+    m = evaluate.main(["--run", str(hflip_cv / "fold-0"), "--data", str(fold_shards), "--split", "train", "--workers",
+                       "0", "--out", str(tmp_path / "e")])
+    assert out.is_file() and f", accuracy {m['acc']:.4f}, macro F1 {m['macro_f1']:.4f}" in line, line
