@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> Path:
         header, rows = hard_vote(args.inputs)
         _write_rows(args.out, header, rows)
         n, how = len(rows), "hard"
-    print(f"wrote {args.out}: {n} rows, {how} vote over {len(args.inputs)} files", flush=True)
+    note = f", calibrated by {args.calibration}" if calibration else ""
+    print(f"wrote {args.out}: {n} rows, {how} vote over {len(args.inputs)} files{note}", flush=True)
     return args.out
 
 
