@@ -125,7 +125,7 @@ def held_out_split(run: Path, data: str, info: dict) -> tuple[dict, str, str] | 
     if not (run / "config.yaml").is_file():
         return None
     cfg = read_run_config(run)
-    fold, train = str(cfg.get("fold") or ""), str(cfg.get("train_split") or "train")
+    fold, train = str(cfg.get("fold", "")), str(cfg.get("train_split") or "train")  # YAML may say 0 or '0'
     if not fold.isdigit() or not _same_set(str(cfg.get("data") or ""), data):
         return None
     if train not in info.get("splits", {}) or not split_info(info, train).folds:
