@@ -24,7 +24,8 @@ import numpy as np
 
 from .errors import ArgParser, UserError, atomic_write_text, check_writable_file, cli_main
 from .infer.calibration import apply_offsets, check_classes, load_calibration
-from .infer.files import ID_RE, Predictions, load_probs, probs_path, save_probs, write_csv
+from .infer.files import (ID_RE, Predictions, load_oof, load_probs, probs_path, read_folds, save_oof, save_probs,
+                          write_csv)
 
 
 def _same_rows(first: Path, other: Path, a: Sequence[str], b: Sequence[str], what: str) -> None:
@@ -37,6 +38,22 @@ def _same_rows(first: Path, other: Path, a: Sequence[str], b: Sequence[str], wha
                     f"{what} in the same order")
 
 
+def _same_labels(paths: Sequence[Path], files: Sequence[Predictions]) -> np.ndarray | None:
+    """The labels the labeled inputs share (None if none is labeled); inputs labeled differently
+    (OOF files of runs trained with other --age-bins or --relabel) are refused."""
+    labeled = [(path, f) for path, f in zip(paths, files) if f.label is not None]
+    if not labeled:
+        return None
+    (first, base), label = labeled[0], labeled[0][1].label
+    for path, f in labeled[1:]:
+        if not np.array_equal(f.label, label):
+            i = int(np.flatnonzero(f.label != label)[0])
+            raise UserError(f"{path}: row {i + 1} ({f.ids[i]!r}) is labeled {int(f.label[i])}, {first} has "
+                            f"{int(label[i])}: ensemble inputs must carry the same labels (OOF files of runs "
+                            "trained with other --age-bins or --relabel?)")
+    return label
+
+
 def soft_vote(paths: Sequence[Path]) -> Predictions:
     """Average the probabilities of several probability files."""
     files = [load_probs(p) for p in paths]
@@ -47,7 +64,22 @@ def soft_vote(paths: Sequence[Path]) -> Predictions:
         _same_rows(paths[0], path, base.classes, f.classes, "classes")
         _same_rows(paths[0], path, base.ids, f.ids, "ids")
     prob = np.mean([f.prob for f in files], axis=0)
-    return Predictions(base.id_column, base.ids, prob.argmax(axis=1), base.classes, base.label, prob)
+    return Predictions(base.id_column, base.ids, prob.argmax(axis=1), base.classes, _same_labels(paths, files), prob)
+
+
+def save_vote(path: Path, preds: Predictions, inputs: Sequence[Path]) -> None:
+    """--save-probs: the averaged probabilities; when every input is an out-of-fold file, as an
+    out-of-fold file with the first one's folds, metadata and shard set, so `calibrate` cross-fits
+    over whole persons (the folds) and `suspects` reads the ensemble as it reads one CV's OOF."""
+    if preds.label is not None and all(read_folds(x) is not None for x in inputs):
+        try:
+            oof = load_oof(inputs[0])
+        except UserError:  # folds without the rest of an OOF file: a plain probability file
+            oof = None
+        if oof is not None:
+            save_oof(path, preds, oof.fold, oof.meta, oof.data, oof.split)
+            return
+    save_probs(path, preds)
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -126,7 +158,7 @@ def main(argv: list[str] | None = None) -> Path:
             preds = apply_offsets(preds, calibration[1])
         write_csv(args.out, preds)
         if args.save_probs:
-            save_probs(probs_path(args.out), preds)
+            save_vote(probs_path(args.out), preds, args.inputs)
         n, how = len(preds.ids), "soft"
     else:
         if args.save_probs or calibration:
@@ -135,7 +167,8 @@ def main(argv: list[str] | None = None) -> Path:
         header, rows = hard_vote(args.inputs)
         _write_rows(args.out, header, rows)
         n, how = len(rows), "hard"
-    print(f"wrote {args.out}: {n} rows, {how} vote over {len(args.inputs)} files", flush=True)
+    note = f", calibrated by {args.calibration}" if calibration else ""
+    print(f"wrote {args.out}: {n} rows, {how} vote over {len(args.inputs)} files{note}", flush=True)
     return args.out
 
 

@@ -1,7 +1,9 @@
 """Evaluate a trained run: `python -m dist_train.evaluate --run runs/NAME --data SHARDS [--split validation]`.
 
 Writes into `--out` (default `RUN/eval-SPLIT/`, with `--tta SPEC` `RUN/eval-SPLIT-tta-SPEC/`: each
-TTA keeps its own folder, e.g. `eval-validation-tta-hflip+five-crop`):
+TTA keeps its own folder, e.g. `eval-validation-tta-hflip+five-crop`). Without `--split`, a run
+trained with `--fold k` on this shard set is scored on fold k, the samples it never trained on,
+into `RUN/eval-fold-k/`; any other run on the `validation` split.
 - `metrics.json`: loss, accuracy, macro F1 and the task's own metrics (the competition's: per-task
   accuracy of mask, gender, age) — always against the stored labels (for the competition the
   true 30/60 age groups, whatever `--age-bins` the model was trained with);
@@ -22,25 +24,34 @@ writes).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import math
-import re
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+if __package__ in (None, ""):  # run as a script (dist-train evaluate --processes N, accelerate launch): import
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the package, not sibling modules
 
-from .errors import ArgParser, UserError, atomic_write_json, atomic_write_text, check_writable_dir, cli_main
-from .infer.load import load_model
-from .infer.metrics import save_confusion, summarize
-from .infer.run import run_inference
-from .infer.tta import parse_tta
-from .predict import add_model_args, check_loader_args
-from .report import draw_report, load_thumbnails, read_history
-from .shardset.format import TABLE_CLASSES, class_names, is_labeled, load_info, split_info
-from .tasks import task_for
+import csv  # noqa: E402
+import io  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dist_train.errors import (ArgParser, UserError, atomic_write_json, atomic_write_text,  # noqa: E402
+                               check_writable_dir, cli_main)
+from dist_train.infer.load import load_model  # noqa: E402
+from dist_train.infer.metrics import save_confusion, summarize  # noqa: E402
+from dist_train.infer.run import run_inference  # noqa: E402
+from dist_train.infer.tta import parse_tta  # noqa: E402
+from dist_train.predict import add_model_args, check_loader_args  # noqa: E402
+from dist_train.report import draw_report, load_thumbnails, read_history  # noqa: E402
+from dist_train.shardset.format import (TABLE_CLASSES, class_names, cv_splits, is_labeled, load_info,  # noqa: E402
+                                        split_info)
+from dist_train.tasks import task_for  # noqa: E402
+from dist_train.trust.runs import read_run_config  # noqa: E402
 
 
 def per_class_csv(stats: dict) -> str:
@@ -110,10 +121,51 @@ def eval_folder(split: str, tta: str) -> str:
     return f"eval-{split}-tta-{spec}"
 
 
+def _same_set(a: str, b: str) -> bool:
+    """Two --data addresses name one shard set: equal, or local paths to the same folder."""
+    local = not any(x.startswith("pipe:") or "://" in x for x in (a, b))
+    return a == b or (local and os.path.realpath(a) == os.path.realpath(b))
+
+
+def held_out_split(run: Path, data: str, info: dict) -> tuple[dict, str, str] | None:
+    """(info with the fold views, the held-out split, its folder name `fold-k`) when `run` was
+    trained with `--fold k` on `data`: the samples that model never trained on. None otherwise
+    (no config.yaml, no fold or `--fold all`, another shard set, one without folds)."""
+    if not (run / "config.yaml").is_file():
+        return None
+    cfg = read_run_config(run)
+    fold, train = str(cfg.get("fold", "")), str(cfg.get("train_split") or "train")  # YAML may say 0 or '0'
+    if not fold.isdigit() or not _same_set(str(cfg.get("data") or ""), data):
+        return None
+    if train not in info.get("splits", {}) or not split_info(info, train).folds:
+        return None
+    fold_info, _, val = cv_splits(info, train, None, fold)
+    return fold_info, val, f"fold-{fold}"
+
+
+def pick_split(split: str | None, run: Path, data: str, info: dict) -> tuple[dict, str, str]:
+    """(info, split, its folder name) to evaluate: --split as given; without it a --fold k run's
+    held-out fold, else `validation`, whose absence from a set of folds says what to pass."""
+    if split is not None:
+        return info, split, split
+    fold = held_out_split(run, data, info)
+    if fold is not None:
+        return fold
+    splits = info.get("splits", {})
+    if "validation" not in splits:
+        folds = [f"{name} has {s['folds']} folds" for name, s in splits.items() if s.get("folds")]
+        hint = (f" ({', '.join(folds)}: a run trained with --fold k on this set, the path its config.yaml "
+                "records, is scored on fold k)") if folds else ""
+        raise UserError(f"{data} has no 'validation' split, only {', '.join(sorted(splits))}{hint}; pass "
+                        "--split NAME")
+    return info, "validation", "validation"
+
+
 def parser() -> argparse.ArgumentParser:
     p = ArgParser(prog="python -m dist_train.evaluate", description=__doc__.split("\n\n")[0])
     add_model_args(p)
-    p.add_argument("--split", default="validation", help="labeled split to evaluate (default validation)")
+    p.add_argument("--split", help="labeled split to evaluate (default: a --fold k run's held-out fold k of the "
+                   "shard set it trained on, else validation)")
     p.add_argument("--out", type=Path, help="output folder (default RUN/eval-SPLIT, with --tta RUN/eval-SPLIT-tta-SPEC)")
     p.add_argument("--worst", type=int, default=16, help="mistakes drawn in report.png (default 16)")
     return p
@@ -128,8 +180,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise UserError(f"--worst {args.worst}: expected 0 or more")
     out = check_writable_dir(args.out, "--out") if args.out is not None else None  # before the model loads
     loaded = load_model(args.run, args.checkpoint)
-    out = out or check_writable_dir(loaded.run / eval_folder(args.split, args.tta), "--out")
     info = load_info(args.data)
+    info, args.split, folder = pick_split(args.split, loaded.run, args.data, info)
+    out = out or check_writable_dir(loaded.run / eval_folder(folder, args.tta), "--out")
     split_info(info, args.split)
     if not is_labeled(info, args.split):
         raise UserError(f"split {args.split!r} of {args.data} has no labels: nothing to evaluate against "

@@ -38,6 +38,7 @@ from dist_train.infer.calibration import apply_offsets, check_classes, load_cali
 from dist_train.infer.files import (PATH_COLUMN, Predictions, predictions_for, probs_path,  # noqa: E402
                                     save_probs, write_csv)
 from dist_train.infer.load import Loaded, load_model  # noqa: E402
+from dist_train.infer.metrics import summarize  # noqa: E402
 from dist_train.infer.cv import fold_runs, is_cv  # noqa: E402
 from dist_train.infer.run import default_split, run_models, run_on_images, soft_vote  # noqa: E402
 from dist_train.infer.tta import SPEC_HELP, TTA, parse_tta  # noqa: E402
@@ -169,7 +170,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     if args.save_probs:
         save_probs(probs_path(args.out), preds)
         extra = f" + {probs_path(args.out)}{extra}"
-    acc_note = f", accuracy {float((preds.ans == preds.label).mean()):.4f}" if preds.label is not None else ""
+    acc_note = ""
+    if preds.label is not None:  # a labeled split: the competition's score too (after --calibration, if given)
+        s = summarize(preds.ans, preds.label, len(preds.classes), list(preds.classes))
+        acc_note = f", accuracy {s['acc']:.4f}, macro F1 {s['macro_f1']:.4f}"
     source = loaded.source if len(models) == 1 else f"{args.run} ({len(models)} fold models averaged)"
     print(f"wrote {args.out}{extra}: {len(preds.ids)} rows, {what}, model {source}, "
           f"{acc.num_processes} process(es){acc_note}", flush=True)

@@ -51,4 +51,5 @@ for ((k = 0; k < K; k++)); do
   accelerate launch --config_file "$CFG" "${EXTRA[@]}" dist_train/run.py "${ARGS[@]}" \
     --fold "$k" --output "$CV/fold-$k" --resume auto
 done
-exec python -m dist_train.oof "$CV"
+# The address as typed here: oof refuses a pipe: command read back from fold-0/config.yaml.
+exec python -m dist_train.oof "$CV" --data "$DATA"

@@ -177,6 +177,7 @@ def test_ensemble_with_calibration(tmp_path, capsys):
                    str(tmp_path / "a.probs.npz"), str(tmp_path / "b.probs.npz")])
     got = files.load_probs(tmp_path / "e.probs.npz")
     np.testing.assert_array_equal(got.ans, apply_offsets(preds, np.array(off)).ans)
+    assert f"soft vote over 2 files, calibrated by {cal}" in capsys.readouterr().out  # the line says so
     files.write_csv(tmp_path / "a.csv", preds)
     err = one_line_exit_2(capsys, ensemble.main, "--out", str(tmp_path / "h.csv"), "--calibration", str(cal),
                           str(tmp_path / "a.csv"), str(tmp_path / "a.csv"))

@@ -82,3 +82,40 @@ def test_mismatched_inputs_are_refused(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err, err
     assert not (tmp_path / "out.csv").exists()
+
+
+def write_oof(path: Path, label: list[int], seed: int) -> Path:
+    """An OOF file of 6 samples (2 persons' worth per fold), 3 classes."""
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.ones(3), size=len(label))
+    ids = [f"p{i // 2}/m{i % 2}" for i in range(len(label))]
+    predict.save_oof(path, predict.Predictions("key", ids, p.argmax(1), ["a", "b", "c"], np.array(label), p),
+                     np.arange(len(label)) // 2 % 3, [{"person_id": f"p{i // 2}"} for i in range(len(label))],
+                     "shards/x", "train")
+    return path
+
+
+def test_an_ensemble_of_oof_files_keeps_their_folds_and_refuses_other_labels(tmp_path, capsys):
+    """Soft-voting two CVs' OOF files (to calibrate the ensemble) keeps the fold array, so calibrate
+    cross-fits over the persons' folds, not over sample-level splits that put a person's photos on
+    both sides; inputs whose labels differ (one CV trained with --age-bins or --relabel) are refused
+    instead of taking the first file's labels."""
+    from dist_train import calibrate
+
+    label = [0, 0, 1, 1, 2, 2]
+    a, b = write_oof(tmp_path / "a.probs.npz", label, 0), write_oof(tmp_path / "b.probs.npz", label, 1)
+    out = ens("--out", str(tmp_path / "ab.csv"), "--save-probs", str(a), str(b))
+    oof = predict.load_oof(predict.probs_path(out))
+    np.testing.assert_array_equal(oof.fold, predict.load_oof(a).fold)
+    assert oof.data == "shards/x" and oof.split == "train" and oof.meta[0] == {"person_id": "p0"}
+    np.testing.assert_array_equal(oof.preds.label, label)
+    r = calibrate.main([str(predict.probs_path(out)), "--out", str(tmp_path / "cal.json")])
+    assert r["cross_fitted"]["folds_from"] == "the file's fold array"
+
+    other = write_oof(tmp_path / "c.probs.npz", [0, 0, 1, 2, 2, 2], 2)
+    with pytest.raises(SystemExit) as e:
+        ens("--out", str(tmp_path / "ac.csv"), str(a), str(other))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{other}: row 4 ('p1/m1') is labeled 2, {a} has 1: ensemble inputs must carry the same labels" in err
+    assert not (tmp_path / "ac.csv").exists()

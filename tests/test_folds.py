@@ -244,7 +244,8 @@ def test_a_missing_or_unfinished_fold_is_one_line(cv, tmp_path, capsys):
     assert f"{copy}/fold-1: fold 1 is unfinished" in err and "--resume auto" in err
     summary.write_text((cv / "fold-1" / "summary.json").read_text())
     shutil.rmtree(copy / "fold-2")
-    assert f"{copy}: fold 2 of 3 is missing (train it: dist_train/run.py" in oof_error(copy, capsys)
+    missing = f"{copy}: fold 2 of 3 is missing (train it with fold 0's settings: dist_train/run.py --config"
+    assert missing in oof_error(copy, capsys)
     assert (copy / "oof.csv").read_bytes() == (cv / "oof.csv").read_bytes()  # the earlier files untouched
 
 
@@ -326,3 +327,23 @@ def test_planted_label_errors_rank_at_the_top_of_the_suspects(tmp_path, capsys, 
     assert sum(r < 2 * len(wrong) for r in found) >= 0.5 * len(wrong), found
     fixes = {r["id"]: r for r in csv.DictReader((cv / "suspects.relabel.csv").open())}
     assert len({pid for pid, r in fixes.items() if r["gender"]} & flipped) >= 2, fixes
+
+
+def test_training_counts_of_a_fold_view_with_age_bins(fold_shards):
+    """--fold k with --age-bins: the counts --class-weights auto and --sampler weigh are those of
+    the training folds' targets under the new cut (fold k's samples left out)."""
+    from types import SimpleNamespace
+
+    from dist_train.shardset.format import cv_splits, label_counts, read_meta
+    from dist_train.tasks.mask import TASK
+    from dist_train.tasks.mask import labels as L
+
+    info, train, _ = cv_splits(load_info(str(fold_shards)), "train", None, "1")
+    cfg = SimpleNamespace(age_bins="30,58", relabel=None)
+    counts = label_counts(TASK.training_info(cfg, str(fold_shards), info, train), train)
+    kept = [json.loads(s["json"]) for s in iter_samples(str(fold_shards), info, train) if int(s["fold"]) != 1]
+    expected = Counter(L.target_from_meta(m, None, bins=(30, 58)) for m in kept)
+    assert counts == {str(c): expected.get(c, 0) for c in range(18)} and sum(counts.values()) == len(kept)
+    assert len(read_meta(str(fold_shards), info, train)) == len(kept) < len(read_meta(str(fold_shards), info, "train"))
+    plain = SimpleNamespace(age_bins="30,60", relabel=None)
+    assert TASK.training_info(plain, str(fold_shards), info, train) is info  # stored labels: _info.json's counts

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, free_port
+from dist_train import launcher
 
 RUN = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--epochs", "1", "--max-steps", "2",
        "--workers", "0", "--val-split", "none", "--mixed-precision", "no"]
@@ -154,6 +155,20 @@ def test_dist_train_usage_errors_are_one_line(capsys):
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+
+
+@pytest.mark.parametrize("command", sorted(launcher.COMMANDS))
+def test_every_launched_script_runs_as_a_script(command, monkeypatch, capsys):
+    """`dist-train COMMAND --processes N` and `accelerate launch dist_train/SCRIPT` run the file as a
+    script, not as a module of the package: a relative import there (evaluate.py had them) is an
+    ImportError traceback on every rank."""
+    import runpy
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script's own sys.path[0] fix stays here
+    monkeypatch.setattr(sys, "argv", [launcher.COMMANDS[command], "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "dist_train" / launcher.COMMANDS[command]), run_name="__main__")
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- shell launchers
@@ -317,3 +332,4 @@ def test_kfold_sbatch_trains_its_array_tasks_fold_and_requeues_it(project, fold_
     proc = subprocess.run(["bash", str(project / "launch" / "slurm" / "kfold.sbatch"), *args, "--fold", "0"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "pass no --fold" in proc.stderr
+

@@ -145,6 +145,23 @@ def effect_age_bins(t: Trainer, mask_shards: Path) -> None:
     assert changed.any() and (old[changed] % 3 == 1).all() and (new[changed] == old[changed] + 1).all()
 
 
+def effect_age_bins_weights(t: Trainer, mask_shards: Path) -> None:
+    """--class-weights auto and --sampler sqrt weigh the classes the model is trained on: with 30,58
+    the counts of the targets (persons aged 58-59 in the >=58 groups), not _info.json's 30/60 counts."""
+    from dist_train.data.loaders import sampler_weights
+    from dist_train.shardset.format import read_meta
+    from dist_train.tasks.mask import labels as L
+
+    info = load_info(str(mask_shards))
+    targets = [L.target_from_meta(m, None, bins=(30, 58)) for m in read_meta(str(mask_shards), info, "train").values()]
+    counts = {str(c): targets.count(c) for c in range(18)}
+    assert counts != {str(c): n for c, n in label_counts(info, "train").items()}  # the cut moves some persons
+    out, y = torch.randn(6, 18), torch.tensor([0, 1, 2, 5, 17, 3])
+    torch.testing.assert_close(t.criterion(out, y),
+                               focal_loss(out, y, weight=class_weights_from_counts(counts, 18), smoothing=0.1))
+    np.testing.assert_allclose(t.train_loader._reader.class_weights, sampler_weights("sqrt", counts, 18))
+
+
 def effect_focal_weights(t: Trainer, mask_shards: Path) -> None:
     info = load_info(str(mask_shards))
     weight = class_weights_from_counts(label_counts(info, "train"), 18)
@@ -226,6 +243,7 @@ def effect_accum_clip_sgd_step(t: Trainer, mask_shards: Path) -> None:
 RECIPE_OPTIONS = [
     (["head", "multi"], effect_head_multi),
     (["age_bins", "30,58"], effect_age_bins),
+    (["age_bins", "30,58", "loss", "focal", "class_weights", "auto", "sampler", "sqrt"], effect_age_bins_weights),
     (["loss", "focal", "class_weights", "auto"], effect_focal_weights),
     (["loss", "f1"], effect_f1),
     (["loss", "f1", "cutmix", 1.0], effect_f1_cutmix),

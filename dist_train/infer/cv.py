@@ -71,16 +71,16 @@ def fold_runs(cv: Path, data: str | None = None, instead: str | None = None) -> 
     out = []
     for f in range(k):
         run = runs.get(f)
-        hint = f"dist_train/run.py --data {first['data']} --fold {f} --output {cv}/fold-{f}"
+        hint = f"dist_train/run.py --config {runs[min(runs)] / 'config.yaml'} --fold {f} --output {cv}/fold-{f}"
         if run is None or not (run / "config.yaml").is_file():
-            raise UserError(f"{cv}: fold {f} of {k} is missing (train it: {hint})")
+            raise UserError(f"{cv}: fold {f} of {k} is missing (train it with fold {min(runs)}'s settings: {hint})")
         cfg = _read_config(run)
         if str(cfg.get("fold")) != str(f) or cfg["data"] != first["data"]:
             raise UserError(f"{run}: trained with --fold {cfg.get('fold')} on {cfg['data']}, expected --fold {f} on "
                             f"{first['data']}")
         if not _finished(run) or not (run / "best" / "model.safetensors").is_file():
             raise UserError(f"{run}: fold {f} is unfinished (no finished summary.json and best/): continue it "
-                            f"with {hint} --resume auto")
+                            f"with dist_train/run.py --config {run / 'config.yaml'} --output {run} --resume auto")
         out.append(FoldRun(f, run, cfg, address))
     extra = sorted(set(runs) - set(range(k)))
     if extra:

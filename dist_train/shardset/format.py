@@ -244,11 +244,21 @@ def iter_samples(root: str, info: dict, split: str) -> Iterator[dict]:
             yield sample
 
 
+def _fold_of(sample: dict) -> int:
+    """A sample's fold member as a number; -1 when it has none or it is not a whole number."""
+    try:
+        return int(sample.get("fold", b"-1"))
+    except ValueError:
+        return -1
+
+
 def read_meta(root: str, info: dict, split: str) -> dict[str, dict]:
-    """key -> the sample's json metadata, for every sample of the split."""
+    """key -> the sample's json metadata, for every sample of the split (of a fold view
+    (`fold_split`): of its folds only)."""
+    keep = split_info(info, split).keep_folds
     return {s["__key__"]: parse_json(s["json"], f"{root} split {split!r} sample {s['__key__']!r}: json member",
                                      spec=META, max_bytes=MAX_META_BYTES)
-            for s in iter_samples(root, info, split) if "json" in s}
+            for s in iter_samples(root, info, split) if "json" in s and (keep is None or _fold_of(s) in keep)}
 
 
 def image_bytes(sample: dict) -> bytes | None:

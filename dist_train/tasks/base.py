@@ -101,6 +101,11 @@ class Task:
         `split` (e.g. how many a relabel file changed); None when it changes nothing to report."""
         return None
 
+    def training_info(self, cfg: "TaskSection", data: str, info: dict, split: str) -> dict:
+        """`info` with `split`'s class counts those of the training labels, which --class-weights
+        auto and --sampler weigh: _info.json's as they are unless `target_fn` recomputes labels."""
+        return info
+
     def create_model(self, name: str, num_classes: int, head: str = "single", **kwargs: Any) -> torch.nn.Module:
         """The model for `head` (`model.build.create_model` options in kwargs)."""
         if head not in self.heads:

@@ -34,6 +34,7 @@ def overfit(cfg: Config) -> dict:
     info = load_info(d.data)
     task = task_for(info)
     task.check(cfg.task, info)
+    info = task.training_info(cfg.task, d.data, info, d.train_split)
     num_classes = len(class_names(info))
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
     set_seed(r.seed)

@@ -171,6 +171,7 @@ class Trainer:
         self.class_names = class_names(self.info)
         self.task: Task = task_for(self.info)
         self.task.check(self.cfg.task, self.info)
+        self.info = self.task.training_info(self.cfg.task, d.data, self.info, self.train_split)
         self.val_tta = parse_tta(self.cfg.augment.val_tta, "--val-tta")
         self.out = Path(self.cfg.checkpoint.output)
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from dist_train.errors import UserError
-from dist_train.shardset.format import iter_samples, read_meta, split_info
+from dist_train.shardset.format import read_meta
 from dist_train.tasks import register
 from dist_train.tasks.base import Criterion, RowIds, SuspectTable, TargetFn, Task
 from dist_train.tasks.losses import class_weights_from_counts, make_loss
@@ -81,10 +80,20 @@ class MaskTask(Task):
         the split's shards, the metadata only)."""
         if not cfg.relabel:
             return None
-        keep = split_info(info, split).keep_folds
-        metas = [json.loads(s["json"]) for s in iter_samples(data, info, split)
-                 if "json" in s and (keep is None or int(s.get("fold", b"-1")) in keep)]
+        metas = list(read_meta(data, info, split).values())
         return L.relabel_summary(cfg.relabel, metas, L.load_relabel(cfg.relabel), L.parse_age_bins(cfg.age_bins))
+
+    def training_info(self, cfg: Any, data: str, info: dict, split: str) -> dict:
+        """With --age-bins or --relabel the training labels are not _info.json's: their counts, from
+        one pass over the split's metadata, replace the split's stored ones (a person aged 58 is in
+        the >=58 classes with --age-bins 30,58; --class-weights auto and --sampler weigh those)."""
+        fn = self.target_fn(cfg, info)
+        if fn is None or split not in info.get("label_counts", {}):
+            return info
+        counts = [0] * L.NUM_CLASSES
+        for meta in read_meta(data, info, split).values():
+            counts[fn(meta, None)] += 1
+        return {**info, "label_counts": {**info["label_counts"], split: {str(c): n for c, n in enumerate(counts)}}}
 
     def create_model(self, name: str, num_classes: int, head: str = "single", **kwargs: Any) -> torch.nn.Module:
         if head == "multi":
