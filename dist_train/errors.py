@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -146,7 +147,8 @@ def _format_warning(message: Any, category: type[Warning], filename: str, lineno
 
 
 def cli_main(fn: F) -> F:
-    """Wrap a command's main(): UserError -> `error: ...` + exit 2; RunFailed -> exit 1. Either
+    """Wrap a command's main(): UserError -> `error: ...` + exit 2; RunFailed -> exit 1; Ctrl-C
+    (KeyboardInterrupt) -> `error: interrupted (Ctrl-C)` + exit 130, no traceback. Either
     way, and when main returns, the process group is ended first (end_process_group). Our own
     warnings print as `warning: ...` lines (`_format_warning`; loader workers inherit it)."""
 
@@ -163,6 +165,11 @@ def cli_main(fn: F) -> F:
             _report(e)
             end_process_group()
             sys.exit(1)
+        except KeyboardInterrupt as e:  # Ctrl-C: one line (from the main process), 128 + SIGINT
+            if os.environ.get("RANK", "0") == "0":
+                print("error: interrupted (Ctrl-C)" + (f": {e}" if str(e) else ""), file=sys.stderr, flush=True)
+            end_process_group()
+            sys.exit(EXIT_INTERRUPTED)
         end_process_group()
         return result
 

@@ -201,6 +201,74 @@ def test_signal_checkpoints_and_resume_continues(start, mask_shards, uninterrupt
     assert_same_weights_as_uninterrupted(out, uninterrupted)  # same data order, optimizer state, schedule
 
 
+def test_ctrl_c_stops_with_a_checkpoint_and_resume_continues(mask_shards, tmp_path, monkeypatch):
+    """Ctrl-C mid-epoch (SIGINT) is a stop like SIGTERM's: the step finishes, a checkpoint, exit 0
+    and the stop line, no traceback; --resume auto ends the epoch. It was a KeyboardInterrupt
+    traceback (one per rank under a launcher) that lost every step since the last checkpoint."""
+    from dist_train.train.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def step_then_ctrl_c(self, batches):
+        loss = real_step(self, batches)
+        if self.progress.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C, after 3 of the epoch's steps
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    out = tmp_path / "run"
+    args = ["--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "1", "--workers", "0"]
+
+    def not_handled(signum, frame):  # (a KeyboardInterrupt here would end the whole test session)
+        raise AssertionError("the training loop left Ctrl-C to the handler before it")
+
+    before = signal.signal(signal.SIGINT, not_handled)
+    try:
+        p = run_py(args)
+        assert signal.getsignal(signal.SIGINT) is not_handled  # Ctrl-C interrupts again once the loop is left
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert re.findall(r"stopped by signal at step (\d+)", p.stdout) == ["4"], p.stdout[-2000:]
+    assert (out / "checkpoints" / "step-00000004" / "progress.json").is_file()
+    s = summary(out)
+    assert s["finished"] is False and s["stopped_by"] == "signal" and s["step"] == 4
+
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    p = run_py([*args, "--resume", "auto"])
+    assert p.returncode == 0 and "resumed from" in p.stdout and "step-00000004" in p.stdout, p.stderr[-3000:]
+    s = summary(out)
+    assert s["finished"] is True and s["epoch"] == 1 and s["batches_per_rank"] == [s["step"] - 4]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_workers_leave_ctrl_c_to_the_rank(monkeypatch):
+    """The terminal's SIGINT and a launcher's copy of it, milliseconds apart, are one Ctrl-C; one
+    CTRL_C_AGAIN_S later, a second one raises KeyboardInterrupt (cli_main: one line, exit 130).
+    A loader worker ignores SIGINT (it used to end, and the rank with it)."""
+    from dist_train.data import loaders
+    from dist_train.train import guard as guard_module
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        guard = guard_module.StepGuard(5, 0.01)
+        with guard.ctrl_c_stops():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert guard.signalled
+            monkeypatch.setattr(guard_module, "CTRL_C_AGAIN_S", 0.0)
+            with pytest.raises(KeyboardInterrupt, match="without a checkpoint"):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's Ctrl-C stays ignored
+        with guard.ctrl_c_stops():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        loaders._ignore_stop_signals(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
 @pytest.mark.ranks
 def test_dead_rank_others_exit_within_timeout_and_restart_resumes(start, mask_shards, uninterrupted, tmp_path):
     """Rank 1 freezes (SIGSTOP: a lost node or a hung NCCL peer, no connection reset to notice),

@@ -236,22 +236,23 @@ class Trainer:
     def train(self) -> dict:
         """Train per the config; returns the last evaluation's metrics, the step and the output folder."""
         self.setup()
-        p, metrics = self.progress, {}
+        p, o, metrics = self.progress, self.cfg.optim, {}
         try:  # closed on every way out, so that an error line starts its own line
-            while not self.finished() and self.stop_reason is None:
-                self.begin_epoch()
-                for batches in self.step_batches():
-                    with out_of_memory_hint(self.cfg.optim.batch_size, self.cfg.model.img_size, self.acc.device):
-                        self.train_step(batches)
-                    end_of_epoch = p.batch >= self.batches
-                    if self.evaluator.should_evaluate(p.step, end_of_epoch):
-                        metrics = self.evaluate(end_of_epoch)
-                    if end_of_epoch:
-                        p.epoch, p.batch, p.samples, p.plan = p.epoch + 1, 0, 0, None
-                    stop = self.stop_reason is not None or self.finished()
-                    self._save(force=stop or end_of_epoch)
-                    if stop or end_of_epoch:
-                        break
+            with self.guard.ctrl_c_stops():  # Ctrl-C: the same clean stop as SIGTERM, with a checkpoint
+                while not self.finished() and self.stop_reason is None:
+                    self.begin_epoch()
+                    for batches in self.step_batches():
+                        with out_of_memory_hint(o.batch_size, self.cfg.model.img_size, self.acc.device):
+                            self.train_step(batches)
+                        end_of_epoch = p.batch >= self.batches
+                        if self.evaluator.should_evaluate(p.step, end_of_epoch):
+                            metrics = self.evaluate(end_of_epoch)
+                        if end_of_epoch:
+                            p.epoch, p.batch, p.samples, p.plan = p.epoch + 1, 0, 0, None
+                        stop = self.stop_reason is not None or self.finished()
+                        self._save(force=stop or end_of_epoch)
+                        if stop or end_of_epoch:
+                            break
         except BaseException:
             stop_trackers(self.acc, failed=True)  # an MLflow run that failed is not marked FINISHED
             raise
