@@ -481,6 +481,36 @@ def test_resume_from_other_class_count_refused(mask_shards, folder_shards, tmp_p
     assert "18" in p.stderr
 
 
+def test_resume_on_other_classes_or_image_size_refused(folder_shards, tmp_path):
+    """Same model and class count, but another label set (another --data) or another --img-size:
+    one line naming both and what to pass, nothing loaded or written. Both used to train on
+    silently (output i then meant another class), or, for a ViT's size, fail with a cut
+    `Error(s) in loading state_dict` line."""
+    from PIL import Image
+
+    from dist_train.shardset.writer import write_shards
+
+    src = tmp_path / "fruit"
+    for c, name in enumerate(["apple", "banana", "cherry"]):
+        (src / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (32, 32), (80 * c, 8 * i, 40)).save(src / name / f"{i}.png")
+    fruit = tmp_path / "fruit-shards"
+    write_shards(src, fruit, layout="folder", samples_per_shard=10, workers=1, progress=False)
+    out = tmp_path / "run"
+    common = [*BASE, "--epochs", "1", "--workers", "0", "--output", str(out), "--batch-size", "4"]
+    p = run_py(["--data", str(folder_shards), *common, "--max-steps", "1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    files = sorted(out.rglob("*"))
+    p = run_py(["--data", str(fruit), *common, "--resume", "auto"])
+    _assert_one_line_exit_2(p.returncode, p.stderr, "classes are class0, class1, class2, --data's are apple, banana")
+    p = run_py(["--data", str(folder_shards), *[a if a != "32" else "48" for a in common], "--resume", "auto"])
+    _assert_one_line_exit_2(p.returncode, p.stderr, "trained at --img-size 32, this run asks for 48: pass --img-size 32")
+    assert sorted(out.rglob("*")) == files
+    p = run_py(["--data", str(folder_shards), *common, "--resume", "auto", "--max-steps", "2"])
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
+
+
 def test_pretrained_path_of_another_model_refused(mask_shards, tmp_path):
     import timm
 

@@ -294,14 +294,27 @@ class Checkpointer:
             shutil.rmtree(gone, ignore_errors=True)
 
 
-def check_resume_compatible(ckpt: Path, model: str, num_classes: int, head: str) -> None:
-    """Refuse a checkpoint of another model or class count before loading tensors into it."""
+def check_resume_compatible(ckpt: Path, model: str, classes: list[str], head: str, img_size: int) -> None:
+    """Refuse a checkpoint of another model, class list or image size before loading tensors into
+    it. Same count, other names (another --data): output i would mean another class, silently."""
     run_json = ckpt.parent.parent / "run.json"  # RUN/checkpoints/step-N -> RUN/run.json
     if not run_json.is_file():
         return
     saved = read_run_json(run_json)
-    if saved.get("model") != model or saved.get("num_classes") != num_classes or saved.get("head") != head:
+    if saved.get("model") != model or saved.get("num_classes") != len(classes) or saved.get("head") != head:
         raise UserError(
             f"--resume {ckpt}: checkpoint is {saved.get('model')} with {saved.get('num_classes')} classes "
-            f"({saved.get('head')} head), this run is {model} with {num_classes} ({head})"
+            f"({saved.get('head')} head), this run is {model} with {len(classes)} ({head})"
         )
+    start_new = f"or start a new --output (--pretrained-path {ckpt.parent.parent}/best starts from its weights)"
+    if saved["classes"] != list(classes):
+        raise UserError(f"--resume {ckpt}: checkpoint's classes are {_listed(saved['classes'])}, --data's are "
+                        f"{_listed(classes)}: resume on data with the same classes, {start_new}")
+    if saved.get("img_size", img_size) != img_size:
+        raise UserError(f"--resume {ckpt}: checkpoint was trained at --img-size {saved['img_size']}, this run asks "
+                        f"for {img_size}: pass --img-size {saved['img_size']} to continue it, {start_new}")
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > most else "")

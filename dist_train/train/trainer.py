@@ -144,7 +144,8 @@ class Trainer:
                                          self.cfg.checkpoint.checkpoint_every)
         self.resume_from = self.checkpointer.resume_path(self.cfg.checkpoint.resume, str(self.out), acc)
         if self.resume_from is not None:
-            check_resume_compatible(self.resume_from, self.cfg.model.model, len(self.class_names), self.cfg.task.head)
+            check_resume_compatible(self.resume_from, self.cfg.model.model, self.class_names, self.cfg.task.head,
+                                    self.cfg.model.img_size)
         self.global_batch = global_batch(self.cfg, acc.num_processes, self.n_train, self.train_split)
         process_setup(acc, self.cfg)
         self._build_model_and_data()
