@@ -481,7 +481,7 @@ def test_resume_from_other_class_count_refused(mask_shards, folder_shards, tmp_p
     assert "18" in p.stderr
 
 
-def test_resume_on_other_classes_or_image_size_refused(folder_shards, tmp_path):
+def test_resume_on_other_classes_image_size_or_ema_refused(folder_shards, tmp_path):
     """Same model and class count, but another label set (another --data) or another --img-size:
     one line naming both and what to pass, nothing loaded or written. Both used to train on
     silently (output i then meant another class), or, for a ViT's size, fail with a cut
@@ -506,6 +506,8 @@ def test_resume_on_other_classes_or_image_size_refused(folder_shards, tmp_path):
     _assert_one_line_exit_2(p.returncode, p.stderr, "classes are class0, class1, class2, --data's are apple, banana")
     p = run_py(["--data", str(folder_shards), *[a if a != "32" else "48" for a in common], "--resume", "auto"])
     _assert_one_line_exit_2(p.returncode, p.stderr, "trained at --img-size 32, this run asks for 48: pass --img-size 32")
+    p = run_py(["--data", str(folder_shards), *common, "--resume", "auto", "--model-ema"])  # was a cut Accelerate line
+    _assert_one_line_exit_2(p.returncode, p.stderr, "saved without --model-ema, this run asks for it: resume without")
     assert sorted(out.rglob("*")) == files
     p = run_py(["--data", str(folder_shards), *common, "--resume", "auto", "--max-steps", "2"])
     assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]

@@ -100,6 +100,17 @@ def _groups_hint(problem: str) -> str:
             "next to the classifier too); start a new run from its best/ weights (--pretrained-path)")
 
 
+def _ema_hint(problem: str, ckpt: Path) -> str:
+    """Accelerate counts the custom state files (the EMA's, --model-ema) against the objects this
+    run registered and names neither."""
+    if "custom checkpoints" not in problem:
+        return ""
+    had = (ckpt / "custom_checkpoint_0.pkl").is_file()
+    return (f"; the checkpoint was saved {'with' if had else 'without'} --model-ema, this run "
+            f"{'has none' if had else 'asks for it'}: resume {'with' if had else 'without'} --model-ema, or start "
+            f"a new --output from its weights (--pretrained-path {ckpt})")
+
+
 def agree(acc: Accelerator | None, problem: str | None) -> str | None:
     """Every rank learns whether any rank failed, and the first failure's words. A collective,
     so it is also the barrier between the steps of a save; costs one all-reduce when all is well."""
@@ -215,7 +226,8 @@ class Checkpointer:
             problem = attempt(lambda: acc.load_state(str(ckpt)))
         problem = agree(acc, problem)
         if problem:
-            raise UserError(f"--resume {ckpt}: {problem}{_groups_hint(problem)}", all_ranks=acc.num_processes > 1)
+            raise UserError(f"--resume {ckpt}: {problem.rstrip(': ')}{_groups_hint(problem)}{_ema_hint(problem, ckpt)}",
+                            all_ranks=acc.num_processes > 1)
 
     # ------------------------------------------------------------------ saving
     def save(self, acc: Accelerator, progress: Progress, force: bool = False) -> Path | None:
@@ -306,7 +318,7 @@ def check_resume_compatible(ckpt: Path, model: str, classes: list[str], head: st
             f"--resume {ckpt}: checkpoint is {saved.get('model')} with {saved.get('num_classes')} classes "
             f"({saved.get('head')} head), this run is {model} with {len(classes)} ({head})"
         )
-    start_new = f"or start a new --output (--pretrained-path {ckpt.parent.parent}/best starts from its weights)"
+    start_new = f"or start a new --output (--pretrained-path {ckpt} starts from its weights)"
     if saved["classes"] != list(classes):
         raise UserError(f"--resume {ckpt}: checkpoint's classes are {_listed(saved['classes'])}, --data's are "
                         f"{_listed(classes)}: resume on data with the same classes, {start_new}")
