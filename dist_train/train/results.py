@@ -140,6 +140,26 @@ def done_line(result: dict) -> str:
             f"{best_text(result.get('best'), result['output'])}")
 
 
+def run_finished(p: Progress, cfg: Config) -> bool:
+    """The run reached its end: --epochs, --max-steps, or --patience evaluations without a better
+    val macro F1 (summary.json's `finished`)."""
+    o, r = cfg.optim, cfg.runtime
+    return (p.epoch >= o.epochs or bool(r.max_steps and p.step >= r.max_steps)
+            or bool(r.patience and p.stale >= r.patience))
+
+
+def finished_already(acc: Accelerator, p: Progress, cfg: Config, ckpt: Path) -> dict:
+    """--resume of a run that reached its end: one line, nothing trained or written (a finished
+    run resumed again used to rewrite summary.json, and train one more epoch past --patience)."""
+    if acc.is_main_process:
+        stale = cfg.runtime.patience and p.stale >= cfg.runtime.patience
+        why = f"; {p.stale} evaluations without a better val macro F1, --patience {cfg.runtime.patience}" if stale else ""
+        print(f"dist_train: {cfg.checkpoint.output} is finished already ({ckpt.name}: {p.epoch} epochs completed{why}): "
+              "nothing to resume, nothing written; raise --epochs, --max-steps or --patience to train on", flush=True)
+    return {"step": p.step, "epoch": p.epoch, "best": p.best, "output": str(cfg.checkpoint.output), "stopped": True,
+            "is_main": acc.is_main_process}
+
+
 def stop_line(why: str, progress: Progress, time_limit: str | None) -> str:
     return STOP_LINES[why].format(step=progress.step, stale=progress.stale, best=progress.best_f1, limit=time_limit)
 
