@@ -204,21 +204,3 @@ def test_torchrun_two_ranks(mask_shards, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["finished"]
     assert len(set(summary["steps_per_rank"])) == 1 and len(set(summary["param_hash_per_rank"])) == 1
-
-
-
-
-@pytest.mark.parametrize("asked, native, shown", [
-    ("fp16", False, "no (fp16 was asked, but Accelerate has no fp16 autocast on cpu: the steps run in fp32"),
-    ("bf16", True, "bf16"), ("no", False, "no")])
-def test_start_line_says_the_precision_the_steps_run_in(asked, native, shown):
-    """`--mixed-precision fp16` on the CPU: Accelerate keeps `mixed_precision == "fp16"` but has no
-    fp16 autocast there (native_amp False) and trains in fp32, bit for bit the fp32 run; the
-    start line said `precision fp16`. (A real Accelerator here would pin the process's
-    AcceleratorState to fp16 for every later in-process run.)"""
-    from types import SimpleNamespace
-
-    from dist_train.train.logging import precision_used
-
-    acc = SimpleNamespace(mixed_precision=asked, native_amp=native, device=torch.device("cpu"))
-    assert precision_used(acc).startswith(shown)

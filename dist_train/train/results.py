@@ -177,15 +177,20 @@ class Results:
         self.last = time.monotonic()
 
     def _earlier(self, since_step: int) -> list[dict]:
-        rows = []
+        """The evaluations up to the checkpoint resumed; metrics.jsonl is rewritten without the
+        others (a torn line, evaluations past the checkpoint: made again, they were listed twice)."""
+        rows, lines = [], []
         if self.path.is_file():
-            for line in self.path.read_text(errors="replace").splitlines():
+            lines = self.path.read_text(errors="replace").splitlines()
+            for line in lines:
                 try:
                     r = json.loads(line)
                 except ValueError:
                     continue  # a torn last line
                 if isinstance(r, dict) and _num(r.get("step")) and r["step"] <= since_step:
                     rows = [x for x in rows if x.get("step") != r["step"]] + [r]
+        if len(rows) != len(lines):
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         return rows
 
     def write(self, m: dict, step: int, best: dict | None) -> None:
