@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
 import json
 import os
@@ -41,10 +42,24 @@ class UserError(Exception):
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse whose usage errors are UserErrors: one line, exit 2, like every other bad input."""
+    """argparse whose usage errors are UserErrors: one line, exit 2, like every other bad input;
+    a mistyped flag gets the nearest real one."""
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        raise UserError(f"{message} (see {self.prog} --help)")
+        raise UserError(f"{message}{self._did_you_mean(message)} (see {self.prog} --help)")
+
+    def _did_you_mean(self, message: str) -> str:
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        flags = [t.split("=", 1)[0] for t in message.split(":", 1)[1].split() if t.startswith("--")]
+        guesses = [f"{f} -> {m[0]}" for f in flags if (m := did_you_mean(f, known))]
+        return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+
+
+def did_you_mean(name: str, known: Any) -> list[str]:
+    """The nearest of `known` to a mistyped `name` (difflib), or none."""
+    return difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
 
 
 class RunFailed(Exception):
