@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
 import json
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,10 +42,24 @@ class UserError(Exception):
 
 
 class ArgParser(argparse.ArgumentParser):
-    """argparse whose usage errors are UserErrors: one line, exit 2, like every other bad input."""
+    """argparse whose usage errors are UserErrors: one line, exit 2, like every other bad input;
+    a mistyped flag gets the nearest real one."""
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        raise UserError(f"{message} (see {self.prog} --help)")
+        raise UserError(f"{message}{self._did_you_mean(message)} (see {self.prog} --help)")
+
+    def _did_you_mean(self, message: str) -> str:
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        flags = [t.split("=", 1)[0] for t in message.split(":", 1)[1].split() if t.startswith("--")]
+        guesses = [f"{f} -> {m[0]}" for f in flags if (m := did_you_mean(f, known))]
+        return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+
+
+def did_you_mean(name: str, known: Any) -> list[str]:
+    """The nearest of `known` to a mistyped `name` (difflib), or none."""
+    return difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
 
 
 class RunFailed(Exception):
@@ -146,7 +162,8 @@ def _format_warning(message: Any, category: type[Warning], filename: str, lineno
 
 
 def cli_main(fn: F) -> F:
-    """Wrap a command's main(): UserError -> `error: ...` + exit 2; RunFailed -> exit 1. Either
+    """Wrap a command's main(): UserError -> `error: ...` + exit 2; RunFailed -> exit 1; Ctrl-C
+    (KeyboardInterrupt) -> `error: interrupted (Ctrl-C)` + exit 130, no traceback. Either
     way, and when main returns, the process group is ended first (end_process_group). Our own
     warnings print as `warning: ...` lines (`_format_warning`; loader workers inherit it)."""
 
@@ -163,6 +180,11 @@ def cli_main(fn: F) -> F:
             _report(e)
             end_process_group()
             sys.exit(1)
+        except KeyboardInterrupt as e:  # Ctrl-C: one line (from the main process), 128 + SIGINT
+            if os.environ.get("RANK", "0") == "0":
+                print("error: interrupted (Ctrl-C)" + (f": {e}" if str(e) else ""), file=sys.stderr, flush=True)
+            end_process_group()
+            sys.exit(EXIT_INTERRUPTED)
         end_process_group()
         return result
 

@@ -107,3 +107,16 @@ def test_defaults_and_the_edges_of_each_range_are_accepted():
     cfg = parse_config(["--data", "x", "--seed", str(2**32 - 1), "--smoothing", "0", "--drop", "0.99",
                         "--hflip", "1", "--max-bad-fraction", "0", "--crop-pct", "1", "--workers", "0"])
     assert cfg.runtime.seed == 2**32 - 1 and cfg.task.smoothing == 0
+
+
+def test_a_mistyped_key_or_flag_gets_the_nearest_real_one(tmp_path):
+    """`img_sise: 32` in the YAML or `--img-sise 32` said only `unknown key` / `unrecognized
+    arguments`; a name nothing resembles still gets no guess."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("img_sise: 32\n")
+    assert "unknown key 'img_sise' (did you mean img_size? see" in error_of(["--config", str(cfg)])
+    assert error_of(["--img-sise", "32", "--modl-ema", "--epochs=2"]).startswith(
+        "unrecognized arguments: --img-sise 32 --modl-ema (did you mean --img-sise -> --img-size, "
+        "--modl-ema -> --model-ema?) (see")
+    cfg.write_text("colour: red\n")
+    assert "unknown key 'colour' (see" in error_of(["--config", str(cfg)])

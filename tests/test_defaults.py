@@ -25,6 +25,19 @@ def test_workers_default_follows_the_cores_per_process(monkeypatch, cpus, local,
     assert parse_config(["--data", "x", "--workers", "0"]).data.workers == 0
 
 
+def test_config_yaml_records_the_precision_that_ran(folder_shards, tmp_path):
+    """No --mixed-precision: Accelerate's launch config decides (`accelerate launch --config_file
+    launch/single_gpu.yaml`: bf16). config.yaml said `mixed_precision: null`, so the same file
+    re-run under another launcher trained in another precision; it records the resolved one."""
+    import yaml
+
+    out = tmp_path / "run"
+    p = run_main(["--data", str(folder_shards), "--output", str(out), "--model", "test_resnet", "--img-size", "32",
+                  "--max-steps", "1", "--workers", "0", "--batch-size", "4", "--val-split", "none"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert yaml.safe_load((out / "config.yaml").read_text())["mixed_precision"] == "no"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_gpu_decode_without_cuda_is_refused_for_training(mask_shards, tmp_path):
     out = tmp_path / "run"

@@ -192,6 +192,22 @@ def test_an_error_line_is_printed_once_per_run(monkeypatch, capsys, rank, launch
     assert slept == ([errors.SIBLING_WAIT_S] if printed_after_wait else [])
 
 
+@pytest.mark.parametrize("rank, printed", [("0", "error: interrupted (Ctrl-C)\n"), ("1", "")])
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys, rank, printed):
+    """Ctrl-C outside a training loop (or twice in one): no KeyboardInterrupt traceback, the
+    main process's line, the shell's 128 + SIGINT."""
+    monkeypatch.setenv("RANK", rank)
+
+    @errors.cli_main
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 130
+    assert capsys.readouterr().err == printed
+
+
 # ----------------------------------------------------------------------------- the process group at the end
 @pytest.mark.parametrize("raises", [None, errors.UserError("bad"), errors.RunFailed("failed")])
 def test_a_command_ends_the_process_group_however_it_ends(tmp_path, monkeypatch, capsys, raises):

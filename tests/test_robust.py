@@ -201,6 +201,74 @@ def test_signal_checkpoints_and_resume_continues(start, mask_shards, uninterrupt
     assert_same_weights_as_uninterrupted(out, uninterrupted)  # same data order, optimizer state, schedule
 
 
+def test_ctrl_c_stops_with_a_checkpoint_and_resume_continues(mask_shards, tmp_path, monkeypatch):
+    """Ctrl-C mid-epoch (SIGINT) is a stop like SIGTERM's: the step finishes, a checkpoint, exit 0
+    and the stop line, no traceback; --resume auto ends the epoch. It was a KeyboardInterrupt
+    traceback (one per rank under a launcher) that lost every step since the last checkpoint."""
+    from dist_train.train.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def step_then_ctrl_c(self, batches):
+        loss = real_step(self, batches)
+        if self.progress.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C, after 3 of the epoch's steps
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    out = tmp_path / "run"
+    args = ["--data", str(mask_shards), "--output", str(out), *BASE, "--epochs", "1", "--workers", "0"]
+
+    def not_handled(signum, frame):  # (a KeyboardInterrupt here would end the whole test session)
+        raise AssertionError("the training loop left Ctrl-C to the handler before it")
+
+    before = signal.signal(signal.SIGINT, not_handled)
+    try:
+        p = run_py(args)
+        assert signal.getsignal(signal.SIGINT) is not_handled  # Ctrl-C interrupts again once the loop is left
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert re.findall(r"stopped by signal at step (\d+)", p.stdout) == ["4"], p.stdout[-2000:]
+    assert (out / "checkpoints" / "step-00000004" / "progress.json").is_file()
+    s = summary(out)
+    assert s["finished"] is False and s["stopped_by"] == "signal" and s["step"] == 4
+
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    p = run_py([*args, "--resume", "auto"])
+    assert p.returncode == 0 and "resumed from" in p.stdout and "step-00000004" in p.stdout, p.stderr[-3000:]
+    s = summary(out)
+    assert s["finished"] is True and s["epoch"] == 1 and s["batches_per_rank"] == [s["step"] - 4]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_workers_leave_ctrl_c_to_the_rank(monkeypatch):
+    """The terminal's SIGINT and a launcher's copy of it, milliseconds apart, are one Ctrl-C; one
+    CTRL_C_AGAIN_S later, a second one raises KeyboardInterrupt (cli_main: one line, exit 130).
+    A loader worker ignores SIGINT (it used to end, and the rank with it)."""
+    from dist_train.data import loaders
+    from dist_train.train import guard as guard_module
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        guard = guard_module.StepGuard(5, 0.01)
+        with guard.ctrl_c_stops():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            assert guard.signalled
+            monkeypatch.setattr(guard_module, "CTRL_C_AGAIN_S", 0.0)
+            with pytest.raises(KeyboardInterrupt, match="without a checkpoint"):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's Ctrl-C stays ignored
+        with guard.ctrl_c_stops():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        loaders._ignore_stop_signals(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
 @pytest.mark.ranks
 def test_dead_rank_others_exit_within_timeout_and_restart_resumes(start, mask_shards, uninterrupted, tmp_path):
     """Rank 1 freezes (SIGSTOP: a lost node or a hung NCCL peer, no connection reset to notice),
@@ -411,6 +479,38 @@ def test_resume_from_other_class_count_refused(mask_shards, folder_shards, tmp_p
     p = run_py(["--data", str(mask_shards), *common, "--resume", "auto"])
     _assert_one_line_exit_2(p.returncode, p.stderr, "with 3 classes")
     assert "18" in p.stderr
+
+
+def test_resume_on_other_classes_image_size_or_ema_refused(folder_shards, tmp_path):
+    """Same model and class count, but another label set (another --data) or another --img-size:
+    one line naming both and what to pass, nothing loaded or written. Both used to train on
+    silently (output i then meant another class), or, for a ViT's size, fail with a cut
+    `Error(s) in loading state_dict` line."""
+    from PIL import Image
+
+    from dist_train.shardset.writer import write_shards
+
+    src = tmp_path / "fruit"
+    for c, name in enumerate(["apple", "banana", "cherry"]):
+        (src / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (32, 32), (80 * c, 8 * i, 40)).save(src / name / f"{i}.png")
+    fruit = tmp_path / "fruit-shards"
+    write_shards(src, fruit, layout="folder", samples_per_shard=10, workers=1, progress=False)
+    out = tmp_path / "run"
+    common = [*BASE, "--epochs", "1", "--workers", "0", "--output", str(out), "--batch-size", "4"]
+    p = run_py(["--data", str(folder_shards), *common, "--max-steps", "1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    files = sorted(out.rglob("*"))
+    p = run_py(["--data", str(fruit), *common, "--resume", "auto"])
+    _assert_one_line_exit_2(p.returncode, p.stderr, "classes are class0, class1, class2, --data's are apple, banana")
+    p = run_py(["--data", str(folder_shards), *[a if a != "32" else "48" for a in common], "--resume", "auto"])
+    _assert_one_line_exit_2(p.returncode, p.stderr, "trained at --img-size 32, this run asks for 48: pass --img-size 32")
+    p = run_py(["--data", str(folder_shards), *common, "--resume", "auto", "--model-ema"])  # was a cut Accelerate line
+    _assert_one_line_exit_2(p.returncode, p.stderr, "saved without --model-ema, this run asks for it: resume without")
+    assert sorted(out.rglob("*")) == files
+    p = run_py(["--data", str(folder_shards), *common, "--resume", "auto", "--max-steps", "2"])
+    assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
 
 
 def test_pretrained_path_of_another_model_refused(mask_shards, tmp_path):

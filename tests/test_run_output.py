@@ -248,3 +248,32 @@ def test_data_wait_is_the_share_of_time_spent_waiting_for_batches():
     assert 0.5 < meter.data_wait(Accelerator(cpu=True)) < 0.9  # 30 of 40 ms
     meter.reset()
     assert meter.wait_s == 0.0
+
+
+@pytest.mark.parametrize("asked, native, shown", [
+    ("fp16", False, "no (fp16 was asked, but Accelerate has no fp16 autocast on cpu: the steps run in fp32"),
+    ("bf16", True, "bf16"), ("no", False, "no")])
+def test_start_line_says_the_precision_the_steps_run_in(asked, native, shown):
+    """`--mixed-precision fp16` on the CPU: Accelerate keeps `mixed_precision == "fp16"` but has no
+    fp16 autocast there (native_amp False) and trains in fp32, bit for bit the fp32 run; the
+    start line said `precision fp16`. (A real Accelerator here would pin the process's
+    AcceleratorState to fp16 for every later in-process run.)"""
+    from dist_train.train.logging import precision_used
+
+    acc = SimpleNamespace(mixed_precision=asked, native_amp=native, device=torch.device("cpu"))
+    assert precision_used(acc).startswith(shown)
+
+
+def test_a_resume_drops_the_evaluations_past_its_checkpoint_from_metrics_jsonl(tmp_path):
+    """kill -9 after the evaluations at steps 12 and 14, with the newest checkpoint at step 10:
+    the resumed run makes them again. metrics.jsonl listed them twice (results.csv and the table
+    did not); now it keeps the lines up to the checkpoint (a torn last line dropped too)."""
+    from dist_train.train.results import Results
+
+    lines = [json.dumps({"epoch": 0, "step": s, "val_macro_f1": s / 100}) for s in (5, 10, 12, 14)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"epoch": 0, "st')
+    results = Results(SimpleNamespace(is_main_process=True), tmp_path, "CE", since_step=10)
+    assert [r["step"] for r in results.rows] == [5, 10]
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"
+    Results(SimpleNamespace(is_main_process=True), tmp_path, "CE", since_step=10)  # nothing past it: as it was
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"

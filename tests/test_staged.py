@@ -187,6 +187,13 @@ def test_resume_inside_stage_two_equals_uninterrupted(mask_shards, tmp_path):
     run_py([*common, "--output", str(part), "--max-steps", str(stop)])
     progress = json.loads((step_checkpoint(part, stop) / "progress.json").read_text())
     assert (progress["stage"], progress["epoch"], progress["batch"]) == (1, 1, 3)
+    files = {f: f.read_bytes() for f in part.rglob("*") if f.is_file()}
+    unstaged = [*common[:-len(STAGED) - 6], *common[-6:]]  # STAGED left out: --unfreeze forgotten (an IndexError)
+    assert "--unfreeze" not in unstaged and "--val-split" in unstaged
+    bad = run_main([*unstaged, "--output", str(part), "--resume", "auto"])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert "saved in stage 1 of its --unfreeze schedule; this run's (--unfreeze all) has 1 (0-0)" in bad.stderr
+    assert {f: f.read_bytes() for f in part.rglob("*") if f.is_file()} == files
     proc = run_py([*common, "--output", str(part), "--resume", "auto"])
     assert "resumed from" in proc.stdout
     assert [m["stage"] for m in metrics(part)] == [0, 1, 2]

@@ -205,5 +205,3 @@ def test_torchrun_two_ranks(mask_shards, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["finished"]
     assert len(set(summary["steps_per_rank"])) == 1 and len(set(summary["param_hash_per_rank"])) == 1
-
-

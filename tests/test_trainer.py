@@ -364,6 +364,26 @@ def test_patience_stops_after_evaluations_without_improvement(mask_shards, tmp_p
     assert "early stop at step 3: val macro F1 has not improved for 2 evaluations" in capsys.readouterr().out
 
 
+def test_resume_of_a_finished_run_is_one_line_and_writes_nothing(mask_shards, tmp_path, capsys):
+    """summary.json says `finished`: --resume auto has nothing left. It trained one more evaluation
+    past --patience on each resume (and rewrote summary.json, stopped_by and all); a run at its
+    --epochs end was rewritten too. Raising --patience trains on."""
+    out = tmp_path / "run"
+    kw = dict(epochs=3, eval_every=1, patience=2, lr=1e-12, unfreeze="head", val_split="validation")
+    Trainer(make_cfg(mask_shards, out, **kw)).train()
+    files = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    capsys.readouterr()
+    result = Trainer(make_cfg(mask_shards, out, resume="auto", **kw)).train()
+    assert result["step"] == 3 and result["stopped"]
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == files
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"dist_train: {out} is finished already (step-00000003: 0 epochs completed; 2 evaluations without a better "
+        "val macro F1, --patience 2): nothing to resume, nothing written; raise --epochs, --max-steps or --patience "
+        "to train on")
+    Trainer(make_cfg(mask_shards, out, resume="auto", **{**kw, "patience": 3})).train()
+    assert json.loads((out / "summary.json").read_text())["step"] == 4
+
+
 class FakeClock:
     """Monotonic seconds that advance 10 s per reading: each training step 'takes' 10 s."""
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from dist_train.errors import ArgParser, UserError, atomic_write_text
+from dist_train.errors import ArgParser, UserError, atomic_write_text, did_you_mean
 from dist_train.trust.files import read_yaml
 
 from .ranges import check_fields
@@ -91,7 +91,9 @@ def load_yaml(path: str) -> dict:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in SECTION_OF:
-            raise UserError(f"--config {path}: unknown key '{key}' (see dist_train/run.py --help)")
+            close = did_you_mean(name, SECTION_OF)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(f"--config {path}: unknown key '{key}' ({hint}see dist_train/run.py --help)")
         out[name] = value
     return out
 

@@ -41,8 +41,9 @@ def _check_loader_args(batch_size: int, workers: int, world_size: int, rank: int
 def _ignore_stop_signals(_worker_id: int) -> None:
     """SIGTERM/SIGUSR1 reach the workers too (SLURM signals every process of the job; torchrun
     forwards its own SIGTERM with killpg), and torch's worker handler dies of a SIGTERM not sent
-    by its parent, which crashes the rank mid-step. Only the rank acts on them (train.guard.StepGuard)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    by its parent, which crashes the rank mid-step; Ctrl-C reaches every process of the terminal's
+    foreground group, and a worker ends on it. Only the rank acts on them (train.guard.StepGuard)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

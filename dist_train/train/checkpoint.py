@@ -100,6 +100,17 @@ def _groups_hint(problem: str) -> str:
             "next to the classifier too); start a new run from its best/ weights (--pretrained-path)")
 
 
+def _ema_hint(problem: str, ckpt: Path) -> str:
+    """Accelerate counts the custom state files (the EMA's, --model-ema) against the objects this
+    run registered and names neither."""
+    if "custom checkpoints" not in problem:
+        return ""
+    had = (ckpt / "custom_checkpoint_0.pkl").is_file()
+    return (f"; the checkpoint was saved {'with' if had else 'without'} --model-ema, this run "
+            f"{'has none' if had else 'asks for it'}: resume {'with' if had else 'without'} --model-ema, or start "
+            f"a new --output from its weights (--pretrained-path {ckpt})")
+
+
 def agree(acc: Accelerator | None, problem: str | None) -> str | None:
     """Every rank learns whether any rank failed, and the first failure's words. A collective,
     so it is also the barrier between the steps of a save; costs one all-reduce when all is well."""
@@ -215,7 +226,8 @@ class Checkpointer:
             problem = attempt(lambda: acc.load_state(str(ckpt)))
         problem = agree(acc, problem)
         if problem:
-            raise UserError(f"--resume {ckpt}: {problem}{_groups_hint(problem)}", all_ranks=acc.num_processes > 1)
+            raise UserError(f"--resume {ckpt}: {problem.rstrip(': ')}{_groups_hint(problem)}{_ema_hint(problem, ckpt)}",
+                            all_ranks=acc.num_processes > 1)
 
     # ------------------------------------------------------------------ saving
     def save(self, acc: Accelerator, progress: Progress, force: bool = False) -> Path | None:
@@ -294,14 +306,27 @@ class Checkpointer:
             shutil.rmtree(gone, ignore_errors=True)
 
 
-def check_resume_compatible(ckpt: Path, model: str, num_classes: int, head: str) -> None:
-    """Refuse a checkpoint of another model or class count before loading tensors into it."""
+def check_resume_compatible(ckpt: Path, model: str, classes: list[str], head: str, img_size: int) -> None:
+    """Refuse a checkpoint of another model, class list or image size before loading tensors into
+    it. Same count, other names (another --data): output i would mean another class, silently."""
     run_json = ckpt.parent.parent / "run.json"  # RUN/checkpoints/step-N -> RUN/run.json
     if not run_json.is_file():
         return
     saved = read_run_json(run_json)
-    if saved.get("model") != model or saved.get("num_classes") != num_classes or saved.get("head") != head:
+    if saved.get("model") != model or saved.get("num_classes") != len(classes) or saved.get("head") != head:
         raise UserError(
             f"--resume {ckpt}: checkpoint is {saved.get('model')} with {saved.get('num_classes')} classes "
-            f"({saved.get('head')} head), this run is {model} with {num_classes} ({head})"
+            f"({saved.get('head')} head), this run is {model} with {len(classes)} ({head})"
         )
+    start_new = f"or start a new --output (--pretrained-path {ckpt} starts from its weights)"
+    if saved["classes"] != list(classes):
+        raise UserError(f"--resume {ckpt}: checkpoint's classes are {_listed(saved['classes'])}, --data's are "
+                        f"{_listed(classes)}: resume on data with the same classes, {start_new}")
+    if saved.get("img_size", img_size) != img_size:
+        raise UserError(f"--resume {ckpt}: checkpoint was trained at --img-size {saved['img_size']}, this run asks "
+                        f"for {img_size}: pass --img-size {saved['img_size']} to continue it, {start_new}")
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > most else "")

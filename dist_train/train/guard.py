@@ -6,8 +6,8 @@
   non-finite loss before any good update (the first batches already give NaN, or an infinite
   --lr), or once the weights themselves are non-finite, stops the run at once (RunFailed).
   Non-finite weights are never written to best/ (`require_finite`).
-- SIGTERM/SIGUSR1 (as SLURM sends before preemption) on any rank: every rank finishes the
-  same step, checkpoints and exits 0. Ranks are signalled at different moments, hence the
+- SIGTERM/SIGUSR1 (as SLURM sends before preemption) on any rank, or Ctrl-C (SIGINT) during
+  the training loop: every rank finishes the same step, checkpoints and exits 0. Ranks are signalled at different moments, hence the
   agreement, in one all-reduce per step.
 - `--time-limit`: when the next steps and a checkpoint would not fit before the deadline on
   any rank, the same: a clean stop that `--resume auto` continues.
@@ -26,6 +26,11 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from dist_train.errors import RunFailed, UserError, is_out_of_memory
+
+# A second Ctrl-C at least this long after the first stops at once. Launchers (torchrun's agent,
+# `dist-train --processes N`) forward the terminal's SIGINT to ranks that got it from the
+# terminal already, milliseconds apart: that pair is one Ctrl-C.
+CTRL_C_AGAIN_S = 1.0
 
 
 class StepGuard:
@@ -50,6 +55,32 @@ class StepGuard:
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.signalled = True
+
+    @contextlib.contextmanager
+    def ctrl_c_stops(self) -> Iterator[None]:
+        """Ctrl-C inside: a stop like SIGTERM's (the same step on every rank, a checkpoint, exit
+        0, `--resume auto` continues); Ctrl-C again CTRL_C_AGAIN_S later raises KeyboardInterrupt
+        (one line, exit 130: the newest complete checkpoint stays). SIGINT ignored (a background
+        job) stays ignored; the handler before is put back on the way out."""
+        first: list[float] = []
+
+        def handler(signum: int, frame: Any) -> None:
+            now = time.monotonic()
+            if first and now - first[0] >= CTRL_C_AGAIN_S:
+                raise KeyboardInterrupt("stopped at once, without a checkpoint: --resume auto continues from the "
+                                        "newest complete one")
+            first[:] = first or [now]
+            self.signalled = True
+
+        before = signal.getsignal(signal.SIGINT)
+        if before is signal.SIG_IGN:
+            yield
+            return
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, before)
 
     def watch(self, model: torch.nn.Module) -> None:
         """The buffers a skipped step restores (BatchNorm must not keep a skipped step's forwards)."""

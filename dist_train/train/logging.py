@@ -170,13 +170,22 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def precision_used(acc: Accelerator) -> str:
+    """The precision the steps run in. Accelerate keeps `mixed_precision` as asked where it has no
+    autocast for it (fp16 on the CPU) and runs fp32 without a word."""
+    if acc.mixed_precision == "no" or acc.native_amp:
+        return acc.mixed_precision
+    return (f"no ({acc.mixed_precision} was asked, but Accelerate has no {acc.mixed_precision} autocast on "
+            f"{acc.device.type}: the steps run in fp32; bf16 is the CPU's mixed precision)")
+
+
 def start_lines(acc: Accelerator, facts: dict[str, Any]) -> str:
     """The start summary: world size first, so a launch that did not form a group shows at once."""
     f, world = facts, acc.num_processes
     workers = ("0 workers (loading in the main process)" if f["workers"] == 0
                else _count(f["workers"], "worker") + " each")
     text = (f"dist_train: world size {world} ({acc.distributed_type.value}), device {acc.device}, "
-            f"precision {acc.mixed_precision}\n"
+            f"precision {precision_used(acc)}\n"
             f"  model {f['model']}: {f['params']:,} params, {f['trainable']:,} trainable; {f['weights']}\n"
             f"  global batch {f['global_batch']}, {f['batches']} batches / {f['steps_per_epoch']} steps per epoch, "
             f"{f['train_samples']} train samples in {_count(f['shards'], 'shard')}; {_count(world, 'rank')} x {workers}")

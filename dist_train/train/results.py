@@ -141,6 +141,26 @@ def done_line(result: dict) -> str:
             f"{best_text(result.get('best'), result['output'])}")
 
 
+def run_finished(p: Progress, cfg: Config) -> bool:
+    """The run reached its end: --epochs, --max-steps, or --patience evaluations without a better
+    val macro F1 (summary.json's `finished`)."""
+    o, r = cfg.optim, cfg.runtime
+    return (p.epoch >= o.epochs or bool(r.max_steps and p.step >= r.max_steps)
+            or bool(r.patience and p.stale >= r.patience))
+
+
+def finished_already(acc: Accelerator, p: Progress, cfg: Config, ckpt: Path) -> dict:
+    """--resume of a run that reached its end: one line, nothing trained or written (a finished
+    run resumed again used to rewrite summary.json, and train one more epoch past --patience)."""
+    if acc.is_main_process:
+        stale = cfg.runtime.patience and p.stale >= cfg.runtime.patience
+        why = f"; {p.stale} evaluations without a better val macro F1, --patience {cfg.runtime.patience}" if stale else ""
+        print(f"dist_train: {cfg.checkpoint.output} is finished already ({ckpt.name}: {p.epoch} epochs completed{why}): "
+              "nothing to resume, nothing written; raise --epochs, --max-steps or --patience to train on", flush=True)
+    return {"step": p.step, "epoch": p.epoch, "best": p.best, "output": str(cfg.checkpoint.output), "stopped": True,
+            "is_main": acc.is_main_process}
+
+
 def stop_line(why: str, progress: Progress, time_limit: str | None) -> str:
     return STOP_LINES[why].format(step=progress.step, stale=progress.stale, best=progress.best_f1, limit=time_limit)
 
@@ -158,15 +178,20 @@ class Results:
         self.last = time.monotonic()
 
     def _earlier(self, since_step: int) -> list[dict]:
-        rows = []
+        """The evaluations up to the checkpoint resumed; metrics.jsonl is rewritten without the
+        others (a torn line, evaluations past the checkpoint: made again, they were listed twice)."""
+        rows, lines = [], []
         if self.path.is_file():
-            for line in self.path.read_text(errors="replace").splitlines():
+            lines = self.path.read_text(errors="replace").splitlines()
+            for line in lines:
                 try:
                     r = json.loads(line)
                 except ValueError:
                     continue  # a torn last line
                 if isinstance(r, dict) and _num(r.get("step")) and r["step"] <= since_step:
                     rows = [x for x in rows if x.get("step") != r["step"]] + [r]
+        if len(rows) != len(lines):
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         return rows
 
     def write(self, m: dict, step: int, best: dict | None) -> None:

@@ -52,9 +52,12 @@ def open_run(acc: Accelerator, cfg: Config, classes: list[str]) -> None:
     try:
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
+            # the precision Accelerate resolved (its launch config) when no flag said: what ran, as workers
+            save_config(cfg.replace(mixed_precision=cfg.runtime.mixed_precision or acc.mixed_precision),
+                        out / "config.yaml")
             atomic_write_json(out / "run.json", {"model": cfg.model.model, "num_classes": len(classes),
-                                                 "head": cfg.task.head, "classes": classes})
+                                                 "head": cfg.task.head, "classes": classes,
+                                                 "img_size": cfg.model.img_size})
         start_trackers(acc, cfg)
     except BaseException:
         if acc.is_main_process:

@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from dist_train.config import StagesSection
+from dist_train.errors import UserError
 from dist_train.model.stages import apply_trainable, count_params, freeze_bn, parse_schedule, stage_for_epoch, trainable_names
 
 from .checkpoint import Progress
@@ -46,6 +47,10 @@ class Stager:
         """
         if stage == self.current:
             return model, optimizer
+        if stage >= len(self.names):  # a checkpoint's stage (--resume) that this run's schedule lacks
+            raise UserError(f"--resume: the checkpoint was saved in stage {stage} of its --unfreeze schedule; this "
+                            f"run's (--unfreeze {self.cfg.unfreeze or 'all'}) has {len(self.names)} (0-{len(self.names) - 1}): "
+                            "resume with the --unfreeze the run was started with (its config.yaml records it)")
         raw = acc.unwrap_model(model)
         raw_optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch one
         acc.free_memory()

@@ -48,7 +48,7 @@ from .parts import augment_config, create_run_model, global_batch, process_setup
 from .guard import StepGuard, out_of_memory_hint
 from .logging import Meter, ProgressBar, SampleLog, broadcast_buffers, start_lines, write_summary
 from .optim import build_optimizer, build_scheduler, schedule_time
-from .results import Results, loss_label, stop_line
+from .results import Results, finished_already, loss_label, run_finished, stop_line
 from .stager import Stager
 from .runfolder import open_run
 from .trackers import check_trackers, stop_trackers, tracker_names
@@ -123,8 +123,9 @@ class Trainer:
         self.guard = self.build_guard()  # first: the time budget starts now
         with same_on_every_rank():
             self._checked_setup()
-        open_run(self.acc, self.cfg, self.class_names)
-        acc = self.acc
+        if self.resume_from is not None and self.finished():
+            return  # nothing to resume: nothing written (train() says so)
+        open_run(acc := self.acc, self.cfg, self.class_names)
         self.meter = Meter(acc.device, len(self.class_names))
         self.log = Results(acc, self.out, loss_label(self.cfg), since_step=self.progress.step)
         self.sample_log = SampleLog(self.cfg.runtime.log_samples) if self.cfg.runtime.log_samples else None
@@ -144,7 +145,8 @@ class Trainer:
                                          self.cfg.checkpoint.checkpoint_every)
         self.resume_from = self.checkpointer.resume_path(self.cfg.checkpoint.resume, str(self.out), acc)
         if self.resume_from is not None:
-            check_resume_compatible(self.resume_from, self.cfg.model.model, len(self.class_names), self.cfg.task.head)
+            check_resume_compatible(self.resume_from, self.cfg.model.model, self.class_names, self.cfg.task.head,
+                                    self.cfg.model.img_size)
         self.global_batch = global_batch(self.cfg, acc.num_processes, self.n_train, self.train_split)
         process_setup(acc, self.cfg)
         self._build_model_and_data()
@@ -174,7 +176,6 @@ class Trainer:
         self.info = self.task.training_info(self.cfg.task, d.data, self.info, self.train_split)
         self.val_tta = parse_tta(self.cfg.augment.val_tta, "--val-tta")
         self.out = Path(self.cfg.checkpoint.output)
-
 
     def _build_model_and_data(self) -> None:
         cfg = self.cfg
@@ -231,28 +232,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def finished(self) -> bool:
-        p, o, r = self.progress, self.cfg.optim, self.cfg.runtime
-        return p.epoch >= o.epochs or bool(r.max_steps and p.step >= r.max_steps)
+        return run_finished(self.progress, self.cfg)
 
     def train(self) -> dict:
         """Train per the config; returns the last evaluation's metrics, the step and the output folder."""
         self.setup()
-        p, metrics = self.progress, {}
+        if self.resume_from is not None and self.finished():
+            return finished_already(self.acc, self.progress, self.cfg, self.resume_from)
+        p, o, metrics = self.progress, self.cfg.optim, {}
         try:  # closed on every way out, so that an error line starts its own line
-            while not self.finished() and self.stop_reason is None:
-                self.begin_epoch()
-                for batches in self.step_batches():
-                    with out_of_memory_hint(self.cfg.optim.batch_size, self.cfg.model.img_size, self.acc.device):
-                        self.train_step(batches)
-                    end_of_epoch = p.batch >= self.batches
-                    if self.evaluator.should_evaluate(p.step, end_of_epoch):
-                        metrics = self.evaluate(end_of_epoch)
-                    if end_of_epoch:
-                        p.epoch, p.batch, p.samples, p.plan = p.epoch + 1, 0, 0, None
-                    stop = self.stop_reason is not None or self.finished()
-                    self._save(force=stop or end_of_epoch)
-                    if stop or end_of_epoch:
-                        break
+            with self.guard.ctrl_c_stops():  # Ctrl-C: the same clean stop as SIGTERM, with a checkpoint
+                while not self.finished() and self.stop_reason is None:
+                    self.begin_epoch()
+                    for batches in self.step_batches():
+                        with out_of_memory_hint(o.batch_size, self.cfg.model.img_size, self.acc.device):
+                            self.train_step(batches)
+                        end_of_epoch = p.batch >= self.batches
+                        if self.evaluator.should_evaluate(p.step, end_of_epoch):
+                            metrics = self.evaluate(end_of_epoch)
+                        if end_of_epoch:
+                            p.epoch, p.batch, p.samples, p.plan = p.epoch + 1, 0, 0, None
+                        stop = self.stop_reason is not None or self.finished()
+                        self._save(force=stop or end_of_epoch)
+                        if stop or end_of_epoch:
+                            break
         except BaseException:
             stop_trackers(self.acc, failed=True)  # an MLflow run that failed is not marked FINISHED
             raise

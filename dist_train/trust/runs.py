@@ -52,7 +52,7 @@ def _same_length(a: str, b: str) -> Any:
 _CLASSES = List(Str(max_len=1024), MAX_CLASSES)
 RUN_JSON: Spec = Where(Dict(fields={
     "model": Str(max_len=512, min_len=1), "num_classes": Int(1, MAX_CLASSES), "head": Str(max_len=64),
-    "classes": _CLASSES,
+    "classes": _CLASSES, "img_size": Int(1, 1 << 16),
 }, required=("model", "num_classes", "classes")), _same_length("classes", "num_classes"))
 
 _BASE64 = r"[A-Za-z0-9+/]*={0,2}"
@@ -103,7 +103,7 @@ def read_run_config(run: str | os.PathLike, required: tuple[str, ...] = ()) -> d
 
 
 def read_run_json(path: str | os.PathLike) -> dict:
-    """RUN/run.json: model, num_classes, head, classes."""
+    """RUN/run.json: model, num_classes, head, classes, img_size (runs before it: none)."""
     return read_json(path, RUN_JSON, hint=RUN_HINT, max_bytes=MAX_SMALL_JSON)
 
 
