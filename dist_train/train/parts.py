@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import fields
 
 import torch
 from accelerate import Accelerator
@@ -56,6 +57,14 @@ def augment_config(cfg: Config, dcfg: dict) -> AugmentConfig:
     a = cfg.augment
     return AugmentConfig(img_size=cfg.model.img_size, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
                          vflip=a.vflip, color_jitter=a.color_jitter, aa=a.aa, crop_pct=a.crop_pct or dcfg["crop_pct"], train_crop=a.crop, mean=tuple(dcfg["mean"]))
+
+
+def best_records(cfg: Config, aug: AugmentConfig, dcfg: dict) -> tuple[dict, dict]:
+    """What best/ records beside the weights: save_for_timm's model description (model_name,
+    img_size, crop_pct, mean, std) and the task's options."""
+    export = dict(model_name=cfg.model.model, img_size=cfg.model.img_size, crop_pct=aug.crop_pct,
+                  mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]))
+    return export, {f.name: getattr(cfg.task, f.name) for f in fields(cfg.task) if f.metadata.get("task_option")}
 
 
 def create_run_model(task: Task, cfg: Config, num_classes: int) -> torch.nn.Module:

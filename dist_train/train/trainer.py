@@ -16,7 +16,6 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,7 +43,7 @@ from dist_train.tasks import Criterion, Task, task_for
 from .checkpoint import Checkpointer, Progress, check_resume_compatible, read_progress
 from .elastic import relayout
 from .evaluator import Evaluator
-from .parts import augment_config, create_run_model, global_batch, process_setup, run_config
+from .parts import augment_config, best_records, create_run_model, global_batch, process_setup, run_config
 from .guard import StepGuard, out_of_memory_hint
 from .logging import Meter, ProgressBar, SampleLog, broadcast_buffers, start_lines, write_summary
 from .optim import build_optimizer, build_scheduler, schedule_time
@@ -202,9 +201,7 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.optim, self.optimizer)
         self.criterion = self._part("criterion")
         self.prep = self.build_prep(dcfg)
-        export = dict(model_name=cfg.model.model, img_size=cfg.model.img_size, crop_pct=self.aug.crop_pct,
-                      mean=tuple(dcfg["mean"]), std=tuple(dcfg["std"]))
-        meta = {f.name: getattr(cfg.task, f.name) for f in fields(cfg.task) if f.metadata.get("task_option")}
+        export, meta = best_records(cfg, self.aug, dcfg)
         self.evaluator = Evaluator(self.val_loader, every=cfg.runtime.eval_every, task=self.task,
                                    class_names=self.class_names, out=self.out, prep=BatchPrep(
                                        self.acc.device, dcfg["mean"], dcfg["std"], cfg.model.channels_last),
