@@ -164,8 +164,11 @@ def test_kfold_sh_scores_the_oof_on_the_address_it_was_given(hflip_cv, fold_shar
     import shutil
     import subprocess
 
+    from conftest import ROOT
     from test_launch import ENV
 
+    if not (ROOT / ".venv" / "bin" / "python").exists():  # setup.sh would build and install one (minutes, GBs)
+        pytest.skip("needs the project's .venv (launch/setup.sh), as the launch scripts run in it")
     cv = tmp_path / "cv"
     shutil.copytree(hflip_cv, cv)  # every fold finished: kfold.sh goes straight to the OOF step
     address = f"pipe:cat {fold_shards}/{{}}"
