@@ -104,11 +104,11 @@ def test_evaluate_a_fold_run_scores_its_held_out_fold(hflip_cv, fold_shards, tmp
     assert (run / "eval-fold-1-tta-hflip" / "metrics.json").is_file() and m["tta"] == "hflip"
     import shutil
 
-    as_int = tmp_path / "fold-1"  # a config.yaml whose YAML says fold: 1, not '1'
-    shutil.copytree(run, as_int)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    (as_int / "config.yaml").write_text(yaml.safe_dump({**cfg, "fold": 1}))
-    assert evaluate.main(["--run", str(as_int), "--data", str(fold_shards), "--workers", "0"])["split"] == "train[fold=1]"
+    as_int = tmp_path / "fold-0"  # a config.yaml whose YAML says fold: 0, not '0'
+    shutil.copytree(hflip_cv / "fold-0", as_int)
+    cfg = yaml.safe_load((as_int / "config.yaml").read_text())
+    (as_int / "config.yaml").write_text(yaml.safe_dump({**cfg, "fold": 0}))
+    assert evaluate.main(["--run", str(as_int), "--data", str(fold_shards), "--workers", "0"])["split"] == "train[fold=0]"
     # an explicit --split is taken as given: the whole training split, folds the model trained on included
     m = evaluate.main(["--run", str(run), "--data", str(fold_shards), "--workers", "0", "--split", "train"])
     assert m["split"] == "train" and m["num_samples"] == s["num_samples"]
@@ -164,8 +164,11 @@ def test_kfold_sh_scores_the_oof_on_the_address_it_was_given(hflip_cv, fold_shar
     import shutil
     import subprocess
 
+    from conftest import ROOT
     from test_launch import ENV
 
+    if not (ROOT / ".venv" / "bin" / "python").exists():  # setup.sh would build and install one (minutes, GBs)
+        pytest.skip("needs the project's .venv (launch/setup.sh), as the launch scripts run in it")
     cv = tmp_path / "cv"
     shutil.copytree(hflip_cv, cv)  # every fold finished: kfold.sh goes straight to the OOF step
     address = f"pipe:cat {fold_shards}/{{}}"
