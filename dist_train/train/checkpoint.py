@@ -104,7 +104,8 @@ def keep_hyperparameters(optimizer: Any, fresh: list[dict]) -> str | None:
     """torch's load_state_dict takes each group's hyperparameters from the checkpoint with its
     state: --weight-decay (or betas, momentum...) changed on --resume was ignored silently (the
     LR follows the schedule, which is rebuilt from the flags). The checkpoint's moments stay;
-    the optimizer's own hyperparameters (its `defaults`, but the LR) come from this run's groups.
+    the optimizer's own hyperparameters (its `defaults`, but the LR) and the --layer-decay scales
+    come from this run's groups.
     A checkpoint of another --opt lacks some of them: what is wrong, or None."""
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
     hyper = [k for k in torch_optimizer.defaults if k != "lr"]
@@ -115,6 +116,11 @@ def keep_hyperparameters(optimizer: Any, fresh: list[dict]) -> str | None:
                     f"have no {', '.join(missing[:4])}): resume with the --opt the run was started with (its "
                     "config.yaml records it)")
         group.update({k: own[k] for k in hyper if k in own})
+        before, now = group.get("base_lr_scale"), own.get("base_lr_scale")
+        if before and now is not None and now != before:  # --layer-decay changed: its scales (an unfreeze ramp kept)
+            ramp = group["lr_scale"] / before
+            group["lr"] *= now * ramp / group["lr_scale"]
+            group["base_lr_scale"], group["lr_scale"] = now, now * ramp
     return None
 
 
