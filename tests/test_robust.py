@@ -508,9 +508,16 @@ def test_resume_on_other_classes_image_size_or_ema_refused(folder_shards, tmp_pa
     _assert_one_line_exit_2(p.returncode, p.stderr, "trained at --img-size 32, this run asks for 48: pass --img-size 32")
     p = run_py(["--data", str(folder_shards), *common, "--resume", "auto", "--model-ema"])  # was a cut Accelerate line
     _assert_one_line_exit_2(p.returncode, p.stderr, "saved without --model-ema, this run asks for it: resume without")
+    p = run_py(["--data", str(folder_shards), *common, "--resume", "auto", "--opt", "sgd"])  # was a KeyError at the step
+    _assert_one_line_exit_2(p.returncode, p.stderr, "optimizer is not this run's SGD (its settings have no momentum")
     assert sorted(out.rglob("*")) == files
-    p = run_py(["--data", str(folder_shards), *common, "--resume", "auto", "--max-steps", "2"])
+    # a changed --weight-decay is this run's (torch took the checkpoint's and ignored the flag); moments stay
+    p = run_py(["--data", str(folder_shards), *common, "--resume", "auto", "--max-steps", "2", "--weight-decay", "0.3",
+                "--layer-decay", "0.5"])
     assert p.returncode == 0 and "resumed from" in p.stdout, p.stderr[-3000:]
+    groups = torch.load(out / "checkpoints" / "step-00000002" / "optimizer.bin", weights_only=True)["param_groups"]
+    assert sorted({g["weight_decay"] for g in groups}) == [0.0, 0.3]
+    assert sorted({g["lr_scale"] for g in groups})[-2:] == [0.5, 1.0]  # the head at 1, the group below at 0.5
 
 
 def test_pretrained_path_of_another_model_refused(mask_shards, tmp_path):

@@ -96,6 +96,15 @@ def test_debug_runs_debug_steps_train_and_val_batches(mask_shards, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["finished"] is True
 
 
+def test_debug_on_an_epoch_shorter_than_debug_steps_is_one_epoch_and_one_validation(mask_shards, tmp_path):
+    """Batch 64: an epoch is 3 batches, fewer than --debug-steps 5. The run went on into the next
+    epoch (a second validation) and stopped mid-epoch at step 5, its last steps never validated."""
+    t = Trainer(make_cfg(mask_shards, tmp_path / "run", debug=True, debug_steps=5, epochs=10, batch_size=64))
+    result = t.train()
+    assert result["step"] == t.batches == 3 and result["epoch"] == 1
+    assert [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())] == [3]
+
+
 # ----------------------------------------------------------------------------- best epoch, results, report
 def test_done_line_summary_and_results_name_the_best_evaluation(mask_shards, tmp_path, monkeypatch):
     """Scripted val macro F1 0.3, 0.5, 0.2 at steps 2, 4, 6: the done line, summary.json, best/,

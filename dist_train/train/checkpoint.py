@@ -18,7 +18,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -98,6 +98,30 @@ def _groups_hint(problem: str) -> str:
     return ("; the checkpoint's optimizer holds other parameter groups than this run's: it was saved with other "
             "stages or --layer-decay, or by a dist_train before 443eb97 (whose `head` stage held the layers "
             "next to the classifier too); start a new run from its best/ weights (--pretrained-path)")
+
+
+def keep_hyperparameters(optimizer: Any, fresh: list[dict]) -> str | None:
+    """torch's load_state_dict takes each group's hyperparameters from the checkpoint with its
+    state: --weight-decay (or betas, momentum...) changed on --resume was ignored silently (the
+    LR follows the schedule, which is rebuilt from the flags). The checkpoint's moments stay;
+    the optimizer's own hyperparameters (its `defaults`, but the LR) and the --layer-decay scales
+    come from this run's groups.
+    A checkpoint of another --opt lacks some of them: what is wrong, or None."""
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's wrapper
+    hyper = [k for k in torch_optimizer.defaults if k != "lr"]
+    for group, own in zip(optimizer.param_groups, fresh):
+        missing = [k for k in hyper if k not in group]
+        if missing:
+            return (f"the checkpoint's optimizer is not this run's {type(torch_optimizer).__name__} (its settings "
+                    f"have no {', '.join(missing[:4])}): resume with the --opt the run was started with (its "
+                    "config.yaml records it)")
+        group.update({k: own[k] for k in hyper if k in own})
+        before, now = group.get("base_lr_scale"), own.get("base_lr_scale")
+        if before and now is not None and now != before:  # --layer-decay changed: its scales (an unfreeze ramp kept)
+            ramp = group["lr_scale"] / before
+            group["lr"] *= now * ramp / group["lr_scale"]
+            group["base_lr_scale"], group["lr_scale"] = now, now * ramp
+    return None
 
 
 def _ema_hint(problem: str, ckpt: Path) -> str:
@@ -218,12 +242,14 @@ class Checkpointer:
                             f"python -m dist_train.checkpoint --verify {self.root.parent} lists them)")
         return None
 
-    def load(self, acc: Accelerator, ckpt: Path) -> None:
+    def load(self, acc: Accelerator, ckpt: Path, optimizer: Any) -> None:
         """Accelerate's load_state, once every pickle-format file of `ckpt` passed the
-        weights-only check; agreed, so a refusal on any rank stops every rank with one line."""
+        weights-only check; agreed, so a refusal on any rank stops every rank with one line.
+        `optimizer` (this run's) keeps its hyperparameters (`keep_hyperparameters`)."""
         problem = check_loadable(ckpt, acc.process_index)
         if problem is None:
-            problem = attempt(lambda: acc.load_state(str(ckpt)))
+            fresh = [dict(g) for g in optimizer.param_groups]
+            problem = attempt(lambda: acc.load_state(str(ckpt))) or keep_hyperparameters(optimizer, fresh)
         problem = agree(acc, problem)
         if problem:
             raise UserError(f"--resume {ckpt}: {problem.rstrip(': ')}{_groups_hint(problem)}{_ema_hint(problem, ckpt)}",

@@ -143,10 +143,11 @@ def done_line(result: dict) -> str:
 
 def run_finished(p: Progress, cfg: Config) -> bool:
     """The run reached its end: --epochs, --max-steps, or --patience evaluations without a better
-    val macro F1 (summary.json's `finished`)."""
+    val macro F1 (summary.json's `finished`); --debug: one epoch of at most --debug-steps batches
+    (an epoch of fewer batches went on to the next, validated each, and stopped mid-epoch)."""
     o, r = cfg.optim, cfg.runtime
     return (p.epoch >= o.epochs or bool(r.max_steps and p.step >= r.max_steps)
-            or bool(r.patience and p.stale >= r.patience))
+            or bool(r.patience and p.stale >= r.patience) or (r.debug and p.epoch >= 1))
 
 
 def finished_already(acc: Accelerator, p: Progress, cfg: Config, ckpt: Path) -> dict:

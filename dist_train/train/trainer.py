@@ -155,7 +155,7 @@ class Trainer:
         if self.resume_from is not None:
             self.progress = read_progress(self.resume_from)
             self._enter_stage(self.progress.stage)  # groups must match before loading
-            self.checkpointer.load(acc, self.resume_from)  # verified, and refused if it would run code
+            self.checkpointer.load(acc, self.resume_from, self.optimizer)  # verified; refused if it runs code
             self._adopt_layout()
         else:
             self._enter_stage(self.stager.stage_at(0))
