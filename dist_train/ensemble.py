@@ -44,7 +44,7 @@ def _same_labels(paths: Sequence[Path], files: Sequence[Predictions]) -> np.ndar
     labeled = [(path, f) for path, f in zip(paths, files) if f.label is not None]
     if not labeled:
         return None
-    (first, base), label = labeled[0], labeled[0][1].label
+    first, label = labeled[0][0], labeled[0][1].label
     for path, f in labeled[1:]:
         if not np.array_equal(f.label, label):
             i = int(np.flatnonzero(f.label != label)[0])

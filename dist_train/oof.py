@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     for name in ("oof.csv", "oof.probs.npz", "oof.json"):
         check_writable_file(args.cv / name, "CV")
     runs = fold_runs(args.cv, args.data)
-    keys, prob, label, fold, per_fold = [], [], [], [], []
+    keys, prob, label, fold = [], [], [], []
     acc = None
     for run in runs:
         acc, res = _fold_result(run, args)

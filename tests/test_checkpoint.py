@@ -317,13 +317,14 @@ def test_a_planted_pickle_is_caught_by_verification_first(mask_shards, run4, tmp
 def test_an_optimizer_state_with_other_parameter_groups_says_why(tmp_path):
     """torch names only the symptom ("a parameter group that doesn't match"); the line says why
     a checkpoint's optimizer may not fit this run's, and what to do instead."""
-    def parts(groups: int) -> tuple[Accelerator, torch.nn.Module]:
+    def parts(groups: int) -> tuple[Accelerator, torch.optim.Optimizer]:
         acc = Accelerator(cpu=True)
         model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
         params = [{"params": list(m.parameters())} for m in model] if groups == 2 else list(model.parameters())
-        acc.prepare(model, torch.optim.SGD(params, lr=0.1))
-        return acc
-    parts(1).save_state(str(tmp_path / "ckpt"), safe_serialization=True)
+        _, optimizer = acc.prepare(model, torch.optim.SGD(params, lr=0.1))
+        return acc, optimizer
+    parts(1)[0].save_state(str(tmp_path / "ckpt"), safe_serialization=True)
+    acc, optimizer = parts(2)
     with pytest.raises(checkpoint.UserError, match=r"--resume .*ckpt: .*parameter group.*other parameter groups "
                                                     r"than this run's.*--pretrained-path"):
-        checkpoint.Checkpointer.load(None, parts(2), tmp_path / "ckpt")
+        checkpoint.Checkpointer.load(None, acc, tmp_path / "ckpt", optimizer)
