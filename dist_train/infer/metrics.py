@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from dist_train.errors import atomic_write_bytes, atomic_write_text
+from dist_train.shardset.format import TABLE_CLASSES  # named one by one up to it, as in the tables
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -64,7 +65,6 @@ def summarize(preds: Sequence[int], targets: Sequence[int], num_classes: int,
     return out
 
 
-NAMED_MAX = 60  # classes up to which a confusion matrix names each row and column
 MAX_SIDE_IN = 24.0  # inches (2,400 px at 100 dpi): 1,000 classes drawn 452 in wide took tens of GB
 
 
@@ -83,10 +83,10 @@ def draw_confusion(ax, cm: np.ndarray, class_names: Sequence[str], fontsize: flo
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    if k <= NAMED_MAX:
+    if k <= TABLE_CLASSES:
         ax.set_xticks(range(k), labels=class_names, rotation=90, fontsize=fontsize)
         ax.set_yticks(range(k), labels=class_names, fontsize=fontsize)
-    named = "" if k <= NAMED_MAX else f" (class index; {k} classes, their names in confusion.csv)"
+    named = "" if k <= TABLE_CLASSES else f" (class index; {k} classes, their names in confusion.csv)"
     ax.set_xlabel("predicted" + named)
     ax.set_ylabel("true")
     if k <= 30:

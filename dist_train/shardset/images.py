@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from dist_train.trust.media import DEFAULT_MAX_PIXELS, ImageRefused, check_image_file
+from dist_train.trust.media import DEFAULT_MAX_PIXELS, ImageRefused, check_image_file, file_image_size
 from . import resample
 from .dedup import fingerprint
 
@@ -190,9 +190,8 @@ def large_images_hint(paths: list[str], sample: int = 200) -> str | None:
     sides = []
     for path in paths[:: max(1, len(paths) // sample)][:sample]:
         try:
-            with Image.open(path) as im:
-                sides.append(min(im.size))
-        except Exception:  # noqa: BLE001 - read and refused by the pass before; a hint only
+            sides.append(min(file_image_size(path)[1:]))  # the trust layer's header read, no decode
+        except (ImageRefused, OSError):  # checked by the pass before; a hint only
             continue
     median = int(np.median(sides)) if sides else 0
     if median < LARGE_SIDE:
